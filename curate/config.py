@@ -1,0 +1,123 @@
+"""Typed, validated configuration.
+
+Two files make a run: a *pipeline* (WHAT: ordered stages and their parameters, ``pipelines/``)
+and a *run config* (WHERE and HOW: input, work dir, executor, device, models, ``configs/``).
+Unknown keys are errors; every error names the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or on the command line; shown without a traceback."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExecutorConfig(Strict):
+    kind: Literal["local_cluster", "address", "inprocess"] = Field(
+        "local_cluster",
+        description="local_cluster: embedded Dask LocalCluster; address: connect to a running "
+        "scheduler; inprocess: no Dask, for tests and debugging",
+    )
+    address: str | None = Field(None, description="tcp://host:8786 (or DASK_SCHEDULER_ADDRESS)")
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "4GiB"
+    retries: int = Field(2, ge=0)
+    dashboard: bool = True
+    task_timeout_s: float | None = Field(None, gt=0, description="fail a shard task after this long")
+
+
+class RunConfig(Strict):
+    input: str | list[str] | None = None
+    workdir: str = "work"
+    executor: ExecutorConfig = ExecutorConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_cache: str | None = Field(None, description="folder with local CLIP checkpoints")
+    seed: int = 0
+
+
+class StageSpec(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineConfig(Strict):
+    name: str
+    description: str = ""
+    stages: list[StageSpec]
+
+
+def _format_validation(path: str | Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            msg += f" (allowed: {ctx['expected']})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    data: dict[str, Any] = _load_yaml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(path or "<command line>", e)) from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    data = _load_yaml(path)
+    data.setdefault("name", Path(path).stem)
+    try:
+        pipe = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(path, e)) from None
+    # Stage params are validated by each stage's own model (stages/registry.py).
+    from curate.stages.registry import build_stages
+
+    build_stages(pipe, source=str(path))
+    return pipe
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def scheduler_address(cfg: RunConfig) -> str | None:
+    return cfg.executor.address or os.environ.get("DASK_SCHEDULER_ADDRESS")

@@ -1,0 +1,65 @@
+"""Executor contract and the registry of executor kinds (config ``executor.kind``)."""
+from __future__ import annotations
+
+import logging
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from curate.config import RunConfig, scheduler_address
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    item: Any
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+def describe_exception(e: BaseException) -> str:
+    last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+class Executor(ABC):
+    @abstractmethod
+    def map(self, fn: Callable, items: list, *, label: str,
+            resources: dict[str, float] | None = None) -> list[Outcome]:
+        """Run ``fn(item)`` for every item; failures are Outcomes, never exceptions."""
+
+    def call(self, fn: Callable, *, label: str, resources: dict[str, float] | None = None) -> Outcome:
+        return self.map(lambda _: fn(), [label], label=label, resources=resources)[0]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_KINDS: dict[str, Callable[[RunConfig], Executor]] = {}
+
+
+def register_executor(kind: str) -> Callable:
+    def deco(factory: Callable[[RunConfig], Executor]) -> Callable[[RunConfig], Executor]:
+        _KINDS[kind] = factory
+        return factory
+    return deco
+
+
+def make_executor(cfg: RunConfig) -> Executor:
+    from curate.engine import dask as _dask  # noqa: F401  (registers its kinds)
+    from curate.engine import local as _local  # noqa: F401
+
+    kind = cfg.executor.kind
+    if kind == "local_cluster" and scheduler_address(cfg):
+        kind = "address"  # DASK_SCHEDULER_ADDRESS wins over the embedded cluster
+    return _KINDS[kind](cfg)

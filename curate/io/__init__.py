@@ -1,0 +1,1 @@
+"""Reading shards and writing tables: nothing here knows what a stage computes."""

@@ -1,0 +1,197 @@
+"""List input shards and stream WebDataset tars sample by sample, never unpacking to disk.
+
+Layout read: img2dataset / DataComp tars, members ``KEY.ext`` grouped by KEY (webdataset's rule:
+the key is the path up to the first dot of the file name). Images: jpg, jpeg, png, webp (also
+bmp, gif, tif); captions: txt, caption; metadata: json.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTS = ("txt", "caption")
+JSON_EXT = "json"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# A single member larger than this is not read into memory: it becomes a row-level reason.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+# webdataset's key/extension split (tariterators.base_plus_ext), kept here to avoid depending
+# on a private helper whose signature changed between releases.
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+
+class InputError(ValueError):
+    """The input spec names nothing readable."""
+
+
+def shard_name(path: str | Path) -> str:
+    """Stable shard id used for output file names: the file name without tar suffixes."""
+    name = Path(str(path)).name
+    for suf in SHARD_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
+    """Resolve a path, glob, brace pattern, list file (``.txt``/``.list``) or list of those.
+
+    Returns absolute paths, sorted and de-duplicated, so every run sees the shards in one order.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        s = os.path.expanduser(str(s))
+        if base is not None and not os.path.isabs(s):
+            s = str(base / s)
+        if s.endswith((".txt", ".list")) and os.path.isfile(s):
+            with open(s) as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+            out.extend(expand_input(lines, base=Path(s).parent))
+            continue
+        for pat in braceexpand(s):
+            if any(ch in pat for ch in "*?["):
+                out.extend(sorted(glob.glob(pat)))
+            elif os.path.isdir(pat):
+                out.extend(str(p) for p in sorted(Path(pat).iterdir())
+                           if p.name.endswith(SHARD_SUFFIXES))
+            else:
+                out.append(pat)
+    missing = [p for p in out if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(f"input shard(s) not found: {shown}")
+    if not out:
+        raise InputError(f"input {spec!r} matches no shard")
+    paths = sorted({os.path.abspath(p) for p in out})
+    names = [shard_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"two input shards share the name(s) {dup}; shard names must be unique")
+    return paths
+
+
+def make_uid(shard: str, key: str) -> str:
+    """128-bit uid from (shard name, sample key), as hex: stable across runs and machines."""
+    return hashlib.blake2b(f"{shard}/{key}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class RawSample:
+    """One sample as read from a tar: member bytes by extension, plus what went wrong."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def image_ext(self) -> str | None:
+        return next((e for e in IMAGE_EXTS if e in self.members), None)
+
+    def image(self) -> bytes | None:
+        ext = self.image_ext()
+        return self.members[ext] if ext else None
+
+    def caption_bytes(self) -> bytes | None:
+        return next((self.members[e] for e in CAPTION_EXTS if e in self.members), None)
+
+    def meta(self) -> dict[str, Any]:
+        raw = self.members.get(JSON_EXT)
+        if not raw:
+            return {}
+        try:
+            val = json.loads(raw)
+        except (ValueError, RecursionError):
+            self.problems.append("json:unparsable")
+            return {}
+        return val if isinstance(val, dict) else {}
+
+
+@dataclass
+class ShardReadResult:
+    """Filled while reading: an error here means the shard was cut short (prefix was read)."""
+
+    error: str | None = None
+    n_members: int = 0
+    n_bytes: int = 0
+
+
+def _safe_member_name(name: str) -> bool:
+    parts = Path(name).parts
+    return not (name.startswith(("/", "\\")) or ".." in parts or os.path.isabs(name))
+
+
+def iter_samples(path: str | Path, result: ShardReadResult | None = None) -> Iterator[RawSample]:
+    """Stream the samples of one tar in member order.
+
+    Never raises for bad content: a truncated or corrupt tar ends the iteration and sets
+    ``result.error``; bad members become ``problems`` on their sample.
+    """
+    result = result if result is not None else ShardReadResult()
+    current: RawSample | None = None
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        result.error = f"unreadable: {e.strerror or e}"
+        return
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r|*")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            result.error = f"not a tar: {e}"
+            return
+        try:
+            for m in tf:
+                result.n_members += 1
+                name = m.name
+                match = _KEY_RE.match(name)
+                key, ext = (match.group(1), match.group(2).lower()) if match else (name, "")
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = RawSample(key=key)
+                if not _safe_member_name(name):
+                    current.problems.append("member:unsafe_name")
+                    continue
+                if not m.isfile():
+                    current.problems.append("member:not_a_file")
+                    continue
+                if m.size > MAX_MEMBER_BYTES:
+                    current.problems.append(f"member:too_large:{ext}")
+                    continue
+                fobj = tf.extractfile(m)
+                data = fobj.read() if fobj is not None else b""
+                if len(data) != m.size:
+                    raise EOFError(f"member {name} truncated")
+                result.n_bytes += len(data)
+                if ext in current.members:
+                    current.problems.append(f"member:duplicate:{ext}")
+                    continue
+                current.members[ext] = data
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            result.error = f"truncated or corrupt tar after {result.n_members} members: {e}"
+            log.warning("shard %s: %s", path, result.error)
+            if current is not None:
+                current.problems.append("shard:truncated")
+        if current is not None:
+            yield current
+
+
+def sample_uid(sample: RawSample, meta: dict[str, Any], shard: str) -> str:
+    """DESIGN.md uid rule: the sample's own 32-hex uid when its json has one, else hash(shard, key)."""
+    uid = meta.get("uid")
+    if isinstance(uid, str) and _UID_RE.match(uid.lower()):
+        return uid.lower()
+    return make_uid(shard, sample.key)

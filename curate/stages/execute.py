@@ -1,0 +1,198 @@
+"""Run one stage on one shard: call the stage, check its columns, count stats, write atomically.
+
+These are the functions the engine ships to workers. They know the work-dir layout and the
+resume rule, never the engine. A shard is done when its table and its stats file exist with the
+stage fingerprint; the stats file is written last, so it doubles as the done-marker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curate.config import StageSpec
+from curate.io.layout import WorkDir
+from curate.io.parquet import atomic_write_bytes, read_meta, write_table
+from curate.io.shards import shard_name
+from curate.schema import STATS_SCHEMA, stage_schema
+from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage
+from curate.stages.registry import build_stage
+
+log = logging.getLogger(__name__)
+
+# One stage object per worker process and fingerprint: a model is loaded once, reused across shards.
+_STAGE_CACHE: dict[str, Stage] = {}
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """A picklable description of one stage in one run; small enough to send with every task."""
+
+    spec: StageSpec
+    stage_id: str
+    upstream: tuple[str, ...]
+    fingerprint: str
+    run: RunInfo
+    shards: tuple[str, ...] = field(default=())  # all shard names (global stages)
+
+    def stage(self) -> Stage:
+        st = _STAGE_CACHE.get(self.fingerprint)
+        if st is None:
+            st = build_stage(self.spec)
+            _STAGE_CACHE.clear()  # keep at most one heavy stage (model) alive per worker
+            _STAGE_CACHE[self.fingerprint] = st
+        return st
+
+
+def _meta(task: StageTask, shard: str) -> dict[str, Any]:
+    return {"stage": task.stage_id, "shard": shard, "fingerprint": task.fingerprint}
+
+
+def _has_fp(path, fp: str) -> bool:
+    meta = read_meta(path) if path.exists() else None
+    return bool(meta) and meta.get("fingerprint") == fp
+
+
+def is_done(work: WorkDir, stage_id: str, shard: str, fp: str) -> bool:
+    return _has_fp(work.stage_stats(stage_id, shard), fp) and _has_fp(work.stage_table(stage_id, shard), fp)
+
+
+def is_partial_done(work: WorkDir, stage_id: str, shard: str, fp: str) -> bool:
+    return _has_fp(work.partial(stage_id, shard), fp)
+
+
+def global_marker(work: WorkDir, stage_id: str):
+    return work.global_dir() / f"{stage_id}.done.json"
+
+
+def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
+    p = global_marker(work, stage_id)
+    try:
+        return json.loads(p.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def _context(task: StageTask, shard_path: str) -> ShardContext:
+    st = task.stage()
+    return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
+                        upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all)
+
+
+def _finalize(stage: Stage, ctx: ShardContext, cols: dict[str, Any]) -> tuple[pa.Table, Counter, int, int]:
+    reasons = cols.pop("__reasons__", None)
+    evaluated = cols.pop("__evaluated__", None)
+    if stage.name != "index":
+        uids = ctx.index(["uid"]).column("uid")
+        cols["uid"] = uids
+    n = len(cols["uid"])
+    if evaluated is None:
+        evaluated = ctx.evaluate if stage.name != "index" else np.ones(n, dtype=bool)
+    evaluated = np.asarray(evaluated, dtype=bool)
+    schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters)
+    counts: Counter = Counter()
+    n_kept = 0
+    if stage.filters:
+        if reasons is None or len(reasons) != n:
+            raise RuntimeError(f"stage {stage.stage_id} returned {0 if reasons is None else len(reasons)} "
+                               f"decisions for {n} rows")
+        keep: list[bool | None] = []
+        rs: list[str | None] = []
+        for r, ev in zip(reasons, evaluated):
+            if not ev:
+                keep.append(None)
+                rs.append(None)
+            else:
+                keep.append(r is None)
+                rs.append(r)
+                if r is None:
+                    n_kept += 1
+                else:
+                    counts[r] += 1
+        cols[f"keep_{stage.stage_id}"] = keep
+        cols[f"reason_{stage.stage_id}"] = rs
+    else:
+        n_kept = int(evaluated.sum())
+    arrays = []
+    for f in schema:
+        if f.name not in cols:
+            raise RuntimeError(f"stage {stage.stage_id} did not return column {f.name!r}")
+        val = cols[f.name]
+        if len(val) != n:
+            raise RuntimeError(f"stage {stage.stage_id}: column {f.name} has {len(val)} rows, expected {n}")
+        arrays.append(val if isinstance(val, (pa.Array, pa.ChunkedArray)) and val.type == f.type
+                      else pa.array(val, type=f.type))
+    extra = set(cols) - set(schema.names)
+    if extra:
+        raise RuntimeError(f"stage {stage.stage_id} returned undeclared columns {sorted(extra)}")
+    return pa.Table.from_arrays(arrays, schema=schema), counts, int(evaluated.sum()), n_kept
+
+
+def _stats_table(task: StageTask, shard: str, metrics: dict[str, float]) -> pa.Table:
+    names = sorted(metrics)
+    return pa.table({
+        "run_id": [task.run.run_id] * len(names),
+        "stage": [task.stage_id] * len(names),
+        "shard": [shard] * len(names),
+        "metric": names,
+        "value": [float(metrics[m]) for m in names],
+    }, schema=STATS_SCHEMA)
+
+
+def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[str, Any]:
+    """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs."""
+    t0 = time.perf_counter()
+    stage = task.stage()
+    ctx = _context(task, shard_path)
+    work = ctx.work
+    if is_done(work, task.stage_id, ctx.shard, task.fingerprint):
+        return {"shard": ctx.shard, "skipped": True}
+    cols = getattr(stage, phase)(ctx)
+    table, counts, n_in, n_kept = _finalize(stage, ctx, cols)
+    meta = _meta(task, ctx.shard) | {"describe": stage.describe()}
+    write_table(table, work.stage_table(task.stage_id, ctx.shard), meta=meta)
+    metrics: dict[str, float] = {"n_rows": table.num_rows, "n_in": n_in, "n_kept": n_kept,
+                                 "seconds": time.perf_counter() - t0,
+                                 "bytes_read": ctx.read_result.n_bytes}
+    for reason, c in counts.items():
+        metrics[f"dropped:{reason}"] = c
+    if ctx.read_result.error:
+        metrics["shard_error"] = 1
+        metrics[f"error:{ctx.read_result.error[:200]}"] = 1
+    # Stats last: their presence with this fingerprint marks the shard done.
+    write_table(_stats_table(task, ctx.shard, metrics), work.stage_stats(task.stage_id, ctx.shard),
+                meta=_meta(task, ctx.shard))
+    return {"shard": ctx.shard, "skipped": False, "n_in": n_in, "n_kept": n_kept,
+            "error": ctx.read_result.error}
+
+
+def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
+    stage = task.stage()
+    ctx = _context(task, shard_path)
+    work = ctx.work
+    if is_partial_done(work, task.stage_id, ctx.shard, task.fingerprint):
+        return {"shard": ctx.shard, "skipped": True}
+    cols = stage.summarize(ctx)
+    schema = pa.schema(stage.partial_fields())
+    table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
+    write_table(table, work.partial(task.stage_id, ctx.shard), meta=_meta(task, ctx.shard))
+    return {"shard": ctx.shard, "skipped": False, "rows": table.num_rows}
+
+
+def run_combine(task: StageTask) -> dict[str, Any]:
+    stage = task.stage()
+    gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run)
+    work = gctx.work
+    if is_global_done(work, task.stage_id, task.fingerprint):
+        return json.loads(global_marker(work, task.stage_id).read_text())["summary"]
+    summary = stage.combine(gctx)
+    atomic_write_bytes(global_marker(work, task.stage_id),
+                       json.dumps({"fingerprint": task.fingerprint, "summary": summary},
+                                  sort_keys=True, default=str).encode())
+    return summary

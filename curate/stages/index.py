@@ -1,0 +1,129 @@
+"""Index stage: one streaming pass over a shard records what every sample is made of.
+
+Structural problems (missing image or caption, empty member, bad bytes, unsafe member name) become
+``status`` / ``reason_index``; image *content* is judged later by the image stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from curate.config import Strict
+from curate.io.shards import sample_uid
+from curate.stages.base import MapStage, ShardContext
+from curate.stages.registry import register_stage
+
+log = logging.getLogger(__name__)
+# Header parsing only: PIL reads the size without decoding pixels, so the bomb check is ours.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def image_header(data: bytes) -> tuple[str | None, int | None, int | None]:
+    """(format, width, height) from the image header without decoding pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return (im.format or "").lower() or None, int(im.width), int(im.height)
+    except Exception:  # PIL raises many types for garbage; a bad header is data, not an error
+        return None, None, None
+
+
+def _int_or_none(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)) and 0 <= v < 2**31:
+        return int(v)
+    return None
+
+
+def decode_caption(raw: bytes | None) -> tuple[str | None, str | None]:
+    """(caption, problem). Non-UTF-8 bytes are replaced for display and flagged."""
+    if raw is None:
+        return None, "missing_caption"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), "caption_not_utf8"
+    if not text.strip():
+        return text, "empty_caption"
+    return text, None
+
+
+@register_stage
+class IndexStage(MapStage):
+    name = "index"
+    version = "1"
+
+    class Params(Strict):
+        pass
+
+    def value_fields(self) -> list[pa.Field]:
+        return [
+            pa.field("key", pa.string()),
+            pa.field("shard", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("image_format", pa.string()),
+            pa.field("image_ext", pa.string()),
+            pa.field("image_bytes", pa.int64()),
+            pa.field("sha256", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("original_width", pa.int32()),
+            pa.field("original_height", pa.int32()),
+            pa.field("status", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+
+    def process(self, ctx: ShardContext) -> dict[str, Any]:
+        cols: dict[str, list] = {f.name: [] for f in self.value_fields()}
+        cols["uid"] = []
+        reasons: list[str | None] = []
+        seen: set[str] = set()
+        for s in ctx.samples():
+            meta = s.meta()
+            uid = sample_uid(s, meta, ctx.shard)
+            problems = list(s.problems)
+            if uid in seen:
+                # Two members groups with one uid (e.g. a repeated key): keep rows unique by uid.
+                problems.append("duplicate_uid")
+                uid = sample_uid(s, {}, ctx.shard + "#" + str(len(cols["uid"])))
+            seen.add(uid)
+            img = s.image()
+            fmt = w = h = None
+            if img is None:
+                problems.append("missing_image")
+            elif len(img) == 0:
+                problems.append("empty_image")
+            else:
+                fmt, w, h = image_header(img)
+            caption, cap_problem = decode_caption(s.caption_bytes())
+            if caption is None and isinstance(meta.get("caption"), str):
+                caption, cap_problem = meta["caption"], (None if meta["caption"].strip() else "empty_caption")
+            if cap_problem:
+                problems.append(cap_problem)
+            url = meta.get("url")
+            cols["uid"].append(uid)
+            cols["key"].append(s.key)
+            cols["shard"].append(ctx.shard)
+            cols["url"].append(url if isinstance(url, str) else None)
+            cols["caption"].append(caption)
+            cols["image_format"].append(fmt)
+            cols["image_ext"].append(s.image_ext())
+            cols["image_bytes"].append(len(img) if img is not None else None)
+            cols["sha256"].append(hashlib.sha256(img).hexdigest() if img else None)
+            cols["width"].append(w)
+            cols["height"].append(h)
+            cols["original_width"].append(_int_or_none(meta.get("original_width")))
+            cols["original_height"].append(_int_or_none(meta.get("original_height")))
+            # Structural problems stop the sample; json/size notes alone do not.
+            blocking = [p for p in problems if not p.startswith(("json:", "member:duplicate"))]
+            cols["status"].append(blocking[0] if blocking else "ok")
+            cols["error"].append(";".join(problems) if problems else None)
+            reasons.append(f"index:{blocking[0]}" if blocking else None)
+        cols["__reasons__"] = reasons
+        return cols

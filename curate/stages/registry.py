@@ -1,0 +1,82 @@
+"""Stage registry: a name in a pipeline YAML maps to a class here (no if/elif on strings)."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, TypeVar
+
+from pydantic import ValidationError
+
+from curate.config import ConfigError, PipelineConfig, StageSpec
+
+_REGISTRY: dict[str, type] = {}
+# Modules that register stages; imported lazily so `import curate` stays light.
+_STAGE_MODULES = (
+    "curate.stages.index",
+)
+
+T = TypeVar("T")
+
+
+def register_stage(cls: T) -> T:
+    name = cls.name  # type: ignore[attr-defined]
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise RuntimeError(f"stage {name!r} registered twice")
+    _REGISTRY[name] = cls  # type: ignore[assignment]
+    return cls
+
+
+def _load_all() -> None:
+    for mod in _STAGE_MODULES:
+        importlib.import_module(mod)
+
+
+def available_stages() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_stage_class(name: str) -> type:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown stage {name!r} (allowed: {', '.join(available_stages())})") from None
+
+
+def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0):
+    cls = get_stage_class(spec.name)
+    try:
+        params = cls.Params.model_validate(spec.params)
+    except ValidationError as e:
+        lines = [f"{source}: stages[{position}] ({spec.name}): invalid params"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<top>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(cls.Params.model_fields))
+                msg += f" (allowed: {allowed})"
+            lines.append(f"  params.{loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    return cls(params)
+
+
+def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
+    """Instantiate a pipeline's stages; the index stage is always first (added when absent)."""
+    specs = list(pipe.stages)
+    if not specs or specs[0].name != "index":
+        specs.insert(0, StageSpec(name="index"))
+    stages = [build_stage(s, source, i) for i, s in enumerate(specs)]
+    seen: set[str] = set()
+    for i, st in enumerate(stages):
+        if st.stage_id in seen:
+            raise ConfigError(f"{source}: stage {st.stage_id!r} appears twice")
+        for need in st.needs:
+            if need not in seen:
+                raise ConfigError(
+                    f"{source}: stage {st.stage_id!r} needs stage {need!r} earlier in the pipeline")
+        seen.add(st.stage_id)
+    return stages
+
+
+def stage_factory(name: str) -> Callable:
+    return get_stage_class(name)
