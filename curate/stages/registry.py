@@ -53,7 +53,7 @@ def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0):
             loc = ".".join(str(p) for p in err["loc"]) or "<top>"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             if err["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(cls.Params.model_fields))
+                allowed = ", ".join(sorted(cls.Params.model_fields)) or "none: this stage takes no params"
                 msg += f" (allowed: {allowed})"
             lines.append(f"  params.{loc}: {msg}")
         raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,51 @@
+"""Join every stage's decision columns by uid: which samples survive, and why the others did not."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from curate.io.layout import WorkDir
+
+
+def latest_run(workdir: str | Path) -> dict:
+    work = WorkDir.at(workdir)
+    run_id = json.loads((work.root / "runs" / "latest.json").read_text())["run_id"]
+    return json.loads((work.run_dir(run_id) / "run.json").read_text())
+
+
+def filter_stage_ids(workdir: str | Path) -> list[str]:
+    """Stages of the latest run that wrote decision columns, in pipeline order."""
+    work = WorkDir.at(workdir)
+    out = []
+    for s in latest_run(workdir)["stages"]:
+        tables = sorted((work.root / s["id"]).glob("*.parquet"))
+        if tables and f"keep_{s['id']}" in pl.read_parquet_schema(tables[0]):
+            out.append(s["id"])
+    return out
+
+
+def decisions(workdir: str | Path, shard: str | None = None) -> pl.DataFrame:
+    """uid, kept, dropped_by (first failing stage), reason: one row per sample of the pool."""
+    work = WorkDir.at(workdir)
+    stage_ids = filter_stage_ids(workdir)
+    pattern = f"{shard}.parquet" if shard else "*.parquet"
+    df = pl.read_parquet(str(work.root / "index" / pattern), columns=["uid", "shard", "key"])
+    for sid in stage_ids:
+        if sid == "index":
+            t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", "keep_index", "reason_index"])
+        else:
+            t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", f"keep_{sid}", f"reason_{sid}"])
+        df = df.join(t, on="uid", how="left")
+    kept = pl.lit(True)
+    dropped_by = pl.lit(None, dtype=pl.String)
+    reason = pl.lit(None, dtype=pl.String)
+    for sid in reversed(stage_ids):  # the earliest failing stage wins
+        fail = pl.col(f"keep_{sid}") == False  # noqa: E712 (polars expression)
+        dropped_by = pl.when(fail).then(pl.lit(sid)).otherwise(dropped_by)
+        reason = pl.when(fail).then(pl.col(f"reason_{sid}")).otherwise(reason)
+    for sid in stage_ids:
+        kept = kept & pl.col(f"keep_{sid}").fill_null(False)
+    return df.select("uid", "shard", "key", kept.alias("kept"), dropped_by.alias("dropped_by"),
+                     reason.alias("reason"))

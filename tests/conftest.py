@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from curate.config import PipelineConfig, RunConfig, StageSpec
+from curate.synth import synthesize
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared_data(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"real data {p} not present (../shared/data missing)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory) -> Path:
+    """A small synthetic pool with every defect: 400 samples in 4 shards."""
+    out = tmp_path_factory.mktemp("pool")
+    synthesize(out, samples=400, shards=4, seed=7)
+    return out
+
+
+def make_pipeline(*stages: tuple[str, dict] | str, name: str = "test") -> PipelineConfig:
+    specs = [StageSpec(name=s) if isinstance(s, str) else StageSpec(name=s[0], params=s[1]) for s in stages]
+    return PipelineConfig(name=name, stages=specs)
+
+
+def make_config(input: str | list[str], workdir: Path, kind: str = "inprocess", **executor) -> RunConfig:
+    ex = {"kind": kind, "n_workers": 2, "retries": 0, "dashboard": False} | executor
+    return RunConfig.model_validate({"input": input, "workdir": str(workdir), "executor": ex, "device": "cpu"})
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], kinds: dict[str, bytes] | None = None) -> Path:
+    """A tar with the given (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def jpeg_bytes(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def tables_equal_dir(a: Path, b: Path, sub: str) -> None:
+    import pyarrow.parquet as pq
+
+    fa = sorted(p.name for p in (a / sub).glob("*.parquet"))
+    fb = sorted(p.name for p in (b / sub).glob("*.parquet"))
+    assert fa == fb and fa, (fa, fb)
+    for name in fa:
+        ta = pq.read_table(a / sub / name)
+        tb = pq.read_table(b / sub / name)
+        assert ta.equals(tb), f"{sub}/{name} differs"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    # Any accidental hub download must fail fast rather than hang.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
