@@ -129,8 +129,8 @@ class ShardReadResult:
 
 
 def _safe_member_name(name: str) -> bool:
-    parts = Path(name).parts
-    return not (name.startswith(("/", "\\")) or ".." in parts or os.path.isabs(name))
+    # String ops, not pathlib: this runs once per member on the hot path.
+    return not name.startswith(("/", "\\")) and ".." not in name.replace("\\", "/").split("/")
 
 
 def iter_samples(path: str | Path, result: ShardReadResult | None = None) -> Iterator[RawSample]:

@@ -23,13 +23,24 @@ log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = None
 
 
-def image_header(data: bytes) -> tuple[str | None, int | None, int | None]:
-    """(format, width, height) from the image header without decoding pixels."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return (im.format or "").lower() or None, int(im.width), int(im.height)
-    except Exception:  # PIL raises many types for garbage; a bad header is data, not an error
-        return None, None, None
+PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
+               "tif": "TIFF", "tiff": "TIFF"}
+
+
+def image_header(data: bytes, ext: str | None = None) -> tuple[str | None, int | None, int | None]:
+    """(format, width, height) from the image header without decoding pixels.
+
+    The extension is tried first: telling PIL the format skips its plugin probing (3x faster on
+    JPEG here); a mislabelled file falls back to probing every format.
+    """
+    hint = PIL_FORMATS.get(ext or "")
+    for formats in ([hint], None) if hint else (None,):
+        try:
+            with Image.open(io.BytesIO(data), formats=formats) as im:
+                return (im.format or "").lower() or None, int(im.width), int(im.height)
+        except Exception:  # PIL raises many types for garbage; a bad header is data, not an error
+            continue
+    return None, None, None
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -100,7 +111,7 @@ class IndexStage(MapStage):
             elif len(img) == 0:
                 problems.append("empty_image")
             else:
-                fmt, w, h = image_header(img)
+                fmt, w, h = image_header(img, s.image_ext())
             caption, cap_problem = decode_caption(s.caption_bytes())
             if caption is None and isinstance(meta.get("caption"), str):
                 caption, cap_problem = meta["caption"], (None if meta["caption"].strip() else "empty_caption")
