@@ -262,7 +262,8 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
             w0, h0 = im0.size
             c = rng.uniform(0.02, 0.05)
             im0 = im0.crop((int(w0 * c), int(h0 * c), w0 - int(w0 * c), h0 - int(h0 * c)))
-            s = rng.uniform(0.8, 0.95)
+            # Stay above DataComp's 200 px rule: a near duplicate should be caught as a duplicate.
+            s = max(rng.uniform(0.8, 0.95), 205 / min(im0.size))
             im0 = im0.resize((max(1, int(im0.width * s)), max(1, int(im0.height * s))), Image.BICUBIC)
             data = encode_jpeg(im0, quality=int(rng.integers(70, 85)))
             size = im0.size

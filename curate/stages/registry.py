@@ -12,6 +12,8 @@ _REGISTRY: dict[str, type] = {}
 # Modules that register stages; imported lazily so `import curate` stays light.
 _STAGE_MODULES = (
     "curate.stages.index",
+    "curate.stages.text",
+    "curate.stages.image",
 )
 
 T = TypeVar("T")

@@ -1,0 +1,179 @@
+"""Image stage: size rules from the header (DataComp's on original sizes) and quality measures
+on a reduced decode (JPEG DCT-scaled draft or a thumbnail), never a full-resolution decode.
+
+Every measure is a column; thresholds set to null are not applied. Undecodable images, bombs and
+oversized files become reasons, never crashes.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field
+
+from curate.config import Strict
+from curate.stages.base import MapStage, ShardContext
+from curate.stages.index import PIL_FORMATS
+from curate.stages.registry import register_stage
+
+log = logging.getLogger(__name__)
+Image.MAX_IMAGE_PIXELS = None  # we check pixels ourselves from the header, before any decode
+
+
+class ImageRejected(Exception):
+    """A sample-level verdict reached before measuring (bomb, undecodable)."""
+
+
+def open_image(data: bytes, ext: str | None) -> Image.Image:
+    hint = PIL_FORMATS.get(ext or "")
+    if hint:
+        try:
+            return Image.open(io.BytesIO(data), formats=[hint])
+        except Exception:  # mislabelled extension: probe every format below
+            pass
+    return Image.open(io.BytesIO(data))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit and float greyscale are scaled, not clipped; alpha dropped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """(RGB uint8 array at most ``thumb`` px a side, header info) without a full decode."""
+    try:
+        im = open_image(data, ext)
+    except Exception as e:
+        raise ImageRejected("image:undecodable") from e
+    with im:
+        info = {"format": (im.format or "").lower() or None, "mode": im.mode,
+                "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
+        if im.width * im.height > max_pixels:
+            raise ImageRejected("image:too_many_pixels")
+        try:
+            if im.format == "JPEG":
+                im.draft("RGB", (thumb, thumb))  # DCT scaling: decode at 1/2, 1/4 or 1/8 size
+            im.thumbnail((thumb, thumb), reducing_gap=2.0)
+            arr = np.asarray(to_rgb(im))
+        except Exception as e:  # truncated, corrupt, unsupported mode: a reason, not a crash
+            raise ImageRejected("image:undecodable") from e
+    if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise ImageRejected("image:undecodable")
+    return arr, info
+
+
+def quality(rgb: np.ndarray) -> dict[str, float]:
+    """Blur (Laplacian variance), entropy, contrast, dominant colour share, dark/bright shares."""
+    gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    lap = (4 * gray[1:-1, 1:-1] - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:])
+    g8 = gray.astype(np.uint8)
+    hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
+    p = hist[hist > 0] / g8.size
+    q = (rgb >> 4).astype(np.int32)
+    codes = (q[..., 0] << 8) | (q[..., 1] << 4) | q[..., 2]
+    return {
+        "blur_var": float(lap.var()) if lap.size else 0.0,
+        "entropy": float(-(p * np.log2(p)).sum()),
+        "contrast": float(gray.std()),
+        "dominant_share": float(np.bincount(codes.ravel()).max() / codes.size),
+        "dark_share": float((g8 < 16).mean()),
+        "bright_share": float((g8 > 240).mean()),
+    }
+
+
+@register_stage
+class ImageStage(MapStage):
+    name = "image"
+    version = "1"
+
+    class Params(Strict):
+        min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")
+        max_aspect: float | None = Field(3.0, ge=1, description="DataComp: max/min side <= 3")
+        use_original_size: bool = Field(True, description="use original_width/height from the json")
+        min_bytes: int | None = Field(None, ge=0)
+        max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="larger files are not decoded")
+        max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb cap (header w*h)")
+        thumb: int = Field(128, ge=16, le=1024, description="longest side of the reduced decode")
+        min_blur_var: float | None = Field(None, ge=0, description="Laplacian variance on the thumbnail")
+        min_entropy: float | None = Field(None, ge=0, le=8)
+        min_contrast: float | None = Field(None, ge=0)
+        max_dominant_share: float | None = Field(None, gt=0, le=1, description="near-uniform images")
+        max_dark_share: float | None = Field(None, gt=0, le=1)
+        max_bright_share: float | None = Field(None, gt=0, le=1)
+        drop_animated: bool = False
+        all_rows: bool = False
+
+    QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("img_format", pa.string()), pa.field("img_mode", pa.string()),
+                pa.field("n_frames", pa.int32()), pa.field("img_width", pa.int32()),
+                pa.field("img_height", pa.int32()), pa.field("aspect", pa.float32()),
+                *[pa.field(q, pa.float32()) for q in self.QUALITY]]
+
+    def measure_one(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
+                    ) -> tuple[dict[str, Any], str | None]:
+        """Values and the first failing rule for one image."""
+        p = self.params
+        vals: dict[str, Any] = {f.name: None for f in self.value_fields()}
+        if not data:
+            return vals, "image:missing"
+        if len(data) > p.max_bytes:
+            return vals, "image:too_large_bytes"
+        try:
+            rgb, info = reduced_decode(data, ext, p.thumb, p.max_pixels)
+        except ImageRejected as r:
+            return vals, str(r)
+        w, h = info["w"], info["h"]
+        if p.use_original_size and orig[0] and orig[1]:
+            w, h = orig
+        vals.update(img_format=info["format"], img_mode=info["mode"], n_frames=info["n_frames"],
+                    img_width=w, img_height=h, aspect=max(w, h) / max(1, min(w, h)))
+        vals.update(quality(rgb))
+        checks = [
+            (p.min_bytes is not None and len(data) < p.min_bytes, "image:too_small_bytes"),
+            (p.min_side is not None and min(w, h) < p.min_side, "image:min_side"),
+            (p.max_aspect is not None and vals["aspect"] > p.max_aspect, "image:aspect"),
+            (p.drop_animated and info["n_frames"] > 1, "image:animated"),
+            (p.max_dominant_share is not None and vals["dominant_share"] > p.max_dominant_share, "image:uniform"),
+            (p.min_entropy is not None and vals["entropy"] < p.min_entropy, "image:low_entropy"),
+            (p.min_contrast is not None and vals["contrast"] < p.min_contrast, "image:low_contrast"),
+            (p.min_blur_var is not None and vals["blur_var"] < p.min_blur_var, "image:blurry"),
+            (p.max_dark_share is not None and vals["dark_share"] > p.max_dark_share, "image:dark"),
+            (p.max_bright_share is not None and vals["bright_share"] > p.max_bright_share, "image:bright"),
+        ]
+        return vals, next((r for bad, r in checks if bad), None)
+
+    def process(self, ctx: ShardContext) -> dict[str, Any]:
+        index = ctx.index(["key", "original_width", "original_height"])
+        keys = index.column("key").to_pylist()
+        ow = index.column("original_width").to_pylist()
+        oh = index.column("original_height").to_pylist()
+        evaluate = ctx.evaluate
+        n = len(keys)
+        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
+        reasons: list[str | None] = [None] * n
+        # The index wrote one row per sample in tar order: stream the tar again and align by position.
+        for i, s in enumerate(ctx.samples()):
+            if i >= n:
+                break
+            if s.key != keys[i]:
+                raise RuntimeError(f"shard {ctx.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
+            if not evaluate[i]:
+                continue
+            vals, reasons[i] = self.measure_one(s.image(), s.image_ext(), (ow[i], oh[i]))
+            for k, v in vals.items():
+                cols[k][i] = v
+        for i in range(n):  # rows the tar no longer yields (changed shard) are judged, not lost
+            if evaluate[i] and reasons[i] is None and cols["img_format"][i] is None:
+                reasons[i] = "image:missing"
+        cols["__reasons__"] = reasons
+        return cols
