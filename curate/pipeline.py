@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from curate.config import PipelineConfig, RunConfig, StageSpec, fingerprint
+from curate.config import ConfigError, PipelineConfig, RunConfig, StageSpec, fingerprint
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes
@@ -149,7 +149,7 @@ def _bad_shards_from_stats(work: WorkDir, stage_id: str, shards: list[str]) -> d
 def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None = None,
                  executor: Executor | None = None) -> RunSummary:
     if cfg.input is None:
-        raise ValueError("no input shards: set `input` in the config or pass --input")
+        raise ConfigError("no input shards: set `input` in the config or pass --input")
     shard_paths = expand_input(cfg.input)
     shards = [shard_name(p) for p in shard_paths]
     work = WorkDir.at(cfg.workdir)
@@ -157,7 +157,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     if only:
         unknown = sorted(set(only) - {s.stage_id for s in stages})
         if unknown:
-            raise ValueError(f"--stages names {unknown}, not in pipeline {pipe.name} "
+            raise ConfigError(f"--stages names {unknown}, not in pipeline {pipe.name} "
                              f"(stages: {', '.join(s.stage_id for s in stages)})")
     fps = stage_fingerprints(stages, shards)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
@@ -165,6 +165,8 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
                    model_cache=cfg.model_cache, seed=cfg.seed)
     log.info("run %s: pipeline %s, %d shard(s), work dir %s", run_id, pipe.name, len(shards), work.root)
+    if only:
+        _check_upstream_done(work, stages, fps, only, shards)
     own = executor is None
     ex = executor or make_executor(cfg)
     results: list[StageResult] = []
@@ -197,6 +199,18 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     atomic_write_bytes(work.run_dir(run_id) / "summary.json", json.dumps(
         {"ok": summary.ok, "problems": summary.problems()}, indent=2).encode())
     return summary
+
+
+def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], only: list[str],
+                         shards: list[str]) -> None:
+    """--stages may skip a stage only when its outputs, made with today's config, already exist."""
+    for st, fp in zip(stages, fps):
+        if st.stage_id in only:
+            continue
+        later = [s.stage_id for s in stages[stages.index(st) + 1:] if s.stage_id in only]
+        if later and not all(execute.is_done(work, st.stage_id, s, fp) for s in shards):
+            raise ConfigError(f"stage(s) {later} need the outputs of {st.stage_id!r}, which are missing or "
+                             f"were made with another config; add {st.stage_id} to --stages")
 
 
 def _spec_of(st: Stage) -> StageSpec:

@@ -23,10 +23,10 @@ from curate.stages.registry import register_stage
 _IMG_EXT = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|avif)"
 # Junk caption patterns: name -> regex on the normalised, stripped caption. Order is priority.
 JUNK_PATTERNS: dict[str, re.Pattern] = {
+    "url": re.compile(r"^(?:https?://|www\.)\S+$", re.I),
     "filename": re.compile(
         rf"^(?:\S+\.{_IMG_EXT}|(?:img|dsc[nf]?|dcim|pxl|gopr|mvi|sam|pict?|screenshot)[\s_-]?\d[\w-]*"
         rf"(?:\.{_IMG_EXT})?)$", re.I),
-    "url": re.compile(r"^(?:https?://|www\.)\S+$", re.I),
     "generic": re.compile(r"^(?:untitled|image|images|photo|photos|picture|pic|img|photograph|thumbnail|"
                           r"default|no title|none|null|n/?a|unknown)(?:[\s_-]*\d+)?[.!]*$", re.I),
     "placeholder": re.compile(r"lorem ipsum|placeholder|no description|click (?:here )?to (?:enlarge|view|zoom)|"

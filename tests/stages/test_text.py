@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curate.config import load_pipeline
+from curate.pipeline import run_pipeline
+from curate.stages.text import TextStage, junk_kind, normalise
+from tests.conftest import ROOT, make_config, shared_data
+
+COMMON_20 = ["en", "de", "fr", "es", "pt", "it", "nl", "ru", "zh", "ja", "ko", "ar", "pl", "tr", "sv",
+             "vi", "id", "cs", "el", "uk"]
+
+
+def _stage(**params) -> TextStage:
+    return TextStage(TextStage.Params(**params))
+
+
+def test_language_agrees_with_lingua_labels_on_20_common_languages():
+    df = pl.read_csv(shared_data("langid/lingua_sample_600.tsv"), separator="\t", quote_char=None)
+    sents = df.filter((pl.col("kind") == "sentences") & pl.col("lang").is_in(COMMON_20))
+    assert sents["lang"].n_unique() == 20
+    vals = _stage().measure(sents["text"].to_list())
+    got = pl.DataFrame({"lang": sents["lang"], "pred": vals["lang"]})
+    per_lang = got.group_by("lang").agg((pl.col("lang") == pl.col("pred")).mean().alias("acc")).sort("acc")
+    print(per_lang)
+    overall = (got["lang"] == got["pred"]).mean()
+    assert overall >= 0.95, overall
+    assert per_lang["acc"].min() >= 0.6
+
+
+def test_real_laion_captions_are_mostly_english():
+    df = pl.read_parquet(shared_data("captions/laion400m_sample_10000.parquet")).head(3000)
+    vals = _stage().measure(df["TEXT"].to_list())
+    langs = Counter(vals["lang"])
+    print("top languages:", langs.most_common(8))
+    assert langs["en"] / len(df) > 0.8
+    assert len(langs) > 5  # the non-English rows are recognised as such
+    ascii_only = [t.isascii() for t in df["TEXT"].to_list()]
+    non_ascii_en = sum(1 for a, lang in zip(ascii_only, vals["lang"]) if not a and lang == "en")
+    assert non_ascii_en < sum(1 for a in ascii_only if not a)
+
+
+@pytest.mark.parametrize("caption,kind", [
+    ("IMG_1234.jpg", "filename"), ("DSC_0001", "filename"), ("photo-23.png", "filename"),
+    ("http://www.example.com/a/b.jpg", "url"), ("www.shop.com/item", "url"),
+    ("untitled", "generic"), ("Image", "generic"), ("photo", "generic"), ("Untitled-3", "generic"),
+    ("click here to enlarge", "placeholder"), ("Lorem ipsum dolor sit amet", "placeholder"),
+    ("12345", "no_letters"), ("!!! ...", "no_letters"), ("😀😀😀", "no_letters"), ("", "empty"),
+    ("a red car parked by the beach", None), ("Photo of my dog at the park", None),
+])
+def test_junk_patterns(caption: str, kind: str | None):
+    assert junk_kind(normalise(caption)) == kind
+
+
+def test_caption_is_never_altered_but_scored_normalised(tmp_path: Path, pool: Path):
+    run_pipeline(load_pipeline(ROOT / "pipelines" / "full.yaml"), make_config(str(pool / "00000.tar"), tmp_path))
+    idx = pl.read_parquet(tmp_path / "index" / "00000.parquet")
+    src = pl.read_parquet(pool / "ground_truth.parquet").filter(pl.col("shard") == "00000")
+    assert idx.join(src, on="uid").filter(pl.col("caption") != pl.col("caption_right")).height == 0
+    assert normalise("Caf&eacute; &amp; ﬁsh") == "Café & fish"
+
+
+def test_broken_captions_get_reasons_not_crashes():
+    st = _stage(max_chars=2000, min_alpha_ratio=0.5)
+    caps = ["", "word " * 10_000, "caf\ufffd au lait is here", "😀😀😀😀", None, "a b", "\x00\x01 nul bytes here"]
+    vals = st.measure(caps)
+    reasons = [st.reason({k: vals[k][i] for k in vals}) for i in range(len(caps))]
+    print(reasons)
+    assert reasons[0] is not None and reasons[1] == "caption:too_many_chars"
+    assert reasons[3] is not None and reasons[4] is not None and reasons[5] is not None
+    assert vals["n_words"][1] == 10_000 and vals["max_repeat_run"][1] == 10_000
+
+
+def test_synthetic_defects_confusion(pool: Path, tmp_path: Path):
+    run_pipeline(load_pipeline(ROOT / "pipelines" / "full.yaml"), make_config(str(pool / "*.tar"), tmp_path),
+                 only=["index", "text"])
+    d = pl.read_parquet(tmp_path / "text" / "*.parquet").join(
+        pl.read_parquet(pool / "ground_truth.parquet"), on="uid")
+    table = d.group_by("label").agg(pl.len().alias("n"), (~pl.col("keep_text")).mean().alias("dropped"))
+    print(table.sort("label"))
+    text_defects = ["non_english", "junk_caption"]
+    dropped = d.filter(~pl.col("keep_text"))
+    recall = d.filter(pl.col("label").is_in(text_defects))["keep_text"].not_().mean()
+    precision = dropped["label"].is_in(text_defects).mean()
+    print(f"text defects: recall {recall:.3f} precision {precision:.3f}")
+    assert recall >= 0.95 and precision >= 0.95
+    nonen = d.filter(pl.col("label") == "non_english")
+    assert (nonen["lang"] == nonen["language"]).mean() >= 0.8  # the right language, not just "not en"
