@@ -9,6 +9,7 @@ import sys
 # name -> module with a run() function; each module benchmarks one stage against its raw operation.
 BENCHMARKS = {
     "index": "curate.bench.index",
+    "filters": "curate.bench.filters",
 }
 
 

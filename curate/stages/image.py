@@ -60,7 +60,10 @@ def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) ->
             raise ImageRejected("image:too_many_pixels")
         try:
             if im.format == "JPEG":
-                im.draft("RGB", (thumb, thumb))  # DCT scaling: decode at 1/2, 1/4 or 1/8 size
+                # DCT scaling decodes at 1/2, 1/4 or 1/8 size; the request must keep the aspect
+                # ratio, or PIL picks a larger scale to satisfy the short side.
+                k = thumb / max(im.width, im.height)
+                im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
             im.thumbnail((thumb, thumb), reducing_gap=2.0)
             arr = np.asarray(to_rgb(im))
         except Exception as e:  # truncated, corrupt, unsupported mode: a reason, not a crash
