@@ -71,7 +71,7 @@ class RunSummary:
         return out
 
 
-def stage_fingerprints(stages: list[Stage], shards: list[str]) -> list[str]:
+def stage_fingerprints(stages: list[Stage], shards: list[str], model_cache: str | None = None) -> list[str]:
     """Each stage's fingerprint chains the ones before it: a changed filter invalidates what follows.
 
     Global stages also depend on the exact shard list, since their artifact spans the pool.
@@ -82,7 +82,7 @@ def stage_fingerprints(stages: list[Stage], shards: list[str]) -> list[str]:
     for st in stages:
         obj: dict[str, Any] = {"name": st.name, "version": st.version,
                                "params": st.params.model_dump(mode="json"), "prev": prev,
-                               "extra": st.fingerprint_extra()}
+                               "extra": st.fingerprint_extra(model_cache)}
         if st.kind == "global":
             obj["pool"] = pool
         prev = fingerprint(obj)
@@ -159,7 +159,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
         if unknown:
             raise ConfigError(f"--stages names {unknown}, not in pipeline {pipe.name} "
                              f"(stages: {', '.join(s.stage_id for s in stages)})")
-    fps = stage_fingerprints(stages, shards)
+    fps = stage_fingerprints(stages, shards, cfg.model_cache)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
@@ -186,7 +186,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
                 res.skipped = len(live) - len(todo)
                 log.info("stage %s: %d shard(s) to do, %d done before", st.stage_id, len(todo), res.skipped)
                 ok = _collect(res, ex.map(functools.partial(execute.run_shard, task), todo,
-                                          label=st.stage_id, resources=st.resources()))
+                                          label=st.stage_id, resources=st.resources(task.run.device)))
                 ok |= {shard_name(p) for p in live if p not in todo}
             else:
                 ok = _run_global(ex, st, task, work, live, shards, res)
@@ -228,7 +228,7 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
     fp = task.fingerprint
     todo = [p for p in live if not execute.is_partial_done(work, st.stage_id, shard_name(p), fp)]
     part = ex.map(functools.partial(execute.run_summarize, task), todo,
-                  label=f"{st.stage_id}:summarize", resources=st.resources())
+                  label=f"{st.stage_id}:summarize", resources=st.resources(task.run.device))
     failed = {shard_name(o.item): o.error for o in part if not o.ok}
     if failed:
         res.failed.update(failed)
@@ -242,5 +242,5 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
     todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), fp)]
     res.skipped = len(live) - len(todo)
     ok = _collect(res, ex.map(functools.partial(execute.run_shard, task, phase="apply"), todo,
-                              label=f"{st.stage_id}:apply", resources=st.resources()))
+                              label=f"{st.stage_id}:apply", resources=st.resources(task.run.device)))
     return ok | {shard_name(p) for p in live if p not in todo}

@@ -120,15 +120,15 @@ class Stage:
         """The columns this stage adds besides uid and its decision columns."""
         raise NotImplementedError
 
-    def resources(self) -> dict[str, float] | None:
-        """Dask worker resources a task of this stage needs (e.g. ``{"GPU": 1}``)."""
+    def resources(self, device: str = "cpu") -> dict[str, float] | None:
+        """Dask worker resources a task of this stage needs on ``device`` (e.g. ``{"GPU": 1}``)."""
         return None
 
     def describe(self) -> dict[str, Any]:
         """Recorded in every output file (model, preprocessing...): what makes a value reproducible."""
         return {}
 
-    def fingerprint_extra(self) -> dict[str, Any]:
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         """Extra inputs to the fingerprint, such as a checkpoint hash or a vocabulary hash."""
         return {}
 

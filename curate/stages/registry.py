@@ -14,6 +14,7 @@ _STAGE_MODULES = (
     "curate.stages.index",
     "curate.stages.text",
     "curate.stages.image",
+    "curate.stages.clip_score",
 )
 
 T = TypeVar("T")

@@ -95,7 +95,7 @@ class TextStage(MapStage):
 
         return {"langid_model": self.params.langid_model or default_model_path()}
 
-    def fingerprint_extra(self) -> dict[str, Any]:
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         return {"vocabulary": self.params.concept_vocabulary}
 
     def measure(self, captions: list[str | None]) -> dict[str, list]:

@@ -1,0 +1,360 @@
+"""CLIP score: batched open_clip inference per shard (map), then a global threshold (clip_rank).
+
+``clip_score`` writes the cosine similarity of L2-normalised image and text embeddings (as
+DataComp) and both embeddings as float16 fixed-size lists, row order tied to uid, because dedup and
+the reference-set filter reuse them. ``clip_rank`` keeps the top fraction of the whole pool (one
+global threshold, ties broken by uid) or the samples above an absolute score.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from curate.config import Strict
+from curate.io.parquet import atomic_write_bytes, write_table
+from curate.io.shards import iter_samples
+from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
+from curate.stages.image import ImageRejected, open_image, to_rgb
+from curate.stages.registry import register_stage
+
+log = logging.getLogger(__name__)
+
+
+def _dataset_class():
+    """The IterableDataset class, built on first use: importing this module does not load torch."""
+    import torch
+
+    return type("ShardImages", (_ShardImages, torch.utils.data.IterableDataset), {})
+
+
+class _ShardImages:
+    """Rows to embed, as an IterableDataset (see _dataset_class) over the rows to embed: (row, tensor, ok). Each loader worker streams the
+    tar and decodes only its share of rows, so memory stays bounded by the batch, not the shard."""
+
+    def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int):
+        self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
+        self.draft, self.max_pixels = draft, max_pixels
+
+    def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        mine = 0
+        for i, s in enumerate(iter_samples(self.shard_path)):
+            if i not in self.rows:
+                continue
+            mine += 1
+            if (mine - 1) % nw != wid:
+                continue
+            yield (i, *self._decode(s.image(), s.image_ext()))
+
+    def _decode(self, data: bytes | None, ext: str | None):
+        import torch
+
+        try:
+            if not data:
+                raise ImageRejected("empty")
+            im = open_image(data, ext)
+            if im.width * im.height > self.max_pixels:
+                raise ImageRejected("too many pixels")
+            if im.format == "JPEG" and self.draft:
+                k = self.draft / min(im.width, im.height)
+                if k < 1:
+                    im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
+            return self.preprocess(to_rgb(im)), True
+        except Exception:  # any decode failure is a per-row reason, never a crashed shard
+            return torch.zeros(3, 1, 1), False
+
+
+def _collate(batch):
+    import torch
+
+    rows = [b[0] for b in batch]
+    ok = [b[2] for b in batch]
+    shape = next((b[1].shape for b in batch if b[2]), None)
+    imgs = [b[1] if b[2] else torch.zeros(shape) for b in batch] if shape is not None else []
+    return rows, (torch.stack(imgs) if imgs else None), ok
+
+
+@register_stage
+class ClipScoreStage(MapStage):
+    name = "clip_score"
+    version = "1"
+
+    class Params(Strict):
+        model: str = Field("ViT-L-14", description="open_clip model name")
+        pretrained: str | None = Field("openai", description="tag, local checkpoint path, or null (random)")
+        batch_size: int = Field(256, ge=1)
+        loader_workers: int | None = Field(None, ge=0, description="null: auto (0 on CPU)")
+        precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
+        store_embeddings: bool = True
+        max_pixels: int = Field(100_000_000, ge=1)
+        jpeg_draft: bool = Field(True, description="DCT-scaled JPEG decode to 2x the model's input size")
+        all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
+
+    def __init__(self, params: Strict, stage_id: str | None = None):
+        super().__init__(params, stage_id)
+        self._clip = None
+
+    def value_fields(self) -> list[pa.Field]:
+        from curate.models.clip import embed_dim
+
+        d = embed_dim(self.params.model)
+        f = [pa.field("clip_score", pa.float32())]
+        if self.params.store_embeddings:
+            f += [pa.field("image_emb", pa.list_(pa.float16(), d)), pa.field("text_emb", pa.list_(pa.float16(), d))]
+        return f
+
+    def resources(self, device: str = "cpu") -> dict[str, float] | None:
+        return {"GPU": 1} if device == "cuda" else None
+
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
+        from curate.models.clip import file_sha256, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(self.params.pretrained, model_cache)
+        except Exception:  # reported when the model loads; the fingerprint just stays name-based
+            ckpt = None
+        return {"checkpoint_sha256": file_sha256(ckpt) if ckpt else None}
+
+    def clip(self, device: str, model_cache: str | None):
+        if self._clip is None:
+            from curate.models.clip import load_clip
+
+            prec = self.params.precision
+            if prec == "auto":
+                prec = "fp32"  # weights in fp32; autocast picks bf16 on CUDA below
+            self._clip = load_clip(self.params.model, self.params.pretrained, device=device,
+                                   precision=prec, model_cache=model_cache)
+        return self._clip
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._clip.info) if self._clip else {"model": self.params.model,
+                                                          "pretrained": self.params.pretrained}
+
+    def _loader_workers(self, device: str) -> int:
+        n = self.params.loader_workers
+        if n is None:
+            n = min(4, (os.cpu_count() or 1) - 1) if device == "cuda" else 0
+        if n and multiprocessing.current_process().daemon:
+            log.info("daemonic worker process: image decoding runs in-process (set "
+                     "distributed.worker.daemon=False to allow DataLoader workers)")
+            n = 0
+        return n
+
+    def embed(self, shard_path: str, rows: list[int], captions: list[str], device: str,
+              model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], set[int]]:
+        """{row: (score, image_emb, text_emb)} and the rows whose image failed to decode."""
+        import torch
+
+        clip = self.clip(device, model_cache)
+        size = clip.info.get("image_size") or 224
+        ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0, max_pixels=self.params.max_pixels)
+        nw = self._loader_workers(device)
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
+                                             collate_fn=_collate, pin_memory=device == "cuda")
+        out: dict[int, tuple[float, Any, Any]] = {}
+        failed: set[int] = set()
+        chunk = self.params.batch_size
+        for batch_rows, imgs, ok in loader:
+            failed.update(r for r, good in zip(batch_rows, ok) if not good)
+            good_idx = [j for j, g in enumerate(ok) if g]
+            if not good_idx:
+                continue
+            imgs = imgs[good_idx]
+            texts = [captions[batch_rows[j]] or "" for j in good_idx]
+            start = 0
+            while start < len(good_idx):
+                try:
+                    sc, ie, te = self._forward(clip, imgs[start:start + chunk], texts[start:start + chunk], device)
+                except torch.cuda.OutOfMemoryError:
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)
+                    torch.cuda.empty_cache()
+                    log.warning("CUDA out of memory: batch reduced to %d", chunk)
+                    continue
+                for k in range(len(sc)):
+                    out[batch_rows[good_idx[start + k]]] = (float(sc[k]), ie[k], te[k])
+                start += len(sc)
+        return out, failed
+
+    def _forward(self, clip, imgs, texts, device):
+        import torch
+
+        tokens = clip.tokenizer(texts)  # open_clip truncates to the context length
+        use_amp = device == "cuda"
+        dtype = torch.float16 if self.params.precision == "fp16" else torch.bfloat16
+        with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu",
+                                                    dtype=dtype, enabled=use_amp):
+            fi = clip.model.encode_image(imgs.to(device, non_blocking=True))
+            ft = clip.model.encode_text(tokens.to(device, non_blocking=True))
+            fi = torch.nn.functional.normalize(fi.float(), dim=-1)
+            ft = torch.nn.functional.normalize(ft.float(), dim=-1)
+            score = (fi * ft).sum(-1)
+        return (score.cpu().numpy(), fi.cpu().numpy().astype(np.float16), ft.cpu().numpy().astype(np.float16))
+
+    def process(self, ctx: ShardContext) -> dict[str, Any]:
+        captions = ctx.index(["caption"]).column("caption").to_pylist()
+        rows = [i for i, ev in enumerate(ctx.evaluate) if ev]
+        clip = self.clip(ctx.run.device, ctx.run.model_cache)
+        clip.info.setdefault("image_size", _image_size(clip.preprocess))
+        res, failed = self.embed(ctx.shard_path, rows, captions, ctx.run.device, ctx.run.model_cache)
+        n = len(captions)
+        score: list[float | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        d = clip.info["embed_dim"]
+        img_emb = [None] * n
+        txt_emb = [None] * n
+        for i in rows:
+            if i in res:
+                score[i], ie, te = res[i]
+                img_emb[i], txt_emb[i] = ie, te
+            else:
+                reasons[i] = "clip:undecodable" if i in failed else "clip:missing_image"
+        cols: dict[str, Any] = {"clip_score": score, "__reasons__": reasons}
+        if self.params.store_embeddings:
+            cols["image_emb"] = _fixed_list(img_emb, d)
+            cols["text_emb"] = _fixed_list(txt_emb, d)
+        return cols
+
+
+def _image_size(preprocess) -> int:
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if isinstance(size, (tuple, list)) and size:
+            return int(size[0])
+        if isinstance(size, int):
+            return size
+    return 224
+
+
+def _fixed_list(vecs: list, d: int) -> pa.FixedSizeListArray:
+    """float16 fixed-size list column with nulls where no embedding was computed."""
+    n = len(vecs)
+    flat = np.zeros((n, d), dtype=np.float16)
+    mask = np.ones(n, dtype=bool)
+    for i, v in enumerate(vecs):
+        if v is not None:
+            flat[i] = v
+            mask[i] = False
+    values = pa.array(flat.reshape(-1), type=pa.float16())
+    return pa.FixedSizeListArray.from_arrays(values, d, mask=pa.array(mask))
+
+
+def embeddings(table: pa.Table, column: str) -> np.ndarray:
+    """(rows, d) float32 array from a fixed-size list column (null rows become NaN)."""
+    col = table.column(column).combine_chunks()
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    out = np.full((len(col), d), np.nan, dtype=np.float32)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    out[valid] = flat.reshape(-1, d) if flat.size else flat.reshape(0, d)
+    return out
+
+
+@register_stage
+class ClipRankStage(GlobalStage):
+    """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
+
+    name = "clip_rank"
+    version = "1"
+    needs = ("clip_score",)
+
+    class Params(Strict):
+        top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
+        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this")
+        exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
+        hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1] for the approximate threshold")
+        all_rows: bool = False
+
+        @model_validator(mode="after")
+        def _one_rule(self):
+            if (self.top_fraction is None) == (self.min_score is None):
+                raise ValueError("set exactly one of top_fraction or min_score")
+            return self
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("clip_rank_threshold", pa.float32())]
+
+    def partial_fields(self) -> list[pa.Field]:
+        return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float32())]
+
+    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        t = ctx.read("clip_score", ["clip_score"])
+        uids = ctx.index(["uid"]).column("uid").to_pylist()
+        scores = t.column("clip_score").to_pylist()
+        ev = ctx.evaluate
+        keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
+        return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
+
+    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        p = self.params
+        edges = np.linspace(-1.0, 1.0, p.hist_bins + 1)
+        hist = np.zeros(p.hist_bins, dtype=np.int64)
+        n = 0
+        for path in ctx.partials():  # pass 1: streaming, bounded memory
+            s = pq.read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
+            hist += np.histogram(np.clip(s, -1, 1), bins=edges)[0]
+            n += len(s)
+        art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else "top_fraction"}
+        if p.min_score is not None:
+            art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
+        elif n == 0:
+            art.update(threshold=None, tie_uid=None, k=0, exact=True)
+        else:
+            k = max(1, math.ceil(p.top_fraction * n))
+            art["k"] = k
+            if n <= p.exact_max_rows:
+                tabs = [pq.read_table(x) for x in ctx.partials()]
+                t = pa.concat_tables(tabs)
+                scores = t.column("clip_score").to_numpy()
+                uids = np.array(t.column("uid").to_pylist())
+                # Rank by score descending, then uid ascending: ties are broken the same everywhere.
+                order = np.lexsort((uids, -scores.astype(np.float64)))
+                last = order[k - 1]
+                art.update(threshold=float(scores[last]), tie_uid=str(uids[last]), exact=True)
+            else:
+                # Approximate: the lower edge of the bin holding the k-th score. Scores kept differ
+                # from the exact top-k only inside that one bin: error <= 2 / hist_bins in score,
+                # and <= that bin's count in samples (both recorded).
+                cum = np.cumsum(hist[::-1])
+                b = p.hist_bins - 1 - int(np.searchsorted(cum, k))
+                art.update(threshold=float(edges[b]), tie_uid=None, exact=False,
+                           score_error_bound=2.0 / p.hist_bins, count_error_bound=int(hist[b]))
+        work = ctx.work
+        atomic_write_bytes(work.global_artifact(ctx.stage_id, ".json"), json.dumps(art, indent=2).encode())
+        coarse = hist.reshape(-1, p.hist_bins // 256).sum(1) if p.hist_bins % 256 == 0 else hist
+        cedges = np.linspace(-1.0, 1.0, len(coarse) + 1)
+        write_table(pa.table({"bin_lo": cedges[:-1], "bin_hi": cedges[1:], "count": coarse}),
+                    work.global_artifact(f"{ctx.stage_id}_histogram"))
+        return art
+
+    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+        art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
+        thr, tie = art["threshold"], art["tie_uid"]
+        uids = ctx.index(["uid"]).column("uid").to_pylist()
+        scores = ctx.read("clip_score", ["clip_score"]).column("clip_score").to_pylist()
+        ev = ctx.evaluate
+        reasons = [None if not e else "clip:no_score" if s is None else
+                   None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
+                   for u, s, e in zip(uids, scores, ev)]
+        return {"clip_rank_threshold": [thr] * len(uids), "__reasons__": reasons}
+
+
+def ranks_in(score: float, uid: str, threshold: float | None, tie_uid: str | None) -> bool:
+    """The kept set: score above the threshold, or equal to it with a uid not after the tie uid."""
+    if threshold is None:
+        return False
+    score = float(score)
+    return score > threshold or (score == threshold and (tie_uid is None or uid <= tie_uid))

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from curate.io.shards import iter_samples
+from curate.models.clip import ModelError, load_clip
+from curate.pipeline import run_pipeline
+from curate.stages.base import GlobalContext, RunInfo
+from curate.stages.clip_score import ClipRankStage, embeddings, ranks_in
+from tests.conftest import make_config, make_pipeline, tables_equal_dir
+
+TINY = {"model": "curate-tiny", "pretrained": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Random tiny weights saved once, so every run in this module scores with the same model."""
+    torch.manual_seed(0)
+    clip = load_clip("curate-tiny", None)
+    p = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"state_dict": clip.model.state_dict()}, p)
+    return p
+
+
+def _pipe(ckpt: Path, rank: dict | None = None, **params):
+    stages = [("clip_score", {"model": "curate-tiny", "pretrained": str(ckpt), "batch_size": 64,
+                              "all_rows": True} | params)]
+    if rank is not None:
+        stages.append(("clip_rank", rank))
+    return make_pipeline(*stages)
+
+
+def test_scores_equal_direct_computation(pool: Path, tmp_path: Path, tiny_ckpt: Path):
+    shard = pool / "00000.tar"
+    s = run_pipeline(_pipe(tiny_ckpt, jpeg_draft=False), make_config(str(shard), tmp_path))
+    assert s.ok
+    t = pq.read_table(tmp_path / "clip_score" / "00000.parquet")
+    idx = pq.read_table(tmp_path / "index" / "00000.parquet")
+    clip = load_clip("curate-tiny", str(tiny_ckpt))
+    scores = t.column("clip_score").to_pylist()
+    imgs, caps, rows = [], [], []
+    for i, smp in enumerate(iter_samples(shard)):
+        if scores[i] is None:
+            continue
+        imgs.append(clip.preprocess(Image.open(io.BytesIO(smp.image())).convert("RGB")))
+        caps.append(idx.column("caption")[i].as_py())
+        rows.append(i)
+    with torch.no_grad():
+        fi = torch.nn.functional.normalize(clip.model.encode_image(torch.stack(imgs)), dim=-1)
+        ft = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(caps)), dim=-1)
+    direct = (fi * ft).sum(-1).numpy()
+    ours = np.array([scores[i] for i in rows])
+    assert len(rows) > 90
+    assert np.abs(direct - ours).max() < 1e-3
+    emb = embeddings(t, "image_emb")[rows]
+    assert np.abs(emb - fi.numpy()).max() < 2e-3  # float16 storage
+    meta = json.loads(pq.read_schema(tmp_path / "clip_score" / "00000.parquet").metadata[b"curate"])
+    d = meta["describe"]
+    assert d["model"] == "curate-tiny" and len(d["checkpoint_sha256"]) == 64 and "Normalize" in d["preprocess"]
+    assert d["precision"] == "fp32"
+
+
+def test_corrupt_image_mid_batch_is_reported_rest_scored(pool: Path, tmp_path: Path, tiny_ckpt: Path):
+    s = run_pipeline(_pipe(tiny_ckpt), make_config(str(pool / "*.tar"), tmp_path))
+    assert s.ok
+    d = pl.read_parquet(tmp_path / "clip_score" / "*.parquet").join(
+        pl.read_parquet(pool / "ground_truth.parquet"), on="uid")
+    bad = d.filter(pl.col("label") == "corrupt_image")
+    assert bad.height > 0 and (bad["reason_clip_score"] == "clip:undecodable").all()
+    good = d.filter(pl.col("label") != "corrupt_image")
+    assert good["clip_score"].null_count() == 0
+
+
+def test_batch_size_workers_and_order_do_not_change_selection(pool: Path, tmp_path: Path, tiny_ckpt: Path):
+    rank = {"top_fraction": 0.3}
+    inp = str(pool / "*.tar")
+    a = run_pipeline(_pipe(tiny_ckpt, rank, batch_size=64), make_config(inp, tmp_path / "a"))
+    b = run_pipeline(_pipe(tiny_ckpt, rank, batch_size=7), make_config(
+        [str(p) for p in sorted(pool.glob("*.tar"), reverse=True)], tmp_path / "b", kind="local_cluster"))
+    assert a.ok and b.ok
+    sa = pl.read_parquet(tmp_path / "a" / "clip_score" / "*.parquet").sort("uid")
+    sb = pl.read_parquet(tmp_path / "b" / "clip_score" / "*.parquet").sort("uid")
+    diff = (sa["clip_score"] - sb["clip_score"]).abs().max()
+    assert diff < 1e-5, diff
+    tables_equal_dir(tmp_path / "a", tmp_path / "b", "clip_rank")
+    kept = pl.read_parquet(tmp_path / "a" / "clip_rank" / "*.parquet")["keep_clip_rank"]
+    n = kept.is_not_null().sum()
+    assert kept.sum() == int(np.ceil(0.3 * n))
+
+
+def _rank_with_partials(tmp_path: Path, parts: list[list[tuple[str, float]]], **params) -> dict:
+    st = ClipRankStage(ClipRankStage.Params(**params))
+    run = RunInfo(run_id="t", workdir=str(tmp_path))
+    ctx = GlobalContext(stage_id="clip_rank", shards=[f"s{i}" for i in range(len(parts))], run=run)
+    for path, rows in zip(ctx.partials(), parts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"uid": [u for u, _ in rows], "clip_score": pa.array([s for _, s in rows], pa.float32())}), path)
+    return st.combine(ctx)
+
+
+def test_top_fraction_exact_with_ties(tmp_path: Path):
+    rows = [(f"{i:032x}", 0.5) for i in range(10)] + [(f"{100 + i:032x}", 0.9) for i in range(2)] + \
+           [(f"{200 + i:032x}", 0.1) for i in range(8)]
+    art = _rank_with_partials(tmp_path, [rows[:7], rows[7:]], top_fraction=0.25)
+    assert art["k"] == 5 and art["threshold"] == pytest.approx(0.5)
+    kept = [u for u, s in rows if ranks_in(np.float32(s), u, art["threshold"], art["tie_uid"])]
+    assert len(kept) == 5
+    assert sorted(kept)[:3] == [f"{i:032x}" for i in range(3)]  # ties broken by smallest uid
+    assert (tmp_path / "global" / "clip_rank_histogram.parquet").exists()
+
+
+def test_approximate_threshold_within_documented_bound(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.25, 0.05, 5000).astype(np.float32)
+    rows = [(f"{i:032x}", float(s)) for i, s in enumerate(scores)]
+    art = _rank_with_partials(tmp_path, [rows], top_fraction=0.3, exact_max_rows=10)
+    assert not art["exact"]
+    kept = int((scores >= art["threshold"]).sum())
+    assert abs(kept - art["k"]) <= art["count_error_bound"]
+    exact = np.sort(scores)[::-1][art["k"] - 1]
+    assert abs(exact - art["threshold"]) <= art["score_error_bound"]
+
+
+def test_rank_params_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        ClipRankStage.Params(top_fraction=0.3, min_score=0.2)
+    with pytest.raises(ValidationError):
+        ClipRankStage.Params()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(ModelError, match="not found"):
+        load_clip("curate-tiny", str(tmp_path / "nope.pt"))
