@@ -10,6 +10,7 @@ import sys
 BENCHMARKS = {
     "index": "curate.bench.index",
     "filters": "curate.bench.filters",
+    "clip": "curate.bench.clip",
 }
 
 
