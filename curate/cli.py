@@ -22,7 +22,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_synth(a: argparse.Namespace) -> int:
     from curate.synth import synthesize
 
-    paths = synthesize(a.out, samples=a.samples, shards=a.shards, seed=a.seed)
+    paths = synthesize(a.out, samples=a.samples, shards=a.shards, seed=a.seed, fractions={} if a.clean else None)
     print(f"wrote {len(paths)} shard(s) and ground_truth.parquet to {a.out}")
     return 0
 
@@ -52,6 +52,26 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from curate.training import TrainSpec, train_clip
+
+    spec = TrainSpec(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                     device=a.device)
+    print(train_clip(a.input, a.out, spec, name=a.name))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from curate.training import evaluate_clip
+
+    res = evaluate_clip(a.model, a.checkpoint, a.eval_dir, max_samples=a.max_samples)
+    text = json.dumps(res, indent=2)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_stats(a: argparse.Namespace) -> int:
     from curate.stats import format_funnel, funnel
 
@@ -72,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=5000)
     s.add_argument("--shards", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--clean", action="store_true", help="no injected defects (training / held-out sets)")
     s.set_defaults(fn=cmd_synth)
 
     r = sub.add_parser("run", help="run a pipeline (YAML) with a run config")
@@ -81,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workdir", default=None)
     r.add_argument("--stages", default=None, help="comma-separated stage ids to run (others skipped)")
     r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("train", help="train an open_clip model on WebDataset shards (open_clip_train)")
+    t.add_argument("input", help="shards: path, glob, brace pattern or list file")
+    t.add_argument("--out", required=True, help="folder for the checkpoint and logs")
+    t.add_argument("--name", default="proxy")
+    t.add_argument("--model", default="curate-tiny")
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="zero-shot accuracy, retrieval R@1 and match AUC on a labelled set")
+    e.add_argument("eval_dir", help="folder with shards and ground_truth.parquet (curate synth --clean)")
+    e.add_argument("--model", default="curate-tiny")
+    e.add_argument("--checkpoint", default=None)
+    e.add_argument("--max-samples", type=int, default=1000)
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.set_defaults(fn=cmd_eval)
 
     st = sub.add_parser("stats", help="print the funnel read back from the stats Parquet")
     st.add_argument("workdir")
