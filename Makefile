@@ -9,7 +9,7 @@ DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
 
-.PHONY: install demo test bench synth run index stats cluster-up cluster-down clean
+.PHONY: install demo test bench synth run index stats export report cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -58,3 +58,11 @@ cluster-down:
 
 clean:
 	rm -rf work demo .pytest_cache
+
+WORKDIR ?= demo/work
+OUT     ?= demo/out
+export: install
+	$(BIN)/curate export $(WORKDIR) --out $(OUT) --config $(CONFIG) $(ARGS)
+
+report: install
+	$(BIN)/curate report $(WORKDIR)

@@ -72,6 +72,38 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_for(config: str | None):
+    from curate.config import load_run_config
+    from curate.engine import make_executor
+
+    return make_executor(load_run_config(config))
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from curate.export import ExportSpec, export
+
+    if not Path(a.workdir).is_dir():
+        raise ConfigError(f"{a.workdir}: work dir not found")
+    spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
+                      hf_parquet=a.hf_parquet)
+    with _executor_for(a.config) as ex:
+        m = export(a.workdir, a.out, ex, spec)
+    print(f"exported {m['samples_kept']} of {m['samples_in']} samples into {m['output_shards']} shard(s) "
+          f"under {a.out} (metadata/, shards/, uids.npy, manifest.json)")
+    if not m["samples_kept"]:
+        print("every sample was dropped: outputs are valid and empty", file=sys.stderr)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from curate.report.html import write_report
+
+    if not Path(a.workdir).is_dir():
+        raise ConfigError(f"{a.workdir}: work dir not found")
+    print(write_report(a.workdir))
+    return 0
+
+
 def cmd_stats(a: argparse.Namespace) -> int:
     from curate.stats import format_funnel, funnel
 
@@ -122,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=1000)
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
+    x.add_argument("workdir")
+    x.add_argument("--out", required=True)
+    x.add_argument("--config", default=None, help="run config for the executor (default: LocalCluster)")
+    x.add_argument("--shard-size", type=int, default=10_000)
+    x.add_argument("--shuffle-seed", type=int, default=None)
+    x.add_argument("--no-pool", action="store_true", help="skip OUT/pool (every row with its reason)")
+    x.add_argument("--hf-parquet", action="store_true", help="also Parquet with embedded image bytes")
+    x.set_defaults(fn=cmd_export)
+
+    rp = sub.add_parser("report", help="write WORK/report/index.html with plots and a gallery")
+    rp.add_argument("workdir")
+    rp.set_defaults(fn=cmd_report)
 
     st = sub.add_parser("stats", help="print the funnel read back from the stats Parquet")
     st.add_argument("workdir")

@@ -1,0 +1,242 @@
+"""Outputs ready for pretraining, from a finished work dir.
+
+1. per input shard (map): join every stage table by uid, keep the survivors, write
+   ``OUT/metadata/<shard>.parquet`` (and ``OUT/pool/<shard>.parquet`` with every row and why it
+   was dropped); return the kept count.
+2. driver: prefix sums of the counts give every kept sample a global index, so output shard ``j``
+   holds indices ``[j*S, (j+1)*S)`` whatever the number of workers.
+3. per output shard (map): copy the original member bytes of its samples into ``OUT/shards/j.tar``.
+Then ``uids.npy`` (DataComp's subset format), ``sizes.json`` and ``manifest.json``.
+
+Shuffling (optional, seeded) permutes the order of input shards and the samples inside each one
+(the shard-level + in-shard shuffle of webdataset loaders): a global shuffle of a 10B-sample pool
+would make every output shard read every input tar.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.decisions import filter_stage_ids, latest_run
+from curate.engine import Executor
+from curate.io.layout import WorkDir
+from curate.io.parquet import WorkDirError, atomic_write_bytes, write_table
+from curate.io.shards import iter_samples, shard_name
+
+log = logging.getLogger(__name__)
+ROW_GROUP = 16_384
+_SKIP_COLUMNS = ("image_emb", "text_emb")  # large vectors stay in the work dir
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    shard_size: int = 10_000
+    shuffle_seed: int | None = None
+    write_pool: bool = True
+    hf_parquet: bool = False
+
+
+def _order_key(uid: str, seed: int) -> bytes:
+    return hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
+
+
+def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame:
+    """Every column of every stage for one shard (index order), plus kept / dropped_by / reason."""
+    work = WorkDir.at(workdir)
+    df = pl.read_parquet(work.stage_table("index", shard))
+    for sid in stage_ids:
+        if sid == "index":
+            continue
+        t = pl.read_parquet(work.stage_table(sid, shard))
+        t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS or (c != "uid" and c in df.columns)])
+        df = df.join(t, on="uid", how="left", maintain_order="left")
+    filt = [s for s in stage_ids if f"keep_{s}" in df.columns]
+    kept = pl.lit(True)
+    for s in filt:
+        kept = kept & pl.col(f"keep_{s}").fill_null(False)
+    dropped_by = pl.lit(None, dtype=pl.String)
+    reason = pl.lit(None, dtype=pl.String)
+    for s in reversed(filt):
+        fail = pl.col(f"keep_{s}") == False  # noqa: E712 (polars expression)
+        dropped_by = pl.when(fail).then(pl.lit(s)).otherwise(dropped_by)
+        reason = pl.when(fail).then(pl.col(f"reason_{s}")).otherwise(reason)
+    return df.with_columns(kept.alias("kept"), dropped_by.alias("dropped_by"), reason.alias("reason"))
+
+
+def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSpec, shard_path: str) -> dict:
+    """Map step: write this shard's metadata (kept rows) and pool (all rows); return kept keys."""
+    shard = shard_name(shard_path)
+    df = joined_shard(workdir, shard, stage_ids)
+    kept = df.filter(pl.col("kept"))
+    if spec.shuffle_seed is not None:
+        kept = kept.with_columns(pl.col("uid").map_elements(
+            lambda u: _order_key(u, spec.shuffle_seed), return_dtype=pl.Binary).alias("_o")).sort("_o").drop("_o")
+    decision_cols = [c for c in kept.columns if c.startswith(("keep_", "reason_"))] + ["kept", "dropped_by", "reason"]
+    meta = kept.drop(decision_cols)
+    write_table(meta.to_arrow(), Path(out) / "metadata" / f"{shard}.parquet", row_group_size=ROW_GROUP)
+    if spec.write_pool:
+        write_table(df.to_arrow(), Path(out) / "pool" / f"{shard}.parquet", row_group_size=ROW_GROUP)
+    return {"shard": shard, "path": shard_path, "kept": kept.height, "rows": df.height}
+
+
+def _sample_json(row: dict[str, Any]) -> bytes:
+    keep = {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return json.dumps(keep, sort_keys=True, default=str).encode()
+
+
+def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
+    """Map step: output shard ``index`` from slices of input shards (original bytes, no re-encode)."""
+    index, plan = job
+    path = Path(out) / "shards" / f"{index:05d}.tar"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    n = nbytes = 0
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for part in plan:
+                meta = pl.read_parquet(Path(out) / "metadata" / f"{part['shard']}.parquet").slice(
+                    part["start"], part["stop"] - part["start"])
+                rows = meta.to_dicts()
+                wanted = {r["key"]: r for r in rows}
+                found: dict[str, tuple[bytes, str]] = {}
+                for s in iter_samples(part["path"]):
+                    if s.key in wanted and s.image():
+                        found[s.key] = (s.image(), s.image_ext())
+                for r in rows:  # metadata order (possibly shuffled), not tar order
+                    img, ext = found[r["key"]]
+                    key = f"{index:05d}{n:05d}"
+                    members = [(f"{key}.{ext}", img), (f"{key}.txt", (r["caption"] or "").encode()),
+                               (f"{key}.json", _sample_json(r))]
+                    for name, data in members:
+                        ti = tarfile.TarInfo(name)
+                        ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # mtime 0: byte-identical reruns
+                        tf.addfile(ti, io.BytesIO(data))
+                        nbytes += len(data)
+                    n += 1
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise WorkDirError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"shard": path.name, "samples": n, "bytes": nbytes}
+
+
+def uids_to_npy(uids: list[str]) -> np.ndarray:
+    """DataComp's subset format: sorted structured array of two uint64 halves of the 128-bit uid."""
+    arr = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], dtype=np.dtype("u8,u8"))
+    arr.sort()
+    return arr
+
+
+def plan_output(counts: list[dict], shard_size: int) -> list[list[dict]]:
+    """Cut the concatenation of per-input kept rows into output shards of ``shard_size``."""
+    plans: list[list[dict]] = []
+    cur: list[dict] = []
+    room = shard_size
+    for c in counts:
+        start = 0
+        while start < c["kept"]:
+            take = min(room, c["kept"] - start)
+            cur.append({"shard": c["shard"], "path": c["path"], "start": start, "stop": start + take})
+            start += take
+            room -= take
+            if room == 0:
+                plans.append(cur)
+                cur, room = [], shard_size
+    if cur:
+        plans.append(cur)
+    return plans
+
+
+def export(workdir: str | Path, out: str | Path, ex: Executor, spec: ExportSpec = ExportSpec()) -> dict:
+    workdir, out = str(Path(workdir).resolve()), str(Path(out).resolve())
+    run = latest_run(workdir)
+    stage_ids = filter_stage_ids(workdir)
+    all_ids = [s["id"] for s in run["stages"]]
+    shards = run["shards"]
+    missing = [shard_name(p) for p in shards if not WorkDir.at(workdir).stage_table(all_ids[-1], shard_name(p)).exists()]
+    if missing:
+        raise WorkDirError(f"{workdir}: stage {all_ids[-1]} is not done on {len(missing)} shard(s) "
+                           f"(e.g. {missing[0]}); finish the run before exporting")
+    order = list(shards)
+    if spec.shuffle_seed is not None:
+        order.sort(key=lambda p: _order_key(shard_name(p), spec.shuffle_seed))
+    res = ex.map(functools.partial(export_metadata, workdir, out, all_ids, spec), order, label="export:metadata")
+    failed = [r for r in res if not r.ok]
+    if failed:
+        raise RuntimeError(f"export failed on {len(failed)} shard(s): {failed[0].item}: {failed[0].error}")
+    counts = [r.value for r in res]  # in `order`: the output numbering follows it
+    plans = plan_output(counts, spec.shard_size)
+    outs = ex.map(functools.partial(write_output_shard, out), list(enumerate(plans)),
+                  label="export:shards") if plans else []
+    failed = [r for r in outs if not r.ok]
+    if failed:
+        raise RuntimeError(f"export failed on output shard {failed[0].item}: {failed[0].error}")
+    sizes = {r.value["shard"]: r.value["samples"] for r in outs}
+    # a previous export into the same folder may have left more shards: remove them
+    for p in (Path(out) / "shards").glob("*.tar") if plans else []:
+        if p.name not in sizes:
+            p.unlink()
+    kept_uids = pl.read_parquet(str(Path(out) / "metadata" / "*.parquet"), columns=["uid"])["uid"].to_list() \
+        if any(c["kept"] for c in counts) else []
+    buf = io.BytesIO()
+    np.save(buf, uids_to_npy(kept_uids))
+    atomic_write_bytes(Path(out) / "uids.npy", buf.getvalue())
+    atomic_write_bytes(Path(out) / "shards" / "sizes.json", json.dumps(sizes, indent=1).encode())
+    total = sum(c["rows"] for c in counts)
+    manifest = {"workdir": workdir, "run_id": run["run_id"], "versions": run["versions"],
+                "stages": run["stages"], "export": spec.__dict__, "samples_in": total,
+                "samples_kept": len(kept_uids), "output_shards": len(plans), "sizes": sizes}
+    atomic_write_bytes(Path(out) / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+    if spec.hf_parquet:
+        _write_hf_parquet(out, plans, ex)
+    if not kept_uids:
+        log.warning("export: every sample was dropped; outputs are valid and empty")
+    return manifest
+
+
+def hf_parquet_shard(out: str, index: int) -> str:
+    """Parquet with embedded image bytes (``image: {bytes, path}``, ``text``), as HF datasets reads."""
+    rows = {"uid": [], "text": [], "image": []}
+    with tarfile.open(Path(out) / "shards" / f"{index:05d}.tar") as tf:
+        members = {}
+        for m in tf:
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    for key, mem in members.items():
+        ext = next(e for e in mem if e not in ("txt", "json"))
+        meta = json.loads(mem["json"])
+        rows["uid"].append(meta["uid"])
+        rows["text"].append(mem["txt"].decode())
+        rows["image"].append({"bytes": mem[ext], "path": f"{key}.{ext}"})
+    schema = pa.schema([("uid", pa.string()), ("text", pa.string()),
+                        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
+    path = Path(out) / "hf" / f"{index:05d}.parquet"
+    write_table(pa.table(rows, schema=schema), path, row_group_size=1000)
+    return str(path)
+
+
+def _write_hf_parquet(out: str, plans: list, ex: Executor) -> None:
+    res = ex.map(functools.partial(hf_parquet_shard, out), list(range(len(plans))), label="export:hf")
+    failed = [r for r in res if not r.ok]
+    if failed:
+        raise RuntimeError(f"HF parquet export failed: {failed[0].error}")

@@ -1,0 +1,1 @@
+"""Static HTML report of a work dir: everything read back from the stats and stage Parquet."""
