@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import Field
 
 from curate.config import Strict
+from curate.phash import phash
 from curate.stages.base import MapStage, ShardContext
 from curate.stages.index import PIL_FORMATS
 from curate.stages.registry import register_stage
@@ -95,7 +96,7 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
 @register_stage
 class ImageStage(MapStage):
     name = "image"
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")
@@ -120,7 +121,7 @@ class ImageStage(MapStage):
         return [pa.field("img_format", pa.string()), pa.field("img_mode", pa.string()),
                 pa.field("n_frames", pa.int32()), pa.field("img_width", pa.int32()),
                 pa.field("img_height", pa.int32()), pa.field("aspect", pa.float32()),
-                *[pa.field(q, pa.float32()) for q in self.QUALITY]]
+                *[pa.field(q, pa.float32()) for q in self.QUALITY], pa.field("phash", pa.int64())]
 
     def measure_one(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
                     ) -> tuple[dict[str, Any], str | None]:
@@ -141,6 +142,7 @@ class ImageStage(MapStage):
         vals.update(img_format=info["format"], img_mode=info["mode"], n_frames=info["n_frames"],
                     img_width=w, img_height=h, aspect=max(w, h) / max(1, min(w, h)))
         vals.update(quality(rgb))
+        vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
         checks = [
             (p.min_bytes is not None and len(data) < p.min_bytes, "image:too_small_bytes"),
             (p.min_side is not None and min(w, h) < p.min_side, "image:min_side"),

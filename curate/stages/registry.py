@@ -15,6 +15,7 @@ _STAGE_MODULES = (
     "curate.stages.text",
     "curate.stages.image",
     "curate.stages.clip_score",
+    "curate.stages.dedup",
 )
 
 T = TypeVar("T")

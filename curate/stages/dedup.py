@@ -1,0 +1,371 @@
+"""Deduplication (global stage): exact, perceptual (pHash), semantic (SemDeDup) and eval-set copies.
+
+summarize: per shard, the keys of the surviving samples (sha256, normalised-caption hash, url
+hash, pHash, CLIP score). combine: duplicate edges of every enabled kind, groups by union-find
+(transitive, order-free), one sample kept per group (highest CLIP score, else smallest uid), and
+eval-set matches; written per shard under ``WORK/global/dedup/``. apply: join by uid.
+
+Semantic dedup follows SemDeDup: spherical k-means (faiss) on the stored CLIP image embeddings,
+then within each cluster the pairs with cosine above ``1 - eps``. Embeddings are streamed shard by
+shard into one file per cluster, so memory is bounded by the largest cluster, not the pool;
+clusters above ``max_cluster_size`` are split by a second k-means.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate.config import Strict
+from curate.io.parquet import write_table
+from curate.io.shards import expand_input, iter_samples
+from curate.phash import near_pairs
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext
+from curate.stages.registry import register_stage
+from curate.stages.text import normalise
+
+log = logging.getLogger(__name__)
+KIND_RANK = {"exact": 0, "phash": 1, "semantic": 2}
+
+
+def key_hash(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def caption_key(caption: str | None) -> str | None:
+    """NFKC, case-folded, whitespace collapsed."""
+    return normalise(caption).casefold() if caption else None
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@register_stage
+class DedupStage(GlobalStage):
+    name = "dedup"
+    version = "1"
+
+    class Params(Strict):
+        exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
+            ["image"], description="keys that define an exact duplicate (image: sha256 of the bytes)")
+        phash_radius: int | None = Field(4, ge=0, le=16, description="Hamming radius; null: off")
+        semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")
+        n_clusters: int | None = Field(None, ge=1, description="null: sqrt(pool size)")
+        max_cluster_size: int = Field(50_000, ge=2)
+        kmeans_sample: int = Field(200_000, ge=100)
+        keep: Literal["clip_score", "smallest_uid"] = "clip_score"
+        eval_sets: list[str] = Field(default_factory=list, description="folders of images or shards")
+        eval_embeddings: str | None = Field(None, description=".npy of eval image embeddings (same model)")
+        eval_min_cosine: float = Field(0.95, gt=0, le=1)
+        seed: int = 0
+        all_rows: bool = False
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("dup_group", pa.string()), pa.field("dup_of", pa.string())]
+
+    def partial_fields(self) -> list[pa.Field]:
+        return [pa.field("uid", pa.string()), pa.field("sha256", pa.string()), pa.field("caption_h", pa.int64()),
+                pa.field("url_h", pa.int64()), pa.field("phash", pa.int64()), pa.field("clip_score", pa.float32())]
+
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
+        files = []
+        for src in self.params.eval_sets + ([self.params.eval_embeddings] if self.params.eval_embeddings else []):
+            p = Path(src)
+            for f in (sorted(p.rglob("*")) if p.is_dir() else [p]):
+                if f.is_file():
+                    st = f.stat()
+                    files.append((str(f), st.st_size, int(st.st_mtime)))
+        return {"eval_files": files}
+
+    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        idx = ctx.index(["uid", "sha256", "caption", "url"])
+        ev = ctx.evaluate
+        n = idx.num_rows
+        ph = [None] * n
+        if (ctx.work.root / "image" / f"{ctx.shard}.parquet").exists():
+            ph = ctx.read("image", ["phash"]).column("phash").to_pylist()
+        cs = [None] * n
+        if (ctx.work.root / "clip_score" / f"{ctx.shard}.parquet").exists():
+            cs = ctx.read("clip_score", ["clip_score"]).column("clip_score").to_pylist()
+        rows = [i for i in range(n) if ev[i]]
+        col = {k: idx.column(k).to_pylist() for k in ("uid", "sha256", "caption", "url")}
+        return {"uid": [col["uid"][i] for i in rows], "sha256": [col["sha256"][i] for i in rows],
+                "caption_h": [key_hash(caption_key(col["caption"][i])) for i in rows],
+                "url_h": [key_hash(col["url"][i]) for i in rows], "phash": [ph[i] for i in rows],
+                "clip_score": [cs[i] for i in rows]}
+
+    # -- combine -----------------------------------------------------------------------------
+    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        p = self.params
+        frames = []
+        for shard, path in zip(ctx.shards, ctx.partials()):
+            frames.append(pl.read_parquet(path).with_columns(pl.lit(shard).alias("shard")))
+        df = pl.concat(frames) if frames else pl.DataFrame()
+        df = df.sort("uid")  # row ids independent of shard order and worker count
+        n = df.height
+        uf = UnionFind(n)
+        kind = np.full(n, 99, dtype=np.int64)  # best edge kind that touched each row
+        counts = {"exact": 0, "phash": 0, "semantic": 0}
+
+        def add_edges(pairs: np.ndarray, k: str) -> None:
+            counts[k] += len(pairs)
+            for a, b in pairs:
+                uf.union(int(a), int(b))
+            if len(pairs):
+                r = KIND_RANK[k]
+                for c in (pairs[:, 0], pairs[:, 1]):
+                    np.minimum.at(kind, c, r)
+
+        for key in p.exact:
+            cols = {"image": ["sha256"], "image_caption": ["sha256", "caption_h"], "caption": ["caption_h"],
+                    "url": ["url_h"]}[key]
+            add_edges(_equal_key_pairs(df, cols), "exact")
+        if p.phash_radius is not None and n:
+            ph = df["phash"].to_numpy()
+            valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
+            pairs = near_pairs(ph[valid], p.phash_radius)
+            add_edges(valid[pairs] if len(pairs) else pairs, "phash")
+        if p.semantic_eps is not None and n:
+            add_edges(self._semantic_pairs(ctx, df), "semantic")
+        eval_hit = self._eval_matches(ctx, df)
+        roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+        rep = self._representatives(df, roots)
+        uids = df["uid"].to_list()
+        dup_group = [uids[rep[r]] for r in roots]
+        in_group = np.bincount(roots, minlength=n)[roots] > 1
+        dup_of: list[str | None] = []
+        reason: list[str | None] = []
+        names = {v: k for k, v in KIND_RANK.items()}
+        for i in range(n):
+            if eval_hit[i]:
+                dup_of.append(None)
+                reason.append("dedup:eval")
+            elif in_group[i] and rep[roots[i]] != i:
+                dup_of.append(uids[rep[roots[i]]])
+                reason.append(f"dedup:{names[int(kind[i])]}")
+            else:
+                dup_of.append(None)
+                reason.append(None)
+        out = df.select("uid", "shard").with_columns(
+            pl.Series("dup_group", [g if ig else None for g, ig in zip(dup_group, in_group)], dtype=pl.String),
+            pl.Series("dup_of", dup_of, dtype=pl.String), pl.Series("reason", reason, dtype=pl.String))
+        gdir = ctx.work.global_dir() / ctx.stage_id
+        shutil.rmtree(gdir, ignore_errors=True)
+        for shard in ctx.shards:
+            write_table(out.filter(pl.col("shard") == shard).drop("shard").to_arrow(), gdir / f"{shard}.parquet")
+        dropped = out.filter(pl.col("reason").is_not_null())
+        summary = {"samples": n, "edges": counts, "groups": int(len(set(roots[in_group]))),
+                   "dropped": dict(dropped.group_by("reason").len().iter_rows())}
+        (ctx.work.global_dir() / f"{ctx.stage_id}.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> dict[int, int]:
+        """Kept row per group: highest CLIP score (when configured and present), ties by smallest uid."""
+        score = df["clip_score"].fill_null(-np.inf).to_numpy() if self.params.keep == "clip_score" \
+            else np.zeros(df.height)
+        order = np.lexsort((np.arange(df.height), -score, roots))  # rows sorted by uid already
+        rep: dict[int, int] = {}
+        for i in order:
+            rep.setdefault(int(roots[i]), int(i))
+        return rep
+
+    def _semantic_pairs(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
+        import faiss
+
+        p = self.params
+        row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
+        shards = [s for s in ctx.shards if (ctx.work.root / "clip_score" / f"{s}.parquet").exists()]
+        if not shards:
+            log.warning("semantic dedup: no clip_score tables (run clip_score first); skipped")
+            return np.zeros((0, 2), dtype=np.int64)
+        # 1) train spherical k-means on a deterministic sample of embeddings
+        sample = []
+        per = max(1, p.kmeans_sample // len(shards))
+        for s in shards:
+            rows, emb = _shard_embeddings(ctx, s, row_of)
+            if len(rows):
+                pick = np.random.default_rng([p.seed, len(rows)]).permutation(len(rows))[:per]
+                sample.append(emb[np.sort(pick)])
+        if not sample:
+            return np.zeros((0, 2), dtype=np.int64)
+        train = np.concatenate(sample)
+        d = train.shape[1]
+        k = p.n_clusters or max(1, int(math.sqrt(df.height)))
+        k = min(k, len(train))
+        km = faiss.Kmeans(d, k, niter=20, spherical=True, seed=p.seed, verbose=False)
+        km.train(train)
+        # 2) stream every shard: append each embedding to its cluster's file
+        tmp = ctx.work.global_dir() / f"{ctx.stage_id}_clusters"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for s in shards:
+            rows, emb = _shard_embeddings(ctx, s, row_of)
+            if not len(rows):
+                continue
+            _, assign = km.index.search(emb, 1)
+            for c in np.unique(assign[:, 0]):
+                sel = assign[:, 0] == c
+                with open(tmp / f"{c}.f32", "ab") as f:
+                    f.write(emb[sel].astype(np.float32).tobytes())
+                with open(tmp / f"{c}.rows", "ab") as f:
+                    f.write(rows[sel].astype(np.int64).tobytes())
+        # 3) one cluster in memory at a time
+        out = []
+        for c in range(k):
+            fe = tmp / f"{c}.f32"
+            if not fe.exists():
+                continue
+            emb = np.fromfile(fe, dtype=np.float32).reshape(-1, d)
+            rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
+            out.append(_cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed))
+        shutil.rmtree(tmp, ignore_errors=True)
+        out = [o for o in out if len(o)]
+        return np.unique(np.concatenate(out), axis=0) if out else np.zeros((0, 2), dtype=np.int64)
+
+    def _eval_matches(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
+        p = self.params
+        hit = np.zeros(df.height, dtype=bool)
+        if not p.eval_sets and not p.eval_embeddings:
+            return hit
+        shas, hashes = load_eval_hashes(p.eval_sets)
+        hit |= df["sha256"].is_in(list(shas)).fill_null(False).to_numpy()
+        if p.phash_radius is not None and len(hashes):
+            ph = df["phash"].to_numpy()
+            valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
+            pairs = near_pairs(ph[valid], p.phash_radius, other=np.array(hashes, dtype=np.int64))
+            hit[valid[pairs[:, 0]]] = True if len(pairs) else hit[valid[pairs[:, 0]]]
+        if p.eval_embeddings:
+            import faiss
+
+            ref = np.load(p.eval_embeddings).astype(np.float32)
+            ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+            index = faiss.IndexFlatIP(ref.shape[1])
+            index.add(ref)
+            row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
+            for s in ctx.shards:
+                rows, emb = _shard_embeddings(ctx, s, row_of)
+                if len(rows):
+                    sim, _ = index.search(emb, 1)
+                    hit[rows[sim[:, 0] >= p.eval_min_cosine]] = True
+        return hit
+
+    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+        art = pl.read_parquet(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet")
+        uids = ctx.index(["uid"]).column("uid").to_pylist()
+        by = {r[0]: r[1:] for r in art.iter_rows()}
+        ev = ctx.evaluate
+        group, of, reasons = [], [], []
+        for u, e in zip(uids, ev):
+            g, o, r = by.get(u, (None, None, None)) if e else (None, None, None)
+            group.append(g)
+            of.append(o)
+            reasons.append(r)
+        return {"dup_group": group, "dup_of": of, "__reasons__": reasons}
+
+
+def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
+    """Chain every group of rows with equal (non-null) keys: (first, other) pairs."""
+    d = df.with_row_index("_r").drop_nulls(cols)
+    if d.is_empty():
+        return np.zeros((0, 2), dtype=np.int64)
+    g = d.group_by(cols).agg(pl.col("_r").min().alias("first"), pl.col("_r")).filter(pl.col("_r").list.len() > 1)
+    if g.is_empty():
+        return np.zeros((0, 2), dtype=np.int64)
+    e = g.select("first", "_r").explode("_r").filter(pl.col("_r") != pl.col("first"))
+    return np.stack([e["first"].to_numpy(), e["_r"].to_numpy()], axis=1).astype(np.int64)
+
+
+def _shard_embeddings(ctx: GlobalContext, shard: str, row_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(combine rows, L2-normalised float32 image embeddings) of one shard's surviving samples."""
+    from curate.stages.clip_score import embeddings
+
+    t = pq.read_table(ctx.work.root / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
+    emb = embeddings(t, "image_emb")
+    uids = t.column("uid").to_pylist()
+    keep = [i for i, u in enumerate(uids) if u in row_of and not np.isnan(emb[i, 0])]
+    if not keep:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, emb.shape[1]), dtype=np.float32)
+    e = emb[keep]
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    return np.array([row_of[uids[i]] for i in keep], dtype=np.int64), np.ascontiguousarray(e)
+
+
+def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int) -> np.ndarray:
+    import faiss
+
+    if len(rows) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    if len(rows) > max_size:
+        k = math.ceil(len(rows) / max_size) * 2
+        km = faiss.Kmeans(emb.shape[1], k, niter=10, spherical=True, seed=seed, verbose=False)
+        km.train(emb)
+        _, a = km.index.search(emb, 1)
+        parts = [_cluster_pairs(emb[a[:, 0] == c], rows[a[:, 0] == c], min_cos, max_size, seed + 1)
+                 for c in range(k) if (a[:, 0] == c).sum() >= 2 and (a[:, 0] == c).sum() < len(rows)]
+        parts = [x for x in parts if len(x)]
+        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    lims, _, ids = index.range_search(emb, min_cos)
+    src = np.repeat(np.arange(len(rows)), np.diff(lims))
+    keep = src < ids
+    a, b = rows[src[keep]], rows[ids[keep]]
+    return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+
+
+def load_eval_hashes(sources: list[str]) -> tuple[set[str], list[int]]:
+    """sha256 and pHash of every evaluation image (a folder of images, or WebDataset shards)."""
+    from curate.stages.image import reduced_decode
+    from curate.phash import phash
+
+    shas: set[str] = set()
+    hashes: list[int] = []
+
+    def add(data: bytes, ext: str | None) -> None:
+        shas.add(hashlib.sha256(data).hexdigest())
+        try:
+            rgb, _ = reduced_decode(data, ext, 128, 100_000_000)
+            hashes.append(phash(rgb))
+        except Exception:  # an undecodable eval image still matches by sha256
+            pass
+
+    for src in sources:
+        p = Path(src)
+        if p.is_dir() and not any(p.glob("*.tar")):
+            for f in sorted(p.rglob("*")):
+                if f.suffix.lower().lstrip(".") in ("jpg", "jpeg", "png", "webp", "bmp", "gif"):
+                    add(f.read_bytes(), f.suffix.lower().lstrip("."))
+        else:
+            for shard in expand_input(str(p)):
+                for s in iter_samples(shard):
+                    if s.image():
+                        add(s.image(), s.image_ext())
+    return shas, hashes
