@@ -30,7 +30,7 @@ bench: install
 	$(BIN)/python -m curate.bench $(ARGS)
 
 synth: install
-	$(BIN)/curate synth --out demo/pool --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
+	$(BIN)/curate synth --out demo/pool-v2 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
 
 run: install
 	$(BIN)/curate run $(PIPELINE) --config $(CONFIG) $(ARGS)

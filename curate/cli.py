@@ -31,7 +31,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from curate.config import load_pipeline, load_run_config
     from curate.io.shards import InputError
     from curate.pipeline import run_pipeline
-    from curate.stats import format_funnel, funnel
+    from curate.stats import format_funnel, format_globals, funnel, global_summaries
 
     pipe = load_pipeline(a.pipeline)
     overrides = {"workdir": a.workdir, "input": a.input}
@@ -43,6 +43,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     except InputError as e:
         raise ConfigError(str(e)) from None
     print(format_funnel(funnel(summary.workdir)))
+    glob = global_summaries(summary.workdir)
+    if glob:
+        print("\n" + format_globals(glob))
     if not summary.ok:
         print("\nrun finished with problems:", file=sys.stderr)
         for p in summary.problems():
@@ -105,12 +108,18 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    from curate.stats import format_funnel, funnel
+    from curate.stats import format_funnel, format_globals, funnel, global_summaries
 
     if not Path(a.workdir).is_dir():
         raise ConfigError(f"{a.workdir}: work dir not found")
     rows = funnel(a.workdir)
-    print(json.dumps(rows, indent=2) if a.json else format_funnel(rows))
+    glob = global_summaries(a.workdir)
+    if a.json:
+        print(json.dumps({"funnel": rows, "global": glob}, indent=2))
+    else:
+        print(format_funnel(rows))
+        if glob:
+            print("\n" + format_globals(glob))
     return 0
 
 

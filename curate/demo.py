@@ -13,8 +13,11 @@ from curate.cli import _setup_logging
 from curate.config import load_pipeline, load_run_config
 from curate.decisions import decisions
 from curate.pipeline import run_pipeline
-from curate.stats import format_funnel, funnel
-from curate.synth import synthesize
+from curate.engine import make_executor
+from curate.export import ExportSpec, export
+from curate.report.html import write_report
+from curate.stats import format_funnel, format_globals, funnel, global_summaries
+from curate.synth import SYNTH_VERSION, synthesize
 
 log = logging.getLogger("curate.demo")
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +33,7 @@ def defect_table(workdir: Path, truth_path: Path) -> pl.DataFrame:
             .sort("label"))
 
 
-SCORER = "curate-tiny-synth.pt"
+SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
 
 
 def ensure_scorer(models: Path, seed: int = 0) -> Path:
@@ -41,15 +44,16 @@ def ensure_scorer(models: Path, seed: int = 0) -> Path:
     if ckpt.exists():
         log.info("tiny CLIP scorer cached at %s (delete it to retrain)", ckpt)
         return ckpt
-    train_dir, heldout = ROOT / "demo" / "scorer-train", ROOT / "demo" / "heldout"
+    train_dir = ROOT / "demo" / f"scorer-train-v{SYNTH_VERSION}"
+    heldout = ROOT / "demo" / f"heldout-v{SYNTH_VERSION}"
     if not (train_dir / "ground_truth.parquet").exists():
         synthesize(train_dir, samples=5000, shards=5, seed=1000 + seed, fractions={})
     if not (heldout / "ground_truth.parquet").exists():
         synthesize(heldout, samples=1000, shards=1, seed=2000 + seed, fractions={})
     log.info("training the tiny CLIP scorer with open_clip_train (a few minutes on 2 cores)")
-    path = train_clip(str(train_dir / "*.tar"), models, TrainSpec(epochs=4, seed=seed), name="curate-tiny-synth")
+    path = train_clip(str(train_dir / "*.tar"), models, TrainSpec(epochs=4, seed=seed), name=Path(SCORER).stem)
     metrics = evaluate_clip("curate-tiny", str(path), heldout)
-    (models / "curate-tiny-synth.eval.json").write_text(json.dumps(metrics, indent=2))
+    (models / f"{Path(SCORER).stem}.eval.json").write_text(json.dumps(metrics, indent=2))
     log.info("tiny CLIP on held-out clean pairs: %s", metrics)
     if metrics["match_vs_shuffled_auc"] < 0.9:
         log.error("tiny CLIP scorer AUC %.3f is below 0.9: CLIP scores will be weak", metrics["match_vs_shuffled_auc"])
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     _setup_logging(False)
     cfg = load_run_config(a.config)
-    pool = ROOT / "demo" / "pool"
+    pool = ROOT / "demo" / f"pool-v{SYNTH_VERSION}"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=a.samples, shards=a.shards, seed=a.seed)
     models = ROOT / "demo" / "models"
@@ -79,10 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== per defect type: share removed (defects) / kept (clean) ==")
     with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, float_precision=3):
         print(defect_table(Path(summary.workdir), pool / "ground_truth.parquet"))
-    print(f"\nwork dir: {summary.workdir}\nstats:    {summary.workdir}/stats/<stage>/<shard>.parquet")
+    glob = global_summaries(summary.workdir)
+    if glob:
+        print("\n" + format_globals(glob))
     if not summary.ok:
         print("\n".join(summary.problems()), file=sys.stderr)
         return 1
+    out = ROOT / "demo" / "out"
+    with make_executor(cfg) as ex:
+        manifest = export(summary.workdir, out, ex, ExportSpec(shard_size=1000, shuffle_seed=a.seed))
+    report = write_report(summary.workdir)
+    print(f"\n== outputs ==\nwork dir:  {summary.workdir}\n"
+          f"stats:     {summary.workdir}/stats/<stage>/<shard>.parquet (curate stats {summary.workdir})\n"
+          f"curated:   {out}/metadata/*.parquet, {out}/shards/*.tar ({manifest['samples_kept']} samples in "
+          f"{manifest['output_shards']} shards), {out}/uids.npy, {out}/manifest.json\n"
+          f"report:    {report}")
     return 0
 
 

@@ -66,3 +66,36 @@ def format_funnel(rows: list[dict[str, Any]]) -> str:
         if r["damaged_shards"]:
             lines.append(f"{'':<18}{r['damaged_shards']} damaged shard(s): readable prefix processed")
     return "\n".join(lines)
+
+
+def global_summaries(workdir: str | Path) -> dict[str, Any]:
+    """What each global stage decided (thresholds, groups, concept head/tail), from WORK/global."""
+    work = WorkDir.at(workdir)
+    out: dict[str, Any] = {}
+    for p in sorted(work.global_dir().glob("*.json")) if work.global_dir().exists() else []:
+        if p.name.endswith(".done.json"):
+            continue
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except ValueError:
+            continue
+    return out
+
+
+def format_globals(summ: dict[str, Any]) -> str:
+    lines = []
+    for name, s in summ.items():
+        if name == "clip_rank":
+            lines.append(f"clip_rank: threshold {s.get('threshold')} over {s.get('n')} scores "
+                         f"({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})")
+        elif name == "dedup":
+            lines.append(f"dedup: {s.get('groups')} duplicate groups, edges {s.get('edges')}, dropped {s.get('dropped')}")
+        elif name == "balance":
+            ht = s.get("head_tail", {})
+            lines.append(f"balance: t={s.get('t'):.4g}, kept {s.get('kept')} of {s.get('samples')}; "
+                         f"top 1% of concepts hold {ht.get('top1pct_share_before', 0):.1%} of matches before, "
+                         f"{ht.get('top1pct_share_after', 0):.1%} after; concepts present "
+                         f"{ht.get('concepts_present_before')} -> {ht.get('concepts_present_after')}")
+        else:
+            lines.append(f"{name}: {json.dumps(s)[:200]}")
+    return "\n".join(lines)

@@ -20,6 +20,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 log = logging.getLogger(__name__)
 
+# Bumped when the generator's output changes: caches of pools and models trained on them key on it.
+SYNTH_VERSION = 2
+
 # A long-tailed concept distribution: Zipf-like weights over shapes (circle dominates).
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon"]
 SHAPE_WEIGHTS = np.array([1 / (r + 1) ** 1.3 for r in range(len(SHAPES))])
@@ -137,10 +140,18 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     w, h = size
-    bg = np.array(BACKGROUNDS[scene.background], dtype=np.int16)
+    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    # A random low-frequency shading (gradient + soft blobs) makes every scene's layout unique,
+    # as photos are: without it, perceptual hashes of different simple scenes collide.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ang = rng.uniform(0, 2 * np.pi)
+    shade = ((xx / w - 0.5) * np.cos(ang) + (yy / h - 0.5) * np.sin(ang)) * rng.uniform(40, 80)
+    for _ in range(6):
+        cx, cy, rad = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.08, 0.3) * min(w, h)
+        shade += rng.uniform(-60, 60) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * rad ** 2))
     # Mild texture so that sharpness (Laplacian variance) separates clean from blurred images.
-    noise = rng.integers(-12, 13, size=(h, w, 1), dtype=np.int16)
-    arr = np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8)
+    noise = rng.integers(-12, 13, size=(h, w, 1)).astype(np.float32)
+    arr = np.clip(bg[None, None, :] + shade[..., None] + noise, 0, 255).astype(np.uint8)
     im = Image.fromarray(arr, "RGB")
     d = ImageDraw.Draw(im)
     base = min(w, h)
@@ -260,7 +271,7 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
         with Image.open(io.BytesIO(src.image)) as im0:
             im0 = im0.convert("RGB")
             w0, h0 = im0.size
-            c = rng.uniform(0.02, 0.05)
+            c = rng.uniform(0.005, 0.02)
             im0 = im0.crop((int(w0 * c), int(h0 * c), w0 - int(w0 * c), h0 - int(h0 * c)))
             # Stay above DataComp's 200 px rule: a near duplicate should be caught as a duplicate.
             s = max(rng.uniform(0.8, 0.95), 205 / min(im0.size))

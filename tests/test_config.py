@@ -78,3 +78,10 @@ def test_resolved_config_versions_and_fingerprints_saved(pool: Path, tmp_path: P
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     assert cfg["executor"]["kind"] == "inprocess"
     assert yaml.safe_load((d / "pipeline.yaml").read_text())["stages"][0]["name"] == "index"
+
+
+def test_demo_pipeline_names_the_scorer_the_demo_trains():
+    from curate.demo import SCORER
+
+    pipe = load_pipeline(ROOT / "pipelines" / "demo.yaml")
+    assert next(s.params["pretrained"] for s in pipe.stages if s.name == "clip_score") == SCORER

@@ -116,6 +116,25 @@ def plot_sizes(df: pl.DataFrame, out: Path, min_side: float | None) -> str | Non
     return _save(fig, out / "sizes.png")
 
 
+def plot_concepts(cc: pl.DataFrame, out: Path) -> str | None:
+    if cc.is_empty():
+        return None
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for col, color in (("count_before", "#c8d6e5"), ("count_after", "#2e86de")):
+        v = np.sort(cc[col].to_numpy())[::-1]
+        v = v[v > 0]
+        ax.plot(np.arange(1, len(v) + 1), v, color=color, label=col.replace("count_", ""))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("concept rank")
+    ax.set_ylabel("samples matching")
+    ax.legend()
+    return _save(fig, out / "concepts.png")
+
+
 def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, str]]]:
     """A few thumbnails of dropped samples per reason: {reason: [(png name, caption)]}."""
     from PIL import Image
@@ -175,6 +194,9 @@ def write_report(workdir: str | Path) -> Path:
             thr = json.loads(art.read_text()).get("threshold")
         figs.append(("CLIP score", plot_hist(clip["clip_score"], "CLIP score", "cosine similarity", out,
                                              "clip_score.png", threshold=thr)))
+    cc_path = work.global_artifact("concept_counts")
+    if cc_path.exists():
+        figs.append(("Concepts: head and tail before/after balancing", plot_concepts(pl.read_parquet(cc_path), out)))
     gal = gallery(work, run, out)
     stats = load_stats(work.root)
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>curate report</title>",

@@ -335,6 +335,7 @@ def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: 
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
     lims, _, ids = index.range_search(emb, min_cos)
+    lims, ids = lims.astype(np.int64), ids.astype(np.int64)  # faiss returns size_t offsets
     src = np.repeat(np.arange(len(rows)), np.diff(lims))
     keep = src < ids
     a, b = rows[src[keep]], rows[ids[keep]]

@@ -81,13 +81,15 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
     g8 = gray.astype(np.uint8)
     hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
     p = hist[hist > 0] / g8.size
-    q = (rgb >> 4).astype(np.int32)
-    codes = (q[..., 0] << 8) | (q[..., 1] << 4) | q[..., 2]
+    # Near-uniform: share of pixels within 8 levels (every channel) of the median colour; a
+    # histogram mode would split a flat colour that sits on a bin edge.
+    med = np.median(rgb.reshape(-1, 3), axis=0)
+    near = (np.abs(rgb.astype(np.int16) - med.astype(np.int16)) <= 8).all(axis=-1)
     return {
         "blur_var": float(lap.var()) if lap.size else 0.0,
         "entropy": float(-(p * np.log2(p)).sum()),
         "contrast": float(gray.std()),
-        "dominant_share": float(np.bincount(codes.ravel()).max() / codes.size),
+        "dominant_share": float(near.mean()),
         "dark_share": float((g8 < 16).mean()),
         "bright_share": float((g8 > 240).mean()),
     }
@@ -96,7 +98,7 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
 @register_stage
 class ImageStage(MapStage):
     name = "image"
-    version = "2"
+    version = "3"
 
     class Params(Strict):
         min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")

@@ -16,6 +16,8 @@ _STAGE_MODULES = (
     "curate.stages.image",
     "curate.stages.clip_score",
     "curate.stages.dedup",
+    "curate.stages.balance",
+    "curate.stages.reference",
 )
 
 T = TypeVar("T")

@@ -1,0 +1,162 @@
+"""Concept-balanced resampling (MetaCLIP): cap each concept's share, keep the tail.
+
+summarize: the vocabulary entries each surviving caption matches (whole phrases, one
+Aho-Corasick pass, MetaCLIP's normalisation). combine: per-entry counts over the pool;
+``p_e = min(1, t / count_e)``; a sample is kept when ``hash(uid, seed) < 1 - prod(1 - p_e)``, so the
+result does not depend on sharding or worker count. ``t`` is set, or solved for a target size.
+No upsampling: DataComp's appendix saw CLIP training diverge when balancing by repetition.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.concepts import get_matcher, load_vocabulary
+from curate.config import Strict
+from curate.io.parquet import write_table
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext
+from curate.stages.registry import register_stage
+
+
+def uniform_hash(uid: str, seed: int) -> float:
+    """A uniform [0, 1) number from (uid, seed): the coin of every sampling decision."""
+    h = hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64
+
+
+def keep_probability(entries: pl.DataFrame, counts: np.ndarray, t: float) -> pl.DataFrame:
+    """Per sample (column ``row``) ``1 - prod(1 - min(1, t / count_e))`` over its entries."""
+    c = counts[entries["entry"].to_numpy()]
+    p = np.minimum(1.0, t / np.maximum(c, 1))
+    d = entries.with_columns(pl.Series("log_miss", np.log1p(-np.minimum(p, 1 - 1e-12))))
+    # prod(1 - p) through logs; p == 1 makes the sample certain (log_miss ~ -27.6)
+    return d.group_by("row").agg(pl.col("log_miss").sum()).with_columns(
+        (1.0 - pl.col("log_miss").exp()).alias("p_keep"))
+
+
+@register_stage
+class BalanceStage(GlobalStage):
+    name = "balance"
+    version = "1"
+
+    class Params(Strict):
+        vocabulary: str = Field("imagenet21k", description="imagenet21k, imagenet1k or a file (one entry a line)")
+        case_sensitive: bool = Field(True, description="MetaCLIP matches case-sensitively")
+        t: float | None = Field(None, gt=0, description="per-entry cap (MetaCLIP: 20k for 400M)")
+        target_size: int | None = Field(None, ge=1, description="or solve t for this expected size")
+        unmatched: Literal["drop", "keep", "sample"] = "drop"
+        unmatched_rate: float = Field(0.0, ge=0, le=1, description="keep rate when unmatched: sample")
+        seed: int = 0
+        all_rows: bool = False
+
+        @model_validator(mode="after")
+        def _one_rule(self):
+            if (self.t is None) == (self.target_size is None):
+                raise ValueError("set exactly one of t or target_size")
+            return self
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("concepts", pa.list_(pa.int32())), pa.field("p_keep", pa.float32())]
+
+    def partial_fields(self) -> list[pa.Field]:
+        return [pa.field("uid", pa.string()), pa.field("concepts", pa.list_(pa.int32()))]
+
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
+        return {"vocabulary_sha256": load_vocabulary(self.params.vocabulary).sha256}
+
+    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        m = get_matcher(self.params.vocabulary, self.params.case_sensitive)
+        idx = ctx.index(["uid", "caption"])
+        ev = ctx.evaluate
+        uids = idx.column("uid").to_pylist()
+        caps = idx.column("caption").to_pylist()
+        rows = [i for i in range(len(uids)) if ev[i]]
+        return {"uid": [uids[i] for i in rows], "concepts": [m.match(caps[i]) for i in rows]}
+
+    def _unmatched_p(self) -> float:
+        return {"drop": 0.0, "keep": 1.0, "sample": self.params.unmatched_rate}[self.params.unmatched]
+
+    def solve_t(self, entries: pl.DataFrame, counts: np.ndarray, n_unmatched: int, target: int) -> float:
+        """Smallest t whose expected kept count reaches ``target`` (bisection; E grows with t)."""
+        base = n_unmatched * self._unmatched_p()
+        lo, hi = 1e-6, float(max(1, counts.max(initial=1)))
+        if keep_probability(entries, counts, hi)["p_keep"].sum() + base <= target:
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if keep_probability(entries, counts, mid)["p_keep"].sum() + base < target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        p = self.params
+        vocab = load_vocabulary(p.vocabulary)
+        frames = [pl.read_parquet(path).with_columns(pl.lit(s).alias("shard"))
+                  for s, path in zip(ctx.shards, ctx.partials())]
+        df = pl.concat(frames).sort("uid").with_row_index("row")
+        entries = df.select("row", "concepts").explode("concepts").drop_nulls().rename({"concepts": "entry"})
+        counts = np.bincount(entries["entry"].to_numpy(), minlength=len(vocab.entries)).astype(np.float64)
+        n_unmatched = int((df["concepts"].list.len() == 0).sum())
+        t = p.t if p.t is not None else self.solve_t(entries, counts, n_unmatched, p.target_size)
+        pk = keep_probability(entries, counts, t)
+        df = df.join(pk.select("row", "p_keep"), on="row", how="left").with_columns(
+            pl.col("p_keep").fill_null(self._unmatched_p()))
+        coin = np.array([uniform_hash(u, p.seed) for u in df["uid"].to_list()])
+        kept = coin < df["p_keep"].to_numpy()
+        matched = df["concepts"].list.len().to_numpy() > 0
+        reason = [None if k else "balance:head" if m else "balance:no_concept" for k, m in zip(kept, matched)]
+        df = df.with_columns(pl.Series("kept", kept), pl.Series("reason", reason, dtype=pl.String))
+        after = np.bincount(entries.join(df.select("row", "kept"), on="row").filter(pl.col("kept"))["entry"].to_numpy(),
+                            minlength=len(vocab.entries))
+        present = np.flatnonzero(counts > 0)
+        concept_counts = pl.DataFrame({"entry_id": present.astype(np.int32),
+                                       "entry": [vocab.entries[i] for i in present],
+                                       "count_before": counts[present].astype(np.int64),
+                                       "count_after": after[present].astype(np.int64),
+                                       "p_entry": np.minimum(1.0, t / counts[present])})
+        write_table(concept_counts.to_arrow(), ctx.work.global_artifact("concept_counts"))
+        gdir = ctx.work.global_dir() / ctx.stage_id
+        shutil.rmtree(gdir, ignore_errors=True)
+        for shard in ctx.shards:
+            part = df.filter(pl.col("shard") == shard).select("uid", "concepts", "p_keep", "reason")
+            write_table(part.to_arrow(), gdir / f"{shard}.parquet")
+        summary = {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
+                   "expected_kept": float(df["p_keep"].sum()),
+                   "head_tail": head_tail(counts, after)}
+        (ctx.work.global_dir() / f"{ctx.stage_id}.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+        art = pl.read_parquet(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet")
+        by = {r[0]: r[1:] for r in art.iter_rows()}
+        uids = ctx.index(["uid"]).column("uid").to_pylist()
+        ev = ctx.evaluate
+        concepts, pk, reasons = [], [], []
+        for u, e in zip(uids, ev):
+            c, p_, r = by.get(u, (None, None, None)) if e else (None, None, None)
+            concepts.append(c)
+            pk.append(p_)
+            reasons.append(r)
+        return {"concepts": concepts, "p_keep": pk, "__reasons__": reasons}
+
+
+def head_tail(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """Share of all matches held by the top 1 % of concepts, and concepts with >= 1 sample."""
+    def top_share(c: np.ndarray) -> float:
+        c = np.sort(c[c > 0])[::-1]
+        if not len(c):
+            return 0.0
+        k = max(1, int(np.ceil(0.01 * len(c))))
+        return float(c[:k].sum() / c.sum())
+
+    return {"top1pct_share_before": round(top_share(before), 4), "top1pct_share_after": round(top_share(after), 4),
+            "concepts_present_before": int((before > 0).sum()), "concepts_present_after": int((after > 0).sum())}

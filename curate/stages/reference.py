@@ -1,0 +1,218 @@
+"""Reference-set filtering (DataComp's image-based baseline), with any CLIP model.
+
+combine: spherical k-means (faiss) on a sample of the pool's stored CLIP image embeddings (or
+centroids reused from an earlier run), then the nearest centroid of every reference embedding; the
+set of those centroids is the artifact. apply (a map): each pool sample's nearest centroid and its
+similarity; keep when the centroid is in the reference set.
+
+The reference is a folder of images, WebDataset shards, or a ``.npy`` of embeddings with a
+``.json`` sidecar naming the model that made them. Images are embedded by the CLIP stage's own
+loading and preprocessing; a reference made with another model is refused.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate.config import Strict
+from curate.io.parquet import atomic_write_bytes, read_meta
+from curate.io.shards import expand_input, iter_samples
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext
+from curate.stages.registry import register_stage
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ReferenceError(ValueError):
+    """The reference set cannot be used with this pool (wrong model, empty, unreadable)."""
+
+
+def model_identity(describe: dict[str, Any]) -> dict[str, Any]:
+    """What must match between pool and reference embeddings."""
+    return {"model": describe.get("model"), "checkpoint_sha256": describe.get("checkpoint_sha256"),
+            "pretrained": None if describe.get("checkpoint_sha256") else describe.get("pretrained")}
+
+
+def pool_identity(work_root: Path, shards: list[str]) -> dict[str, Any]:
+    for s in shards:
+        meta = read_meta(work_root / "clip_score" / f"{s}.parquet")
+        if meta and meta.get("describe"):
+            return model_identity(meta["describe"])
+    raise ReferenceError("no clip_score outputs with model metadata: run clip_score before reference_filter")
+
+
+def embed_images(images: list[bytes], describe: dict[str, Any], batch: int = 128) -> np.ndarray:
+    """Reference images through the same open_clip model and preprocessing as the pool."""
+    import torch
+    from PIL import Image
+
+    from curate.models.clip import load_clip
+
+    clip = load_clip(describe["model"], describe.get("checkpoint") or describe.get("pretrained"))
+    out = []
+    with torch.inference_mode():
+        for k in range(0, len(images), batch):
+            x = torch.stack([clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[k:k + batch]])
+            out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_reference(source: str, describe: dict[str, Any]) -> np.ndarray:
+    """L2-normalised reference embeddings, made with (or checked against) the pool's model."""
+    p = Path(source)
+    want = model_identity(describe)
+    if p.suffix == ".npy":
+        side = p.with_suffix(".json")
+        if not side.exists():
+            raise ReferenceError(f"{p}: no {side.name} sidecar naming the model that made these embeddings")
+        have = model_identity(json.loads(side.read_text()))
+        if have != want:
+            raise ReferenceError(f"{p} was made with {have}, the pool's CLIP scores with {want}: "
+                                 "embed the reference with the same model")
+        emb = np.load(p).astype(np.float32)
+    else:
+        images: list[bytes] = []
+        if p.is_dir() and not any(p.glob("*.tar")):
+            images = [f.read_bytes() for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTS]
+        else:
+            images = [s.image() for sh in expand_input(source) for s in iter_samples(sh) if s.image()]
+        if not images:
+            raise ReferenceError(f"{source}: no reference images found")
+        emb = embed_images(images, describe)
+    if emb.ndim != 2 or not len(emb):
+        raise ReferenceError(f"{source}: empty reference embeddings")
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path) -> None:
+    """A reusable .npy reference with its model sidecar."""
+    buf = io.BytesIO()
+    np.save(buf, emb.astype(np.float32))
+    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path).with_suffix(".json"), json.dumps(model_identity(describe)).encode())
+
+
+@register_stage
+class ReferenceFilterStage(GlobalStage):
+    name = "reference_filter"
+    version = "1"
+    needs = ("clip_score",)
+
+    class Params(Strict):
+        reference: str = Field(..., description="folder of images, shards, or .npy (+ .json sidecar)")
+        n_centroids: int | None = Field(None, ge=2, description="null: about sqrt(pool)/2, at least 8")
+        centroids: str | None = Field(None, description="reuse centroids (.npy) from an earlier run")
+        neighbors: int = Field(1, ge=1, description="reference sample -> its k nearest centroids")
+        kmeans_sample: int = Field(500_000, ge=100)
+        niter: int = Field(20, ge=1)
+        seed: int = 0
+        all_rows: bool = False
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("centroid", pa.int32()), pa.field("centroid_sim", pa.float32())]
+
+    def partial_fields(self) -> list[pa.Field]:
+        return [pa.field("uid", pa.string())]
+
+    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        uids = ctx.index(["uid"]).column("uid").to_pylist()
+        return {"uid": [u for u, e in zip(uids, ctx.evaluate) if e]}
+
+    def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> np.ndarray:
+        from curate.stages.clip_score import embeddings
+
+        keep = set(pq.read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
+        t = pq.read_table(ctx.work.root / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
+        e = embeddings(t, "image_emb")
+        rows = [i for i, u in enumerate(t.column("uid").to_pylist()) if u in keep and not np.isnan(e[i, 0])]
+        e = e[rows]
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        import faiss
+
+        p = self.params
+        work = ctx.work
+        ident = pool_identity(work.root, ctx.shards)
+        describe = next(read_meta(work.root / "clip_score" / f"{s}.parquet")["describe"] for s in ctx.shards
+                        if read_meta(work.root / "clip_score" / f"{s}.parquet"))
+        ref = load_reference(p.reference, describe)
+        if p.centroids:
+            cent = np.load(p.centroids).astype(np.float32)
+            side = Path(p.centroids).with_suffix(".json")
+            if side.exists() and json.loads(side.read_text()).get("model_identity") != ident:
+                raise ReferenceError(f"{p.centroids}: centroids were trained on another model's embeddings")
+        else:
+            n_pool = sum(pq.read_metadata(work.partial(ctx.stage_id, s)).num_rows for s in ctx.shards)
+            per = max(1, p.kmeans_sample // max(1, len(ctx.shards)))
+            sample = []
+            for s in ctx.shards:
+                e = self._pool_embeddings(ctx, s)
+                if len(e):
+                    pick = np.sort(np.random.default_rng([p.seed, len(e)]).permutation(len(e))[:per])
+                    sample.append(e[pick])
+            train = np.concatenate(sample) if sample else np.zeros((0, ref.shape[1]), np.float32)
+            k = p.n_centroids or max(8, int(math.sqrt(max(1, n_pool)) / 2))
+            k = min(k, len(train))
+            if k < 1:
+                raise ReferenceError("no pool embeddings to cluster")
+            km = faiss.Kmeans(train.shape[1], k, niter=p.niter, spherical=True, seed=p.seed, verbose=False)
+            km.train(np.ascontiguousarray(train))
+            cent = km.centroids
+        if cent.shape[1] != ref.shape[1]:
+            raise ReferenceError(f"reference embeddings are {ref.shape[1]}-d, the pool's {cent.shape[1]}-d")
+        index = faiss.IndexFlatIP(cent.shape[1])
+        index.add(np.ascontiguousarray(cent))
+        _, nn = index.search(np.ascontiguousarray(ref), min(p.neighbors, len(cent)))
+        chosen = sorted({int(c) for c in nn.ravel()})
+        gdir = work.global_dir()
+        buf = io.BytesIO()
+        np.save(buf, cent.astype(np.float32))
+        atomic_write_bytes(gdir / f"{ctx.stage_id}_centroids.npy", buf.getvalue())
+        atomic_write_bytes(gdir / f"{ctx.stage_id}_centroids.json",
+                           json.dumps({"model_identity": ident, "k": len(cent)}).encode())
+        art = {"k": int(len(cent)), "reference_size": int(len(ref)), "reference_centroids": chosen,
+               "model_identity": ident}
+        atomic_write_bytes(gdir / f"{ctx.stage_id}.json", json.dumps(art, indent=2).encode())
+        return {k: v for k, v in art.items() if k != "reference_centroids"} | {"n_reference_centroids": len(chosen)}
+
+    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+        import faiss
+
+        from curate.stages.clip_score import embeddings
+
+        gdir = ctx.work.global_dir()
+        art = json.loads((gdir / f"{ctx.stage_id}.json").read_text())
+        chosen = set(art["reference_centroids"])
+        cent = np.load(gdir / f"{ctx.stage_id}_centroids.npy")
+        index = faiss.IndexFlatIP(cent.shape[1])
+        index.add(cent)
+        t = ctx.read("clip_score", ["image_emb"])
+        e = embeddings(t, "image_emb")
+        ev = ctx.evaluate
+        n = len(e)
+        cid: list[int | None] = [None] * n
+        sim: list[float | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        rows = [i for i in range(n) if ev[i] and not np.isnan(e[i, 0])]
+        if rows:
+            x = e[rows]
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            s, c = index.search(np.ascontiguousarray(x), 1)
+            for j, i in enumerate(rows):
+                cid[i], sim[i] = int(c[j, 0]), float(s[j, 0])
+                reasons[i] = None if cid[i] in chosen else "reference:far_cluster"
+        for i in range(n):
+            if ev[i] and cid[i] is None:
+                reasons[i] = "reference:no_embedding"
+        return {"centroid": cid, "centroid_sim": sim, "__reasons__": reasons}

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from curate.io.parquet import write_table
+from curate.pipeline import run_pipeline
+from curate.stages.reference import ReferenceError, save_reference
+from curate.synth import SHAPES
+from tests.conftest import make_config, make_pipeline
+
+DESCRIBE = {"model": "fake-embedder", "pretrained": None, "checkpoint_sha256": "ab" * 32}
+REF_SHAPES = ("square", "triangle")
+
+
+def _fake_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16) -> dict[str, str]:
+    """clip_score tables whose image embeddings cluster by shape (what a trained CLIP would give),
+    written with the pipeline's fingerprint and stats so the runner takes them as done."""
+    truth = pl.read_parquet(pool / "ground_truth.parquet")
+    shape_of = dict(zip(truth["uid"], truth["shape"]))
+    centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
+    for shard in sorted(p.stem for p in pool.glob("*.tar")):
+        uids = pl.read_parquet(work / "index" / f"{shard}.parquet")["uid"].to_list()
+        rng = np.random.default_rng(int(shard))
+        emb = np.stack([centers[SHAPES.index(shape_of[u])] + rng.normal(size=dim) for u in uids]).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())
+        t = pa.table({"uid": uids, "clip_score": np.zeros(len(uids), np.float32),
+                      "image_emb": pa.FixedSizeListArray.from_arrays(flat, dim),
+                      "keep_clip_score": [True] * len(uids), "reason_clip_score": pa.nulls(len(uids), pa.string())})
+        meta = {"stage": "clip_score", "shard": shard, "fingerprint": fp}
+        write_table(t, work / "clip_score" / f"{shard}.parquet", meta=meta | {"describe": DESCRIBE})
+        stats = pa.table({"run_id": ["fake"], "stage": ["clip_score"], "shard": [shard], "metric": ["n_in"],
+                          "value": [float(len(uids))]})
+        write_table(stats, work / "stats" / "clip_score" / f"{shard}.parquet", meta=meta)
+    return shape_of
+
+
+def _reference(tmp: Path, describe: dict, dim: int = 16) -> Path:
+    centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
+    rng = np.random.default_rng(99)
+    ref = np.stack([centers[SHAPES.index(s)] + rng.normal(size=dim) for s in REF_SHAPES for _ in range(30)])
+    path = tmp / "ref.npy"
+    save_reference(ref, describe, path)
+    return path
+
+
+def _run(pool: Path, work: Path, ref: Path):
+    """Index for real, clip_score faked (done), and the pipeline to run reference_filter on top."""
+    from curate.pipeline import stage_fingerprints
+    from curate.stages.registry import build_stages
+
+    pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": None}),
+                         ("reference_filter", {"reference": str(ref), "n_centroids": 16}))
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["index"]).ok
+    shards = sorted(p.stem for p in pool.glob("*.tar"))
+    fp = stage_fingerprints(build_stages(pipe), shards)[1]
+    return pipe, _fake_clip_tables(pool, work, fp)
+
+
+def test_kept_pool_enriched_for_reference_concepts(pool: Path, tmp_path: Path):
+    ref = _reference(tmp_path, DESCRIBE)
+    work = tmp_path / "w"
+    pipe, shape_of = _run(pool, work, ref)
+    s = run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["reference_filter"])
+    assert s.ok, s.problems()
+    d = pl.read_parquet(work / "reference_filter" / "*.parquet")
+    d = d.with_columns(pl.col("uid").replace_strict(shape_of).alias("shape"))
+    kept = d.filter(pl.col("keep_reference_filter"))
+    share_in = d["shape"].is_in(REF_SHAPES).mean()
+    share_kept = kept["shape"].is_in(REF_SHAPES).mean()
+    print(f"reference shapes: {share_in:.2f} of the pool, {share_kept:.2f} of the kept samples")
+    assert share_kept >= 0.9 and share_kept >= share_in + 0.4
+    assert kept.height >= 0.8 * d["shape"].is_in(REF_SHAPES).sum()
+    assert (work / "global" / "reference_filter_centroids.npy").exists()
+
+
+def test_same_decisions_with_1_or_2_workers(pool: Path, tmp_path: Path):
+    ref = _reference(tmp_path, DESCRIBE)
+    out = []
+    for name, kind in (("a", "inprocess"), ("b", "local_cluster")):
+        work = tmp_path / name
+        pipe, _ = _run(pool, work, ref)
+        assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work, kind=kind), only=["reference_filter"]).ok
+        out.append(pl.read_parquet(work / "reference_filter" / "*.parquet").sort("uid"))
+    assert out[0].equals(out[1])
+
+
+def test_reference_from_another_model_is_refused(pool: Path, tmp_path: Path):
+    other = dict(DESCRIBE, checkpoint_sha256="cd" * 32)
+    ref = _reference(tmp_path, other)
+    work = tmp_path / "w"
+    pipe, _ = _run(pool, work, ref)
+    s = run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["reference_filter"])
+    assert not s.ok
+    assert any("made with" in p and "same model" in p for p in s.problems())
+    (tmp_path / "ref.json").unlink()
+    s = run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["reference_filter"])
+    assert any("sidecar" in p for p in s.problems())
