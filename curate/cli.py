@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from curate.config import ConfigError
+from curate.io.parquet import WorkDirError
 
 log = logging.getLogger("curate")
 
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkDirError as e:  # full disk, read-only or blocked path: named, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
