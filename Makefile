@@ -9,7 +9,7 @@ DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
 
-.PHONY: install demo test bench synth run index stats export report cluster-up cluster-down clean
+.PHONY: install demo test bench synth run index stats export report reliability cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -66,3 +66,7 @@ export: install
 
 report: install
 	$(BIN)/curate report $(WORKDIR)
+
+# Fault-injection suite; prints the table of faults injected, runs completed, samples lost, outputs differing.
+reliability: install
+	$(BIN)/python -m pytest -q tests/reliability -rA $(ARGS)

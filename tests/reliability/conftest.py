@@ -19,8 +19,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     w = terminalreporter
     w.section("reliability: faults injected")
-    w.line(f"{'fault':<52}{'runs done':>10}{'lost':>7}{'differ':>8}")
+    w.line(f"{'fault':<70}{'runs done':>10}{'lost':>7}{'differ':>8}")
     for r in _RECORDS:
-        w.line(f"{r['fault']:<52}{r['runs_completed']:>10}{r['samples_lost']:>7}{r['outputs_differing']:>8}")
-    w.line(f"{'total':<52}{sum(r['runs_completed'] for r in _RECORDS):>10}"
+        w.line(f"{r['fault']:<70}{r['runs_completed']:>10}{r['samples_lost']:>7}{r['outputs_differing']:>8}")
+    w.line(f"{'total':<70}{sum(r['runs_completed'] for r in _RECORDS):>10}"
            f"{sum(r['samples_lost'] for r in _RECORDS):>7}{sum(r['outputs_differing'] for r in _RECORDS):>8}")
