@@ -24,13 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def defect_table(workdir: Path, truth_path: Path) -> pl.DataFrame:
-    """Per ground-truth label: samples, share removed (defects) or kept (clean)."""
+    """Per ground-truth label: share removed by the filters, by balancing (a sampling step that
+    also drops clean samples, by design), and kept. For duplicates one sample of each group stays:
+    the copy or its source, whichever scores higher."""
     truth = pl.read_parquet(truth_path, columns=["uid", "label"])
     d = decisions(workdir).join(truth, on="uid", how="left")
-    return (d.group_by("label").agg(pl.len().alias("samples"),
-                                    (~pl.col("kept")).mean().alias("share_removed"),
-                                    pl.col("kept").mean().alias("share_kept"))
-            .sort("label"))
+    return (d.group_by("label").agg(
+        pl.len().alias("samples"),
+        ((~pl.col("kept")) & (pl.col("dropped_by") != "balance").fill_null(True)).mean().alias("removed_by_filters"),
+        (pl.col("dropped_by") == "balance").fill_null(False).mean().alias("removed_by_balance"),
+        pl.col("kept").mean().alias("kept"))
+        .sort("label"))
 
 
 SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_pipeline(load_pipeline(a.pipeline), cfg)
     print("\n== funnel (read back from demo/work/stats) ==")
     print(format_funnel(funnel(summary.workdir)))
-    print("\n== per defect type: share removed (defects) / kept (clean) ==")
+    print("\n== per ground-truth label (ground_truth.parquet): share removed by the filters, by balancing, kept ==")
     with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, float_precision=3):
         print(defect_table(Path(summary.workdir), pool / "ground_truth.parquet"))
     glob = global_summaries(summary.workdir)
