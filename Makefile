@@ -9,7 +9,7 @@ DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
 
-.PHONY: install demo test bench synth run index stats export report reliability cluster-up cluster-down clean
+.PHONY: install demo test bench synth run index stats export report reliability ingest cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -70,3 +70,9 @@ report: install
 # Fault-injection suite; prints the table of faults injected, runs completed, samples lost, outputs differing.
 reliability: install
 	$(BIN)/python -m pytest -q tests/reliability -rA $(ARGS)
+
+# URL list (Parquet/CSV/TSV with url + caption columns) or image folder -> WebDataset shards
+SOURCE ?= urls.parquet
+INGEST_OUT ?= work/ingested
+ingest: install
+	$(BIN)/curate ingest $(SOURCE) --out $(INGEST_OUT) $(ARGS)

@@ -108,6 +108,24 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from curate.ingest import IngestSpec, ingest_folder, ingest_urls
+
+    src = Path(a.source)
+    if not src.exists():
+        raise ConfigError(f"{a.source}: not found")
+    if src.is_dir():
+        n = ingest_folder(src, a.out, a.samples_per_shard)
+        print(f"wrote {n} samples from {src} into shards under {a.out}")
+        return 0
+    fmt = a.input_format or {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}.get(src.suffix, "txt")
+    spec = IngestSpec(input_format=fmt, url_col=a.url_col, caption_col=a.caption_col, processes=a.processes,
+                      threads=a.threads, samples_per_shard=a.samples_per_shard, timeout=a.timeout)
+    totals = ingest_urls(src, a.out, spec)
+    print(f"img2dataset: {totals} (per-shard status and error_message in {a.out}/*.parquet)")
+    return 0
+
+
 def cmd_stats(a: argparse.Namespace) -> int:
     from curate.stats import format_funnel, format_globals, funnel, global_summaries
 
@@ -164,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=1000)
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.set_defaults(fn=cmd_eval)
+
+    ig = sub.add_parser("ingest", help="URL + caption list (img2dataset) or image folder -> WebDataset shards")
+    ig.add_argument("source", help="Parquet/CSV/TSV of URLs and captions, or a folder of images + .txt")
+    ig.add_argument("--out", required=True)
+    ig.add_argument("--input-format", default=None, help="parquet, csv, tsv (default: from the suffix)")
+    ig.add_argument("--url-col", default="url")
+    ig.add_argument("--caption-col", default="caption")
+    ig.add_argument("--processes", type=int, default=2)
+    ig.add_argument("--threads", type=int, default=16)
+    ig.add_argument("--samples-per-shard", type=int, default=10_000)
+    ig.add_argument("--timeout", type=int, default=10)
+    ig.set_defaults(fn=cmd_ingest)
 
     x = sub.add_parser("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
     x.add_argument("workdir")

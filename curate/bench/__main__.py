@@ -11,6 +11,7 @@ BENCHMARKS = {
     "index": "curate.bench.index",
     "filters": "curate.bench.filters",
     "clip": "curate.bench.clip",
+    "global": "curate.bench.global_stages",
 }
 
 

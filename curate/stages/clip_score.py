@@ -256,6 +256,8 @@ def embeddings(table: pa.Table, column: str) -> np.ndarray:
     """(rows, d) float32 array from a fixed-size list column (null rows become NaN)."""
     col = table.column(column).combine_chunks()
     d = col.type.list_size
+    if col.null_count == 0:  # the common case: one conversion, no mask
+        return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     out = np.full((len(col), d), np.nan, dtype=np.float32)
     valid = col.is_valid().to_numpy(zero_copy_only=False)

@@ -1,0 +1,146 @@
+"""One measured operation per process (``python -m curate.bench.kinds KIND N``), so that the peak
+memory (VmHWM of this process image) belongs to that operation alone. Prints one JSON line."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+
+
+def _unit(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
+    """n unit vectors around n/50 centres (float16 on disk, as stored), returned as float32."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, n // 50), d)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.6, size=(n, d)).astype(np.float32)
+    dup = rng.permutation(n)[: n // 20]  # 5 % near-copies of another vector
+    x[dup] = x[rng.integers(0, n, len(dup))] + rng.normal(scale=0.01, size=(len(dup), d)).astype(np.float32)
+    x = x.astype(np.float16).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact(n: int) -> dict:
+    import polars as pl
+
+    from curate.stages.dedup import _equal_key_pairs
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, int(n * 0.9), n)  # ~10 % duplicates
+    df = pl.DataFrame({"sha256": [f"{k:064x}" for k in keys]})
+    t0 = time.perf_counter()
+    pairs = _equal_key_pairs(df, ["sha256"])
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
+
+
+def phash_banded(n: int, radius: int = 4) -> dict:
+    from curate.phash import near_pairs
+
+    h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    t0 = time.perf_counter()
+    pairs = near_pairs(h, radius)
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
+
+
+def phash_brute(n: int, radius: int = 4) -> dict:
+    from curate.phash import brute_force_pairs
+
+    h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    t0 = time.perf_counter()
+    pairs = brute_force_pairs(h, radius)
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
+
+
+def semantic(n: int) -> dict:
+    """SemDeDup core: spherical k-means on a 200k sample, assign, range search per cluster."""
+    import faiss
+
+    from curate.stages.dedup import _cluster_pairs
+
+    x = _unit(n)
+    t0 = time.perf_counter()
+    k = max(1, int(np.sqrt(n)))
+    sample = x[np.random.default_rng(1).permutation(n)[:200_000]]
+    km = faiss.Kmeans(x.shape[1], k, niter=10, spherical=True, seed=0, verbose=False)
+    km.train(sample)
+    _, a = km.index.search(x, 1)
+    a = a[:, 0]
+    order = np.argsort(a, kind="stable")
+    bounds = np.searchsorted(a[order], np.arange(k + 1))
+    total = 0
+    for c in range(k):
+        rows = order[bounds[c]:bounds[c + 1]]
+        total += len(_cluster_pairs(x[rows], rows, 0.95, 50_000, 0))
+    return {"seconds": time.perf_counter() - t0, "pairs": total, "clusters": k}
+
+
+def kmeans(n: int) -> dict:
+    import faiss
+
+    x = _unit(n)
+    k = max(8, int(np.sqrt(n) / 2))
+    t0 = time.perf_counter()
+    km = faiss.Kmeans(x.shape[1], k, niter=20, spherical=True, seed=0, verbose=False)
+    km.train(x[np.random.default_rng(1).permutation(n)[:500_000]])
+    train_s = time.perf_counter() - t0
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(km.centroids)
+    # our assignment path: float16 fixed-size list -> float32, normalise, search (as apply does)
+    import pyarrow as pa
+
+    from curate.stages.clip_score import embeddings
+
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), x.shape[1])
+    table = pa.table({"image_emb": col})
+    raw_s = ours_s = float("inf")
+    for _ in range(2):  # best of two, alternating, so neither side gets the warm-up
+        t0 = time.perf_counter()
+        index.search(x, 1)
+        raw_s = min(raw_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        e = embeddings(table, "image_emb")
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        index.search(e, 1)
+        ours_s = min(ours_s, time.perf_counter() - t0)
+    return {"seconds": train_s, "centroids": k, "assign_raw_per_s": n / raw_s, "assign_ours_per_s": n / ours_s,
+            "assign_ratio": raw_s / ours_s}
+
+
+def balance(n: int) -> dict:
+    import polars as pl
+
+    from curate.stages.balance import keep_probability, uniform_hash
+
+    rng = np.random.default_rng(0)
+    n_entries = 20_000
+    zipf = rng.zipf(1.3, size=n * 3) % n_entries  # head-heavy concept matches
+    rows = np.repeat(np.arange(n), 3)
+    t0 = time.perf_counter()
+    entries = pl.DataFrame({"row": rows, "entry": zipf})
+    counts = np.bincount(zipf, minlength=n_entries).astype(np.float64)
+    lo, hi = 1e-6, counts.max()
+    target = n // 3
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if keep_probability(entries, counts, mid)["p_keep"].sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    pk = keep_probability(entries, counts, hi).sort("row")["p_keep"].to_numpy()
+    coin = np.array([uniform_hash(f"{i:032x}", 0) for i in range(n)])
+    kept = int((coin < pk).sum())
+    return {"seconds": time.perf_counter() - t0, "t": hi, "kept": kept}
+
+
+KINDS = {"exact": exact, "phash_banded": phash_banded, "phash_brute": phash_brute, "semantic": semantic,
+         "kmeans": kmeans, "balance": balance}
+
+if __name__ == "__main__":
+    res = KINDS[sys.argv[1]](int(sys.argv[2]))
+    res["peak_mb"] = round(_hwm_mb(), 1)
+    print(json.dumps(res))

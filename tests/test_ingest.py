@@ -1,0 +1,90 @@
+"""Ingestion with img2dataset from a real HTTP server on 127.0.0.1 (COCO photos, broken and
+missing URLs, real LAION captions), and from a folder of images with sidecar captions."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curate.io.shards import iter_samples
+from tests.conftest import shared_data
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def http_root(tmp_path: Path):
+    coco = shared_data("images/coco_val2017_mini")
+    root = tmp_path / "www"
+    root.mkdir()
+    photos = sorted(coco.glob("*.jpg"))[:24]
+    for p in photos:
+        shutil.copy(p, root / p.name)
+    (root / "broken.jpg").write_bytes(b"this is not an image at all")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", photos
+    srv.shutdown()
+
+
+def test_ingest_urls_with_img2dataset(http_root, tmp_path: Path):
+    base, photos = http_root
+    caps = pl.read_csv(shared_data("images/coco_val2017_mini_captions.tsv"), separator="\t", quote_char=None)
+    cap_of = dict(zip(caps["file_name"], caps["caption"]))
+    laion = pl.read_parquet(shared_data("captions/laion400m_sample_10000.parquet"))["TEXT"].to_list()
+    rows = [{"url": f"{base}/{p.name}", "caption": cap_of.get(p.name, laion[i])} for i, p in enumerate(photos)]
+    rows.append({"url": f"{base}/broken.jpg", "caption": laion[100]})
+    rows += [{"url": f"{base}/missing-{i}.jpg", "caption": laion[200 + i]} for i in range(3)]
+    urls = tmp_path / "urls.parquet"
+    pl.DataFrame(rows).write_parquet(urls)
+    out = tmp_path / "shards"
+    r = subprocess.run([str(BIN / "curate"), "ingest", str(urls), "--out", str(out), "--processes", "1",
+                        "--threads", "8", "--timeout", "5"], capture_output=True, text=True, timeout=300,
+                       env={"PATH": str(BIN), "HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1",
+                            "WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {}
+    for shard in sorted(out.glob("*.tar")):
+        for s in iter_samples(shard):
+            meta = s.meta()
+            got[meta["url"]] = (s.image(), (s.caption_bytes() or b"").decode(), meta)
+    served = {f"{base}/{p.name}": p.read_bytes() for p in photos}
+    assert set(got) == set(served)
+    for url, (img, cap, meta) in got.items():
+        assert hashlib.sha256(img).hexdigest() == hashlib.sha256(served[url]).hexdigest()  # no re-encode
+        assert meta["original_width"] and meta["original_height"]
+        assert cap == next(x["caption"] for x in rows if x["url"] == url)
+    status = pl.read_parquet(str(out / "*.parquet"))
+    failed = status.filter(pl.col("status") != "success")
+    assert failed.height == 4 and failed["error_message"].null_count() == 0
+    print(failed.select("url", "status", "error_message"))
+
+
+def test_ingest_folder_with_sidecar_captions(tmp_path: Path):
+    coco = shared_data("images/coco_val2017_mini")
+    src = tmp_path / "folder"
+    src.mkdir()
+    for i, p in enumerate(sorted(coco.glob("*.jpg"))[:5]):
+        shutil.copy(p, src / p.name)
+        if i < 4:
+            (src / p.name).with_suffix(".txt").write_text(f"caption number {i}")
+    r = subprocess.run([str(BIN / "curate"), "ingest", str(src), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    samples = [s for t in sorted((tmp_path / "out").glob("*.tar")) for s in iter_samples(t)]
+    assert len(samples) == 5
+    assert sum(1 for s in samples if s.caption_bytes()) == 4
