@@ -9,7 +9,7 @@ DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
 
-.PHONY: install demo test bench synth run index stats export report reliability ingest cluster-up cluster-down clean
+.PHONY: install demo test bench synth run index stats export report reliability ingest compare cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -76,3 +76,7 @@ SOURCE ?= urls.parquet
 INGEST_OUT ?= work/ingested
 ingest: install
 	$(BIN)/curate ingest $(SOURCE) --out $(INGEST_OUT) $(ARGS)
+
+# Train the same tiny CLIP on each recipe's output and compare (demo/report/compare.md); ~15 min.
+compare: install
+	$(BIN)/python -m curate.compare $(ARGS)

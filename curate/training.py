@@ -36,6 +36,9 @@ class TrainSpec:
     workers: int = 1
     threads: int = 2
     device: str = "cpu"
+    # Fixed samples per epoch, drawn with replacement: every training set gets the same number
+    # of steps whatever its size (DataComp compares curations at a fixed compute budget).
+    samples_per_epoch: int | None = None
 
 
 def count_samples(shards: list[str]) -> int:
@@ -53,11 +56,13 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     if n < spec.batch_size:
         raise ValueError(f"{n} samples in {len(shards)} shard(s): fewer than one batch of {spec.batch_size}")
     argv = ["--train-data", "::".join(shards), "--dataset-type", "webdataset",
-            "--train-num-samples", str(n), "--model", spec.model, "--batch-size", str(spec.batch_size),
+            "--train-num-samples", str(spec.samples_per_epoch or n), "--model", spec.model, "--batch-size", str(spec.batch_size),
             "--epochs", str(spec.epochs), "--lr", str(spec.lr), "--warmup", str(spec.warmup),
             "--wd", "0.1", "--seed", str(spec.seed), "--workers", str(spec.workers),
             "--device", spec.device, "--precision", "fp32", "--logs", str(logs), "--name", name,
             "--save-frequency", str(spec.epochs), "--report-to", "", "--log-every-n-steps", "20"]
+    if spec.samples_per_epoch:
+        argv.append("--dataset-resampled")
     env = os.environ | {"OMP_NUM_THREADS": str(spec.threads), "WANDB_MODE": "disabled",
                         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.info("training %s on %d samples from %d shard(s), %d epochs", spec.model, n, len(shards), spec.epochs)
