@@ -19,9 +19,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ import pyarrow.parquet as pq
 from curate.decisions import filter_stage_ids, latest_run
 from curate.engine import Executor
 from curate.io.layout import WorkDir
-from curate.io.parquet import WorkDirError, atomic_write_bytes, write_table
+from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
 from curate.io.shards import iter_samples, shard_name
 
 log = logging.getLogger(__name__)
@@ -102,41 +100,28 @@ def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
     """Map step: output shard ``index`` from slices of input shards (original bytes, no re-encode)."""
     index, plan = job
     path = Path(out) / "shards" / f"{index:05d}.tar"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     n = nbytes = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for part in plan:
-                meta = pl.read_parquet(Path(out) / "metadata" / f"{part['shard']}.parquet").slice(
-                    part["start"], part["stop"] - part["start"])
-                rows = meta.to_dicts()
-                wanted = {r["key"]: r for r in rows}
-                found: dict[str, tuple[bytes, str]] = {}
-                for s in iter_samples(part["path"]):
-                    if s.key in wanted and s.image():
-                        found[s.key] = (s.image(), s.image_ext())
-                for r in rows:  # metadata order (possibly shuffled), not tar order
-                    img, ext = found[r["key"]]
-                    key = f"{index:05d}{n:05d}"
-                    members = [(f"{key}.{ext}", img), (f"{key}.txt", (r["caption"] or "").encode()),
-                               (f"{key}.json", _sample_json(r))]
-                    for name, data in members:
-                        ti = tarfile.TarInfo(name)
-                        ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # mtime 0: byte-identical reruns
-                        tf.addfile(ti, io.BytesIO(data))
-                        nbytes += len(data)
-                    n += 1
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise WorkDirError(f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for part in plan:
+            meta = pl.read_parquet(Path(out) / "metadata" / f"{part['shard']}.parquet").slice(
+                part["start"], part["stop"] - part["start"])
+            rows = meta.to_dicts()
+            wanted = {r["key"] for r in rows}
+            found: dict[str, tuple[bytes, str]] = {}
+            for s in iter_samples(part["path"]):
+                if s.key in wanted and s.image():
+                    found[s.key] = (s.image(), s.image_ext())
+            for r in rows:  # metadata order (possibly shuffled), not tar order
+                img, ext = found[r["key"]]
+                key = f"{index:05d}{n:05d}"
+                members = [(f"{key}.{ext}", img), (f"{key}.txt", (r["caption"] or "").encode()),
+                           (f"{key}.json", _sample_json(r))]
+                for name, data in members:
+                    ti = tarfile.TarInfo(name)
+                    ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # mtime 0: byte-identical reruns
+                    tf.addfile(ti, io.BytesIO(data))
+                    nbytes += len(data)
+                n += 1
     return {"shard": path.name, "samples": n, "bytes": nbytes}
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,18 +31,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, rename: all or nothing."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temp name beside ``path`` to write to; on success it is fsynced and renamed onto ``path``.
+
+    All or nothing: on any error the temp file is removed and OSErrors become WorkDirError
+    naming the path (full disk, read-only or blocked work dir).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as e:
         raise WorkDirError(f"cannot write {path}: {e.strerror or e}") from e
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -51,6 +57,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         _unlink_quiet(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _unlink_quiet(p: str) -> None:
@@ -67,25 +78,8 @@ def write_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None =
         schema_meta = dict(table.schema.metadata or {})
         schema_meta[META_KEY] = json.dumps(meta, sort_keys=True).encode()
         table = table.replace_schema_metadata(schema_meta)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise WorkDirError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink_quiet(tmp)
-        raise WorkDirError(f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def read_meta(path: str | Path) -> dict[str, Any] | None:

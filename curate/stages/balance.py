@@ -136,17 +136,9 @@ class BalanceStage(GlobalStage):
         return summary
 
     def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        art = pl.read_parquet(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet")
-        by = {r[0]: r[1:] for r in art.iter_rows()}
-        uids = ctx.index(["uid"]).column("uid").to_pylist()
-        ev = ctx.evaluate
-        concepts, pk, reasons = [], [], []
-        for u, e in zip(uids, ev):
-            c, p_, r = by.get(u, (None, None, None)) if e else (None, None, None)
-            concepts.append(c)
-            pk.append(p_)
-            reasons.append(r)
-        return {"concepts": concepts, "p_keep": pk, "__reasons__": reasons}
+        cols = ctx.lookup(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet",
+                          ["concepts", "p_keep", "reason"])
+        return {"concepts": cols["concepts"], "p_keep": cols["p_keep"], "__reasons__": cols["reason"]}
 
 
 def head_tail(before: np.ndarray, after: np.ndarray) -> dict[str, float]:

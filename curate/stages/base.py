@@ -80,6 +80,18 @@ class ShardContext:
                 self._evaluate = self.survivors()
         return self._evaluate
 
+    def lookup(self, artifact: Path, columns: list[str]) -> dict[str, list]:
+        """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
+        rows not evaluated, or absent from the artifact, get None."""
+        import polars as pl
+
+        art = pl.read_parquet(artifact, columns=["uid", *columns])
+        by = {r[0]: r[1:] for r in art.iter_rows()}
+        empty = (None,) * len(columns)
+        uids = self.index(["uid"]).column("uid").to_pylist()
+        rows = [by.get(u, empty) if e else empty for u, e in zip(uids, self.evaluate)]
+        return {c: [r[i] for r in rows] for i, c in enumerate(columns)}
+
     def samples(self) -> Iterator[RawSample]:
         """Stream the raw shard; read errors land in ``read_result`` (reported, not raised)."""
         return iter_samples(self.shard_path, self.read_result)

@@ -278,17 +278,9 @@ class DedupStage(GlobalStage):
         return hit
 
     def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        art = pl.read_parquet(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet")
-        uids = ctx.index(["uid"]).column("uid").to_pylist()
-        by = {r[0]: r[1:] for r in art.iter_rows()}
-        ev = ctx.evaluate
-        group, of, reasons = [], [], []
-        for u, e in zip(uids, ev):
-            g, o, r = by.get(u, (None, None, None)) if e else (None, None, None)
-            group.append(g)
-            of.append(o)
-            reasons.append(r)
-        return {"dup_group": group, "dup_of": of, "__reasons__": reasons}
+        cols = ctx.lookup(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet",
+                          ["dup_group", "dup_of", "reason"])
+        return {"dup_group": cols["dup_group"], "dup_of": cols["dup_of"], "__reasons__": cols["reason"]}
 
 
 def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
