@@ -5,6 +5,7 @@ dict of counts. Retries re-run a task on another worker when one dies.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from typing import Callable
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from curate.config import RunConfig, scheduler_address
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
+from curate.engine.watchdog import run_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,11 @@ def _quiet_dask_logs() -> None:
 
 
 class DaskExecutor(Executor):
-    def __init__(self, client, retries: int, cluster=None):
+    def __init__(self, client, retries: int, cluster=None, task_timeout_s: float | None = None):
         self.client = client
         self.cluster = cluster
         self.retries = retries
+        self.task_timeout_s = task_timeout_s
         _quiet_dask_logs()
         log.info("dask dashboard: %s", client.dashboard_link)
 
@@ -38,6 +41,8 @@ class DaskExecutor(Executor):
 
         if not items:
             return []
+        if self.task_timeout_s:
+            fn = functools.partial(run_with_deadline, fn, self.task_timeout_s)
         tag = uuid.uuid4().hex[:8]
         keys = [f"{label}-{tag}-{i}" for i in range(len(items))]
         futures = self.client.map(fn, items, key=keys, retries=self.retries, pure=False,
@@ -85,7 +90,7 @@ def _make_local_cluster(cfg: RunConfig) -> Executor:
                            dashboard_address=":0" if ex.dashboard else None,
                            resources=resources or None, silence_logs=logging.WARNING)
     client = Client(cluster)
-    return DaskExecutor(client, ex.retries, cluster)
+    return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)
 
 
 @register_executor("address")
@@ -99,4 +104,4 @@ def _make_remote(cfg: RunConfig) -> Executor:
         client = Client(addr, timeout="30s")
     except (OSError, TimeoutError) as e:
         raise ConnectionError(f"cannot reach dask scheduler at {addr}: {describe_exception(e)}") from e
-    return DaskExecutor(client, cfg.executor.retries)
+    return DaskExecutor(client, cfg.executor.retries, task_timeout_s=cfg.executor.task_timeout_s)
