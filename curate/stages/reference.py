@@ -206,11 +206,13 @@ class ReferenceFilterStage(GlobalStage):
         reasons: list[str | None] = [None] * n
         rows = [i for i in range(n) if ev[i] and not np.isnan(e[i, 0])]
         if rows:
-            x = e[rows]
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            s, c = index.search(np.ascontiguousarray(x), 1)
+            x = np.ascontiguousarray(e[rows])
+            # The nearest unit centroid does not depend on the query's norm: search the raw
+            # vectors and divide only the top-1 score (normalising all of x costs more than the search).
+            norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)
+            s, c = index.search(x, 1)
             for j, i in enumerate(rows):
-                cid[i], sim[i] = int(c[j, 0]), float(s[j, 0])
+                cid[i], sim[i] = int(c[j, 0]), float(s[j, 0] / norms[j])
                 reasons[i] = None if cid[i] in chosen else "reference:far_cluster"
         for i in range(n):
             if ev[i] and cid[i] is None:
