@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -82,7 +82,3 @@ def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
                     f"{source}: stage {st.stage_id!r} needs stage {need!r} earlier in the pipeline")
         seen.add(st.stage_id)
     return stages
-
-
-def stage_factory(name: str) -> Callable:
-    return get_stage_class(name)
