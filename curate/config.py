@@ -24,6 +24,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def require_exactly_one(model: BaseModel, *names: str) -> None:
+    """For params that offer alternative rules (e.g. top_fraction or min_score)."""
+    if sum(getattr(model, n) is not None for n in names) != 1:
+        raise ValueError(f"set exactly one of {' or '.join(names)}")
+
+
 class ExecutorConfig(Strict):
     kind: Literal["local_cluster", "address", "inprocess"] = Field(
         "local_cluster",

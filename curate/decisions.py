@@ -26,6 +26,21 @@ def filter_stage_ids(workdir: str | Path) -> list[str]:
     return out
 
 
+def decision_exprs(stage_ids: list[str]) -> list[pl.Expr]:
+    """``kept`` (every filter said keep), ``dropped_by`` and ``reason`` (the earliest failing stage)
+    from the keep_/reason_ columns of ``stage_ids`` (pipeline order); a null decision is a drop."""
+    kept = pl.lit(True)
+    for sid in stage_ids:
+        kept = kept & pl.col(f"keep_{sid}").fill_null(False)
+    dropped_by = pl.lit(None, dtype=pl.String)
+    reason = pl.lit(None, dtype=pl.String)
+    for sid in reversed(stage_ids):  # the earliest failing stage wins
+        fail = pl.col(f"keep_{sid}") == False  # noqa: E712 (polars expression)
+        dropped_by = pl.when(fail).then(pl.lit(sid)).otherwise(dropped_by)
+        reason = pl.when(fail).then(pl.col(f"reason_{sid}")).otherwise(reason)
+    return [kept.alias("kept"), dropped_by.alias("dropped_by"), reason.alias("reason")]
+
+
 def decisions(workdir: str | Path, shard: str | None = None) -> pl.DataFrame:
     """uid, kept, dropped_by (first failing stage), reason: one row per sample of the pool."""
     work = WorkDir.at(workdir)
@@ -33,19 +48,6 @@ def decisions(workdir: str | Path, shard: str | None = None) -> pl.DataFrame:
     pattern = f"{shard}.parquet" if shard else "*.parquet"
     df = pl.read_parquet(str(work.root / "index" / pattern), columns=["uid", "shard", "key"])
     for sid in stage_ids:
-        if sid == "index":
-            t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", "keep_index", "reason_index"])
-        else:
-            t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", f"keep_{sid}", f"reason_{sid}"])
+        t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", f"keep_{sid}", f"reason_{sid}"])
         df = df.join(t, on="uid", how="left")
-    kept = pl.lit(True)
-    dropped_by = pl.lit(None, dtype=pl.String)
-    reason = pl.lit(None, dtype=pl.String)
-    for sid in reversed(stage_ids):  # the earliest failing stage wins
-        fail = pl.col(f"keep_{sid}") == False  # noqa: E712 (polars expression)
-        dropped_by = pl.when(fail).then(pl.lit(sid)).otherwise(dropped_by)
-        reason = pl.when(fail).then(pl.col(f"reason_{sid}")).otherwise(reason)
-    for sid in stage_ids:
-        kept = kept & pl.col(f"keep_{sid}").fill_null(False)
-    return df.select("uid", "shard", "key", kept.alias("kept"), dropped_by.alias("dropped_by"),
-                     reason.alias("reason"))
+    return df.select("uid", "shard", "key", *decision_exprs(stage_ids))

@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.decisions import filter_stage_ids, latest_run
+from curate.decisions import decision_exprs, filter_stage_ids, latest_run
 from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
@@ -63,16 +63,7 @@ def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame
         t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS or (c != "uid" and c in df.columns)])
         df = df.join(t, on="uid", how="left", maintain_order="left")
     filt = [s for s in stage_ids if f"keep_{s}" in df.columns]
-    kept = pl.lit(True)
-    for s in filt:
-        kept = kept & pl.col(f"keep_{s}").fill_null(False)
-    dropped_by = pl.lit(None, dtype=pl.String)
-    reason = pl.lit(None, dtype=pl.String)
-    for s in reversed(filt):
-        fail = pl.col(f"keep_{s}") == False  # noqa: E712 (polars expression)
-        dropped_by = pl.when(fail).then(pl.lit(s)).otherwise(dropped_by)
-        reason = pl.when(fail).then(pl.col(f"reason_{s}")).otherwise(reason)
-    return df.with_columns(kept.alias("kept"), dropped_by.alias("dropped_by"), reason.alias("reason"))
+    return df.with_columns(*decision_exprs(filt))
 
 
 def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSpec, shard_path: str) -> dict:

@@ -21,11 +21,10 @@ def load_stats(workdir: str | Path) -> pl.DataFrame:
 
 def stage_order(workdir: str | Path) -> list[str]:
     """Stage ids in the order of the latest run's pipeline."""
-    work = WorkDir.at(workdir)
+    from curate.decisions import latest_run
+
     try:
-        run_id = json.loads((work.root / "runs" / "latest.json").read_text())["run_id"]
-        rec = json.loads((work.run_dir(run_id) / "run.json").read_text())
-        return [s["id"] for s in rec["stages"]]
+        return [s["id"] for s in latest_run(workdir)["stages"]]
     except (OSError, ValueError, KeyError):
         return []
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.concepts import get_matcher, load_vocabulary
-from curate.config import Strict
+from curate.config import Strict, require_exactly_one
 from curate.io.parquet import write_table
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
@@ -58,8 +58,7 @@ class BalanceStage(GlobalStage):
 
         @model_validator(mode="after")
         def _one_rule(self):
-            if (self.t is None) == (self.target_size is None):
-                raise ValueError("set exactly one of t or target_size")
+            require_exactly_one(self, "t", "target_size")
             return self
 
     def value_fields(self) -> list[pa.Field]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from curate.config import Strict
+from curate.config import Strict, require_exactly_one
 from curate.io.parquet import atomic_write_bytes, write_table
 from curate.io.shards import iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
@@ -278,6 +278,20 @@ def embeddings(table: pa.Table, column: str) -> np.ndarray:
     return out
 
 
+def surviving_embeddings(work_root, shard: str, keep: set[str] | dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    """(uids, L2-normalised float32 image embeddings) of one shard's samples in ``keep`` that have
+    an embedding: what the global stages (dedup, reference_filter) read from clip_score."""
+    from pathlib import Path
+
+    t = pq.read_table(Path(work_root) / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
+    emb = embeddings(t, "image_emb")
+    uids = t.column("uid").to_pylist()
+    rows = [i for i, u in enumerate(uids) if u in keep and not np.isnan(emb[i, 0])]
+    e = emb[rows]
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return [uids[i] for i in rows], np.ascontiguousarray(e)
+
+
 @register_stage
 class ClipRankStage(GlobalStage):
     """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
@@ -295,8 +309,7 @@ class ClipRankStage(GlobalStage):
 
         @model_validator(mode="after")
         def _one_rule(self):
-            if (self.top_fraction is None) == (self.min_score is None):
-                raise ValueError("set exactly one of top_fraction or min_score")
+            require_exactly_one(self, "top_fraction", "min_score")
             return self
 
     def value_fields(self) -> list[pa.Field]:

@@ -296,18 +296,11 @@ def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
 
 
 def _shard_embeddings(ctx: GlobalContext, shard: str, row_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(combine rows, L2-normalised float32 image embeddings) of one shard's surviving samples."""
-    from curate.stages.clip_score import embeddings
+    """(combine rows, normalised image embeddings) of one shard's surviving samples."""
+    from curate.stages.clip_score import surviving_embeddings
 
-    t = pq.read_table(ctx.work.root / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
-    emb = embeddings(t, "image_emb")
-    uids = t.column("uid").to_pylist()
-    keep = [i for i, u in enumerate(uids) if u in row_of and not np.isnan(emb[i, 0])]
-    if not keep:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, emb.shape[1]), dtype=np.float32)
-    e = emb[keep]
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-    return np.array([row_of[uids[i]] for i in keep], dtype=np.int64), np.ascontiguousarray(e)
+    uids, emb = surviving_embeddings(ctx.work.root, shard, row_of)
+    return np.array([row_of[u] for u in uids], dtype=np.int64), emb
 
 
 def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int) -> np.ndarray:

@@ -129,14 +129,10 @@ class ReferenceFilterStage(GlobalStage):
         return {"uid": [u for u, e in zip(uids, ctx.evaluate) if e]}
 
     def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> np.ndarray:
-        from curate.stages.clip_score import embeddings
+        from curate.stages.clip_score import surviving_embeddings
 
         keep = set(pq.read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
-        t = pq.read_table(ctx.work.root / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
-        e = embeddings(t, "image_emb")
-        rows = [i for i, u in enumerate(t.column("uid").to_pylist()) if u in keep and not np.isnan(e[i, 0])]
-        e = e[rows]
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return surviving_embeddings(ctx.work.root, shard, keep)[1]
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         import faiss

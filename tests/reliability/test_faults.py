@@ -95,18 +95,23 @@ def test_worker_killed_mid_stage(big_pool: Path, reference: Path, tmp_path: Path
     assert diff == 0 and n_lost == 0 and m["samples_in"] == 1600
 
 
+def _run_cmd(tmp_path: Path, pool: Path, work: Path) -> list[str]:
+    """`curate run` of PIPE on a LocalCluster, as a user would start it."""
+    import yaml
+
+    pipeline = tmp_path / "pipe.yaml"
+    pipeline.write_text(yaml.safe_dump(PIPE.model_dump(mode="json")))
+    return [str(BIN / "curate"), "run", str(pipeline), "--input", str(pool / "*.tar"), "--workdir", str(work),
+            "--config", str(ROOT / "configs" / "local.yaml")]
+
+
 def _stats(work: Path) -> int:
     return len(list((work / "stats").rglob("*.parquet")))
 
 
 def test_driver_killed_several_times_then_rerun(big_pool: Path, reference: Path, tmp_path: Path, record):
     work = tmp_path / "w"
-    pipeline = tmp_path / "pipe.yaml"
-    import yaml
-
-    pipeline.write_text(yaml.safe_dump(PIPE.model_dump(mode="json")))
-    cmd = [str(BIN / "curate"), "run", str(pipeline), "--input", str(big_pool / "*.tar"), "--workdir", str(work),
-           "--config", str(ROOT / "configs" / "local.yaml")]
+    cmd = _run_cmd(tmp_path, big_pool, work)
     kills = 0
     for target in (3, 10, 17):  # stats files done when the driver dies (8 shards x 3 stages + index)
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -147,12 +152,7 @@ def _limit_file_size():
 
 def test_disk_full_mid_run_then_rerun(big_pool: Path, reference: Path, tmp_path: Path, record):
     work = tmp_path / "w"
-    import yaml
-
-    pipeline = tmp_path / "pipe.yaml"
-    pipeline.write_text(yaml.safe_dump(PIPE.model_dump(mode="json")))
-    cmd = [str(BIN / "curate"), "run", str(pipeline), "--input", str(big_pool / "*.tar"), "--workdir", str(work),
-           "--config", str(ROOT / "configs" / "local.yaml")]
+    cmd = _run_cmd(tmp_path, big_pool, work)
     r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_file_size)
     assert r.returncode != 0
     assert "cannot write" in r.stderr and str(work) in r.stderr, r.stderr[-2000:]
