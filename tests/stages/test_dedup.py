@@ -172,3 +172,29 @@ def _png(im: Image.Image) -> bytes:
     b = io.BytesIO()
     im.save(b, "PNG")
     return b.getvalue()
+
+
+def test_dedup_and_balance_on_broken_samples(tmp_path: Path):
+    """Missing, empty and undecodable images, and missing or empty captions: judged, never a crash."""
+    good = _jpeg(Image.new("RGB", (300, 300), (200, 40, 40)))
+    shard = write_tar(tmp_path / "broken.tar", [
+        ("a.jpg", good), ("a.txt", b"a red square on a table"),
+        ("b.jpg", good), ("b.txt", b"a red square on a table"),  # exact copy of a
+        ("c.jpg", b""), ("c.txt", b"zero byte image of a dog"),
+        ("d.jpg", good[:300]), ("d.txt", b"truncated image of a cat"),
+        ("e.txt", b"no image at all"),
+        ("f.jpg", good), ("f.txt", b"   "),
+    ])
+    pipe = make_pipeline(("image", {"all_rows": True, "min_side": None}), ("dedup", {"all_rows": True}),
+                         ("balance", {"all_rows": True, "vocabulary": "imagenet21k", "t": 1, "unmatched": "keep"}))
+    s = run_pipeline(pipe, make_config(str(shard), tmp_path / "w"))
+    assert s.ok, s.problems()
+    idx = pl.read_parquet(tmp_path / "w" / "index" / "broken.parquet", columns=["uid", "key"])
+    for stage in ("dedup", "balance"):
+        t = pl.read_parquet(tmp_path / "w" / stage / "broken.parquet").join(idx, on="uid")
+        assert t.height == 6 and t[f"keep_{stage}"].null_count() == 0  # every row judged
+    d = pl.read_parquet(tmp_path / "w" / "dedup" / "broken.parquet").join(idx, on="uid")
+    reasons = dict(zip(d["key"], d["reason_dedup"]))
+    # a, b and f share the same bytes: one group, one kept, two dropped; nothing else is a duplicate
+    assert [reasons[k] for k in "abf"].count(None) == 1
+    assert sum(r == "dedup:exact" for r in reasons.values()) == 2
