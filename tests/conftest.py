@@ -3,9 +3,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
 
 from curate.config import PipelineConfig, RunConfig, StageSpec
 from curate.synth import synthesize
@@ -79,3 +81,35 @@ def _no_network(monkeypatch):
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+HANG_MAGIC = b"HANGIMG\n"  # first bytes of an image whose decoder never returns (see hanging_format)
+
+
+class _HangingImage(ImageFile.ImageFile):
+    """A PIL format whose header parses and whose decoder never returns: a stand-in for a crafted
+    file that sends a real decoder into a loop."""
+
+    format = "HANGTEST"
+    format_description = "test format that hangs on decode"
+
+    def _open(self) -> None:
+        if self.fp.read(8) != HANG_MAGIC:
+            raise SyntaxError("not a hanging test image")
+        self._size = (640, 480)
+        self._mode = "RGB"
+        self.tile = []
+
+    def load(self):
+        time.sleep(3600)
+        return super().load()
+
+
+@pytest.fixture
+def hanging_format():
+    from PIL import Image
+
+    Image.register_open(_HangingImage.format, _HangingImage, lambda prefix: prefix[:8] == HANG_MAGIC)
+    yield
+    Image.OPEN.pop(_HangingImage.format, None)
+    Image.ID.remove(_HangingImage.format)

@@ -24,6 +24,7 @@ from curate.io.parquet import atomic_write_bytes, write_table
 from curate.io.shards import iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
 from curate.stages.image import ImageRejected, open_image, to_rgb
+from curate.timeouts import SampleTimeout, TimeLimiter
 from curate.stages.registry import register_stage
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ class _ShardImages:
     """Rows to embed, as an IterableDataset (see _dataset_class) over the rows to embed: (row, tensor, ok). Each loader worker streams the
     tar and decodes only its share of rows, so memory stays bounded by the batch, not the shard."""
 
-    def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int):
+    def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
+                 timeout_s: float | None = None):
         self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
         self.draft, self.max_pixels = draft, max_pixels
+        self.limiter = TimeLimiter(timeout_s, name="clip-decode")
 
     def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
         import torch
@@ -58,32 +61,38 @@ class _ShardImages:
                 continue
             yield (i, *self._decode(s.image(), s.image_ext()))
 
-    def _decode(self, data: bytes | None, ext: str | None):
+    def _decode(self, data: bytes | None, ext: str | None) -> tuple[Any, str | None]:
+        """(tensor, None) or (placeholder, reason)."""
         import torch
 
         try:
-            if not data:
-                raise ImageRejected("empty")
-            im = open_image(data, ext)
-            if im.width * im.height > self.max_pixels:
-                raise ImageRejected("too many pixels")
-            if im.format == "JPEG" and self.draft:
-                k = self.draft / min(im.width, im.height)
-                if k < 1:
-                    im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
-            return self.preprocess(to_rgb(im)), True
+            return self.limiter.call(self._preprocess, data, ext), None
+        except SampleTimeout:
+            return torch.zeros(3, 1, 1), "clip:decode_timeout"
         except Exception:  # any decode failure is a per-row reason, never a crashed shard
-            return torch.zeros(3, 1, 1), False
+            return torch.zeros(3, 1, 1), "clip:undecodable"
+
+    def _preprocess(self, data: bytes | None, ext: str | None):
+        if not data:
+            raise ImageRejected("empty")
+        im = open_image(data, ext)
+        if im.width * im.height > self.max_pixels:
+            raise ImageRejected("too many pixels")
+        if im.format == "JPEG" and self.draft:
+            k = self.draft / min(im.width, im.height)
+            if k < 1:
+                im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
+        return self.preprocess(to_rgb(im))
 
 
 def _collate(batch):
     import torch
 
     rows = [b[0] for b in batch]
-    ok = [b[2] for b in batch]
-    shape = next((b[1].shape for b in batch if b[2]), None)
-    imgs = [b[1] if b[2] else torch.zeros(shape) for b in batch] if shape is not None else []
-    return rows, (torch.stack(imgs) if imgs else None), ok
+    failures = [b[2] for b in batch]
+    shape = next((b[1].shape for b in batch if b[2] is None), None)
+    imgs = [b[1] if b[2] is None else torch.zeros(shape) for b in batch] if shape is not None else []
+    return rows, (torch.stack(imgs) if imgs else None), failures
 
 
 @register_stage
@@ -100,6 +109,7 @@ class ClipScoreStage(MapStage):
         store_embeddings: bool = True
         max_pixels: int = Field(100_000_000, ge=1)
         jpeg_draft: bool = Field(True, description="DCT-scaled JPEG decode to 2x the model's input size")
+        decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
         all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -153,22 +163,23 @@ class ClipScoreStage(MapStage):
         return n
 
     def embed(self, shard_path: str, rows: list[int], captions: list[str], device: str,
-              model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], set[int]]:
-        """{row: (score, image_emb, text_emb)} and the rows whose image failed to decode."""
+              model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
+        """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode."""
         import torch
 
         clip = self.clip(device, model_cache)
         size = clip.info.get("image_size") or 224
-        ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0, max_pixels=self.params.max_pixels)
+        ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
+                                max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s)
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=_collate, pin_memory=device == "cuda")
         out: dict[int, tuple[float, Any, Any]] = {}
-        failed: set[int] = set()
+        failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, ok in loader:
-            failed.update(r for r, good in zip(batch_rows, ok) if not good)
-            good_idx = [j for j, g in enumerate(ok) if g]
+        for batch_rows, imgs, failures in loader:
+            failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
+            good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
                 continue
             imgs = imgs[good_idx]
@@ -221,7 +232,7 @@ class ClipScoreStage(MapStage):
                 score[i], ie, te = res[i]
                 img_emb[i], txt_emb[i] = ie, te
             else:
-                reasons[i] = "clip:undecodable" if i in failed else "clip:missing_image"
+                reasons[i] = failed.get(i, "clip:missing_image")
         cols: dict[str, Any] = {"clip_score": score, "__reasons__": reasons}
         if self.params.store_embeddings:
             cols["image_emb"] = _fixed_list(img_emb, d)

@@ -20,6 +20,7 @@ from curate.phash import phash
 from curate.stages.base import MapStage, ShardContext
 from curate.stages.index import PIL_FORMATS
 from curate.stages.registry import register_stage
+from curate.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = None  # we check pixels ourselves from the header, before any decode
@@ -107,6 +108,7 @@ class ImageStage(MapStage):
         min_bytes: int | None = Field(None, ge=0)
         max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="larger files are not decoded")
         max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb cap (header w*h)")
+        decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
         thumb: int = Field(128, ge=16, le=1024, description="longest side of the reduced decode")
         min_blur_var: float | None = Field(None, ge=0, description="Laplacian variance on the thumbnail")
         min_entropy: float | None = Field(None, ge=0, le=8)
@@ -116,6 +118,10 @@ class ImageStage(MapStage):
         max_bright_share: float | None = Field(None, gt=0, le=1)
         drop_animated: bool = False
         all_rows: bool = False
+
+    def __init__(self, params: Strict, stage_id: str | None = None):
+        super().__init__(params, stage_id)
+        self._limiter = TimeLimiter(self.params.decode_timeout_s, name=f"{self.stage_id}-decode")
 
     QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
 
@@ -135,9 +141,11 @@ class ImageStage(MapStage):
         if len(data) > p.max_bytes:
             return vals, "image:too_large_bytes"
         try:
-            rgb, info = reduced_decode(data, ext, p.thumb, p.max_pixels)
+            rgb, info = self._limiter.call(reduced_decode, data, ext, p.thumb, p.max_pixels)
         except ImageRejected as r:
             return vals, str(r)
+        except SampleTimeout:
+            return vals, "image:decode_timeout"
         w, h = info["w"], info["h"]
         if p.use_original_size and orig[0] and orig[1]:
             w, h = orig

@@ -1,10 +1,14 @@
-"""A task that hangs cannot stall a run on the cluster: the per-task deadline ends it."""
+"""Hangs cannot stall a run: a sample whose decoder never returns gets a reason (per-sample
+limit), and a task that hangs is ended on the cluster (per-task deadline)."""
 from __future__ import annotations
 
 import time
 
+import polars as pl
+
 from curate.engine import make_executor
-from tests.conftest import make_config
+from curate.pipeline import run_pipeline
+from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, write_tar
 
 
 def sleepy(seconds: float) -> float:
@@ -22,3 +26,22 @@ def test_hung_task_is_ended_and_the_rest_finish(tmp_path, record):
     assert "KilledWorker" in out[1].error or "died" in out[1].error.lower(), out[1].error
     assert elapsed < 120
     record(f"hung task (1 h sleep) ended by a 3 s deadline in {elapsed:.0f} s", 1, 0, 0)
+
+
+def test_hanging_decode_becomes_a_reason(tmp_path, record, hanging_format):
+    members = []
+    for i in range(6):
+        img = HANG_MAGIC + b"\0" * 64 if i == 2 else jpeg_bytes((320, 240), (40 * i, 90, 200))
+        members += [(f"{i:04d}.jpg", img), (f"{i:04d}.txt", f"a photo number {i} of a red bus".encode())]
+    shard = write_tar(tmp_path / "hang.tar", members)
+    pipe = make_pipeline(("image", {"decode_timeout_s": 1.0, "min_side": None}))
+    t0 = time.perf_counter()
+    s = run_pipeline(pipe, make_config(str(shard), tmp_path / "w"))
+    elapsed = time.perf_counter() - t0
+    assert s.ok
+    t = pl.read_parquet(tmp_path / "w" / "image" / "hang.parquet")
+    assert t.height == 6
+    assert t["reason_image"].to_list() == [None, None, "image:decode_timeout", None, None, None]
+    assert t["img_format"].null_count() == 1  # the five others were measured after the hang
+    assert elapsed < 60
+    record(f"image decoder hung forever on 1 of 6 samples: 1 s limit, run took {elapsed:.0f} s", 1, 0, 0)

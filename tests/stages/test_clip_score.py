@@ -17,7 +17,7 @@ from curate.models.clip import ModelError, load_clip
 from curate.pipeline import run_pipeline
 from curate.stages.base import GlobalContext, RunInfo
 from curate.stages.clip_score import ClipRankStage, embeddings, ranks_in
-from tests.conftest import make_config, make_pipeline, tables_equal_dir
+from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, tables_equal_dir, write_tar
 
 TINY = {"model": "curate-tiny", "pretrained": None}
 
@@ -79,6 +79,19 @@ def test_corrupt_image_mid_batch_is_reported_rest_scored(pool: Path, tmp_path: P
     assert bad.height > 0 and (bad["reason_clip_score"] == "clip:undecodable").all()
     good = d.filter(pl.col("label") != "corrupt_image")
     assert good["clip_score"].null_count() == 0
+
+
+def test_hanging_decode_is_a_reason_rest_scored(tmp_path: Path, tiny_ckpt: Path, hanging_format):
+    members = []
+    for i in range(5):
+        img = HANG_MAGIC + b"\0" * 64 if i == 1 else jpeg_bytes((96, 64), (50 * i, 120, 30))
+        members += [(f"{i:04d}.jpg", img), (f"{i:04d}.txt", f"caption {i}".encode())]
+    shard = write_tar(tmp_path / "hang.tar", members)
+    s = run_pipeline(_pipe(tiny_ckpt, decode_timeout_s=1.0), make_config(str(shard), tmp_path / "w"))
+    assert s.ok
+    t = pl.read_parquet(tmp_path / "w" / "clip_score" / "hang.parquet")
+    assert t["reason_clip_score"].to_list() == [None, "clip:decode_timeout", None, None, None]
+    assert t["clip_score"].null_count() == 1
 
 
 def test_batch_size_workers_and_order_do_not_change_selection(pool: Path, tmp_path: Path, tiny_ckpt: Path):
