@@ -66,7 +66,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from curate.training import evaluate_clip
+    from curate.evaluation import evaluate_clip
 
     res = evaluate_clip(a.model, a.checkpoint, a.eval_dir, max_samples=a.max_samples)
     text = json.dumps(res, indent=2)

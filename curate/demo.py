@@ -42,7 +42,8 @@ SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
 
 def ensure_scorer(models: Path, seed: int = 0) -> Path:
     """The tiny CLIP the demo scores with: trained once on clean synthetic pairs, then cached."""
-    from curate.training import TrainSpec, evaluate_clip, train_clip
+    from curate.evaluation import evaluate_clip
+    from curate.training import TrainSpec, train_clip
 
     ckpt = models / SCORER
     if ckpt.exists():

@@ -102,6 +102,40 @@ def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path) 
     atomic_write_bytes(Path(path).with_suffix(".json"), json.dumps(model_identity(describe)).encode())
 
 
+def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget: int = 1 << 24
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest unit centroid (-1 for a null embedding) and its cosine similarity, for every row of
+    a float16 embedding column.
+
+    One BLAS matrix product and an argmax per chunk: for top-1 against a few thousand centroids
+    this is several times faster than faiss's flat search (measured in ``make bench``), and chunks
+    are converted to float32 just before their product so the work stays in cache. The similarity
+    is recomputed row by row for the winning centroid, so its bits do not depend on how rows were
+    chunked (a BLAS product's rounding can)."""
+    from curate.stages.clip_score import f16_to_f32
+
+    cent = np.ascontiguousarray(centroids, dtype=np.float32)
+    cent_t = np.ascontiguousarray(cent.T)
+    d = col.type.list_size
+    n = len(col)
+    chunk = max(1, min(4096, budget // max(1, len(cent))))  # bounds the (chunk, k) score matrix
+    flat = col.values.slice(col.offset * d, n * d).to_numpy(zero_copy_only=False)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    ids = np.full(n, -1, dtype=np.int64)
+    sims = np.full(n, np.nan, dtype=np.float32)
+    for start in range(0, n, chunk):
+        x = f16_to_f32(flat[start * d:(start + chunk) * d]).reshape(-1, d)
+        # The nearest centroid does not depend on the query's norm: no normalisation before the
+        # product, only of the winning score.
+        best = np.argmax(x @ cent_t, axis=1)
+        dot = np.einsum("ij,ij->i", x, cent[best])
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        ok = valid[start:start + chunk] & (norms > 0)
+        ids[start:start + chunk] = np.where(ok, best, -1)
+        sims[start:start + chunk] = np.where(ok, dot / np.maximum(norms, 1e-12), np.nan)
+    return ids, sims
+
+
 @register_stage
 class ReferenceFilterStage(GlobalStage):
     name = "reference_filter"
@@ -183,33 +217,23 @@ class ReferenceFilterStage(GlobalStage):
         return {k: v for k, v in art.items() if k != "reference_centroids"} | {"n_reference_centroids": len(chosen)}
 
     def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        import faiss
-
-        from curate.stages.clip_score import embeddings
-
         gdir = ctx.work.global_dir()
         art = json.loads((gdir / f"{ctx.stage_id}.json").read_text())
         chosen = set(art["reference_centroids"])
         cent = np.load(gdir / f"{ctx.stage_id}_centroids.npy")
-        index = faiss.IndexFlatIP(cent.shape[1])
-        index.add(cent)
-        t = ctx.read("clip_score", ["image_emb"])
-        e = embeddings(t, "image_emb")
+        col = ctx.read("clip_score", ["image_emb"]).column("image_emb").combine_chunks()
         ev = ctx.evaluate
-        n = len(e)
+        n = len(col)
+        rows = np.flatnonzero(ev[:n])
         cid: list[int | None] = [None] * n
         sim: list[float | None] = [None] * n
         reasons: list[str | None] = [None] * n
-        rows = [i for i in range(n) if ev[i] and not np.isnan(e[i, 0])]
-        if rows:
-            x = np.ascontiguousarray(e[rows])
-            # The nearest unit centroid does not depend on the query's norm: search the raw
-            # vectors and divide only the top-1 score (normalising all of x costs more than the search).
-            norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)
-            s, c = index.search(x, 1)
-            for j, i in enumerate(rows):
-                cid[i], sim[i] = int(c[j, 0]), float(s[j, 0] / norms[j])
-                reasons[i] = None if cid[i] in chosen else "reference:far_cluster"
+        if len(rows):
+            ids, sims = nearest_centroids(cent, col if len(rows) == n else col.take(pa.array(rows)))
+            for i, c, v in zip(rows.tolist(), ids.tolist(), sims.tolist()):
+                if c >= 0:
+                    cid[i], sim[i] = c, v
+                    reasons[i] = None if c in chosen else "reference:far_cluster"
         for i in range(n):
             if ev[i] and cid[i] is None:
                 reasons[i] = "reference:no_embedding"

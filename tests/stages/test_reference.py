@@ -102,3 +102,33 @@ def test_reference_from_another_model_is_refused(pool: Path, tmp_path: Path):
     (tmp_path / "ref.json").unlink()
     s = run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["reference_filter"])
     assert any("sidecar" in p for p in s.problems())
+
+
+def test_assignment_matches_faiss_and_ignores_chunking():
+    import faiss
+
+    from curate.stages.reference import nearest_centroids
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cent = rng.normal(size=(40, 64)).astype(np.float32)
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    x16 = x.astype(np.float16)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[[0, 17, 4999]] = True  # null embeddings
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x16.reshape(-1), pa.float16()), 64, mask=pa.array(mask))
+    ids, sims = nearest_centroids(cent, col)
+    index = faiss.IndexFlatIP(64)
+    index.add(cent)
+    d, want = index.search(x16.astype(np.float32), 1)
+    assert (ids[mask] == -1).all() and np.isnan(sims[mask]).all()
+    assert (ids[~mask] == want[~mask, 0]).mean() > 0.999
+    norms = np.linalg.norm(x16.astype(np.float32), axis=1)
+    np.testing.assert_allclose(sims[~mask], d[~mask, 0] / norms[~mask], atol=1e-5)
+    # any chunking, and a column that is a slice of a larger one, give the same bits
+    for budget in (40, 40 * 7, 1 << 24):
+        ids2, sims2 = nearest_centroids(cent, col, budget=budget)
+        assert ids2.tolist() == ids.tolist() and sims2.tobytes() == sims.tobytes()
+    tail_ids, tail_sims = nearest_centroids(cent, col.slice(1000))
+    assert tail_ids.tolist() == ids[1000:].tolist() and tail_sims.tobytes() == sims[1000:].tobytes()
