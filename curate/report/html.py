@@ -167,6 +167,24 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
     return result
 
 
+def coverage_table(work: WorkDir) -> list[str]:
+    """Share kept per reference concept (reference_filter with a labelled reference)."""
+    from curate.stages.reference import concept_coverage
+
+    cov = concept_coverage(work.root)
+    if cov is None:
+        return []
+    h = ["<h2>Reference concepts</h2><p>Pool samples in the clusters nearest each labelled reference "
+         "concept, and how many the whole pipeline kept.</p><table><tr><th>concept</th><th>reference "
+         "samples</th><th>centroids</th><th>pool in clusters</th><th>kept</th><th>kept %</th>"
+         "<th>% of all kept</th></tr>"]
+    for r in cov.iter_rows(named=True):
+        h.append(f"<tr><td style='text-align:left'>{html.escape(r['label'])}</td><td>{r['reference_samples']}</td>"
+                 f"<td>{r['centroids']}</td><td>{r['pool_in_clusters']}</td><td>{r['kept']}</td>"
+                 f"<td>{r['kept_pct_of_clusters']:.1f}</td><td>{r['pct_of_all_kept']:.1f}</td></tr>")
+    return h + ["</table>"]
+
+
 def write_report(workdir: str | Path) -> Path:
     work = WorkDir.at(workdir)
     out = work.root / "report"
@@ -212,6 +230,7 @@ def write_report(workdir: str | Path) -> Path:
         h.append(f"<tr><td style='text-align:left'>{html.escape(r['stage'])}</td><td>{r['n_in']}</td>"
                  f"<td>{r['n_kept']}</td><td>{pct:.1f}</td><td style='text-align:left'>{reasons}</td></tr>")
     h.append("</table>")
+    h += coverage_table(work)
     for title, name in figs:
         if name:
             h.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>")

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,39 +68,96 @@ def embed_images(images: list[bytes], describe: dict[str, Any], batch: int = 128
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def load_reference(source: str, describe: dict[str, Any]) -> np.ndarray:
-    """L2-normalised reference embeddings, made with (or checked against) the pool's model."""
+def _folder_images(p: Path) -> tuple[list[bytes], list[str] | None]:
+    """Images under a folder; in ImageNet's layout (one sub-folder per class) the sub-folder names
+    are the labels."""
+    files = [f for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTS]
+    images = [f.read_bytes() for f in files]
+    nested = files and all(f.parent != p for f in files)
+    return images, [f.parent.relative_to(p).as_posix() for f in files] if nested else None
+
+
+def _shard_images(source: str) -> tuple[list[bytes], list[str] | None]:
+    """Images in WebDataset shards; a ``label`` (or ``class``) key in the json is the label."""
+    images, labels = [], []
+    for sh in expand_input(source):
+        for s in iter_samples(sh):
+            if s.image():
+                meta = s.meta()
+                images.append(s.image())
+                labels.append(meta.get("label", meta.get("class")))
+    return images, [str(x) for x in labels] if labels and all(x is not None for x in labels) else None
+
+
+def load_reference(source: str, describe: dict[str, Any]) -> tuple[np.ndarray, list[str] | None]:
+    """L2-normalised reference embeddings, made with (or checked against) the pool's model, and
+    their labels where the reference has them."""
     p = Path(source)
     want = model_identity(describe)
+    labels: list[str] | None
     if p.suffix == ".npy":
         side = p.with_suffix(".json")
         if not side.exists():
             raise ReferenceError(f"{p}: no {side.name} sidecar naming the model that made these embeddings")
-        have = model_identity(json.loads(side.read_text()))
+        info = json.loads(side.read_text())
+        have = model_identity(info)
         if have != want:
             raise ReferenceError(f"{p} was made with {have}, the pool's CLIP scores with {want}: "
                                  "embed the reference with the same model")
         emb = np.load(p).astype(np.float32)
+        labels = info.get("labels")
+        if labels is not None and len(labels) != len(emb):
+            raise ReferenceError(f"{side}: {len(labels)} labels for {len(emb)} embeddings")
     else:
-        images: list[bytes] = []
-        if p.is_dir() and not any(p.glob("*.tar")):
-            images = [f.read_bytes() for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_EXTS]
-        else:
-            images = [s.image() for sh in expand_input(source) for s in iter_samples(sh) if s.image()]
+        images, labels = _folder_images(p) if p.is_dir() and not any(p.glob("*.tar")) else _shard_images(source)
         if not images:
             raise ReferenceError(f"{source}: no reference images found")
         emb = embed_images(images, describe)
     if emb.ndim != 2 or not len(emb):
         raise ReferenceError(f"{source}: empty reference embeddings")
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
 
 
-def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path) -> None:
-    """A reusable .npy reference with its model sidecar."""
+def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path,
+                   labels: list[str] | None = None) -> None:
+    """A reusable .npy reference with its model sidecar (and labels, if any)."""
     buf = io.BytesIO()
     np.save(buf, emb.astype(np.float32))
     atomic_write_bytes(Path(path), buf.getvalue())
-    atomic_write_bytes(Path(path).with_suffix(".json"), json.dumps(model_identity(describe)).encode())
+    side = model_identity(describe) | ({"labels": [str(x) for x in labels]} if labels is not None else {})
+    atomic_write_bytes(Path(path).with_suffix(".json"), json.dumps(side).encode())
+
+
+def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") -> "pl.DataFrame | None":
+    """Per reference label: its reference samples and centroids, the pool samples assigned to
+    those centroids, how many of them the whole pipeline kept, and their share of the kept set.
+    None when the stage did not run or the reference had no labels. A centroid near two labels
+    counts for both."""
+    import polars as pl
+
+    from curate.decisions import decisions
+    from curate.io.layout import WorkDir
+
+    work = WorkDir.at(workdir)
+    art_path = work.global_dir() / f"{stage_id}.json"
+    if not art_path.exists():
+        return None
+    art = json.loads(art_path.read_text())
+    by_label = art.get("label_centroids")
+    if not by_label:
+        return None
+    assigned = pl.read_parquet(work.root / stage_id / "*.parquet", columns=["uid", "centroid"]).drop_nulls("centroid")
+    d = assigned.join(decisions(work.root).select(["uid", "kept"]), on="uid", how="left")
+    n_kept = int(decisions(work.root)["kept"].sum())
+    rows = []
+    for label, cents in sorted(by_label.items()):
+        mine = d.filter(pl.col("centroid").is_in(cents))
+        kept = int(mine["kept"].sum())
+        rows.append({"label": label, "reference_samples": art["label_counts"][label], "centroids": len(cents),
+                     "pool_in_clusters": mine.height, "kept": kept,
+                     "kept_pct_of_clusters": 100 * kept / mine.height if mine.height else 0.0,
+                     "pct_of_all_kept": 100 * kept / n_kept if n_kept else 0.0})
+    return pl.DataFrame(rows)
 
 
 def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget: int = 1 << 24
@@ -176,7 +234,7 @@ class ReferenceFilterStage(GlobalStage):
         ident = pool_identity(work.root, ctx.shards)
         describe = next(read_meta(work.root / "clip_score" / f"{s}.parquet")["describe"] for s in ctx.shards
                         if read_meta(work.root / "clip_score" / f"{s}.parquet"))
-        ref = load_reference(p.reference, describe)
+        ref, labels = load_reference(p.reference, describe)
         if p.centroids:
             cent = np.load(p.centroids).astype(np.float32)
             side = Path(p.centroids).with_suffix(".json")
@@ -205,6 +263,9 @@ class ReferenceFilterStage(GlobalStage):
         index.add(np.ascontiguousarray(cent))
         _, nn = index.search(np.ascontiguousarray(ref), min(p.neighbors, len(cent)))
         chosen = sorted({int(c) for c in nn.ravel()})
+        label_centroids: dict[str, set[int]] = {}
+        for lab, row in zip(labels or [], nn):
+            label_centroids.setdefault(lab, set()).update(int(c) for c in row)
         gdir = work.global_dir()
         buf = io.BytesIO()
         np.save(buf, cent.astype(np.float32))
@@ -212,9 +273,12 @@ class ReferenceFilterStage(GlobalStage):
         atomic_write_bytes(gdir / f"{ctx.stage_id}_centroids.json",
                            json.dumps({"model_identity": ident, "k": len(cent)}).encode())
         art = {"k": int(len(cent)), "reference_size": int(len(ref)), "reference_centroids": chosen,
-               "model_identity": ident}
+               "model_identity": ident,
+               "label_centroids": {k: sorted(v) for k, v in sorted(label_centroids.items())},
+               "label_counts": dict(sorted(Counter(labels or []).items()))}
         atomic_write_bytes(gdir / f"{ctx.stage_id}.json", json.dumps(art, indent=2).encode())
-        return {k: v for k, v in art.items() if k != "reference_centroids"} | {"n_reference_centroids": len(chosen)}
+        return ({k: v for k, v in art.items() if k not in ("reference_centroids", "label_centroids", "label_counts")}
+                | {"n_reference_centroids": len(chosen), "reference_labels": len(label_centroids)})
 
     def apply(self, ctx: ShardContext) -> dict[str, Any]:
         gdir = ctx.work.global_dir()

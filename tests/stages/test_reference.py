@@ -10,7 +10,7 @@ import pytest
 
 from curate.io.parquet import write_table
 from curate.pipeline import run_pipeline
-from curate.stages.reference import ReferenceError, save_reference
+from curate.stages.reference import ReferenceError, concept_coverage, save_reference
 from curate.synth import SHAPES
 from tests.conftest import make_config, make_pipeline
 
@@ -44,9 +44,10 @@ def _fake_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16) -> dict[st
 def _reference(tmp: Path, describe: dict, dim: int = 16) -> Path:
     centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
     rng = np.random.default_rng(99)
-    ref = np.stack([centers[SHAPES.index(s)] + rng.normal(size=dim) for s in REF_SHAPES for _ in range(30)])
+    labels = [s for s in REF_SHAPES for _ in range(30)]
+    ref = np.stack([centers[SHAPES.index(s)] + rng.normal(size=dim) for s in labels])
     path = tmp / "ref.npy"
-    save_reference(ref, describe, path)
+    save_reference(ref, describe, path, labels=labels)
     return path
 
 
@@ -78,6 +79,16 @@ def test_kept_pool_enriched_for_reference_concepts(pool: Path, tmp_path: Path):
     assert share_kept >= 0.9 and share_kept >= share_in + 0.4
     assert kept.height >= 0.8 * d["shape"].is_in(REF_SHAPES).sum()
     assert (work / "global" / "reference_filter_centroids.npy").exists()
+    cov = concept_coverage(work)
+    assert cov["label"].to_list() == sorted(REF_SHAPES)
+    assert cov["reference_samples"].to_list() == [30, 30]
+    for row in cov.iter_rows(named=True):  # each concept's clusters hold mostly that concept, all kept
+        in_clusters = d.filter(pl.col("centroid").is_in(
+            json.loads((work / "global" / "reference_filter.json").read_text())["label_centroids"][row["label"]]))
+        assert row["pool_in_clusters"] == in_clusters.height
+        assert (in_clusters["shape"] == row["label"]).mean() >= 0.9
+        assert row["kept"] == row["pool_in_clusters"] and row["kept_pct_of_clusters"] == 100.0
+    assert 99.0 <= cov["pct_of_all_kept"].sum() <= 101.0
 
 
 def test_same_decisions_with_1_or_2_workers(pool: Path, tmp_path: Path):
@@ -132,3 +143,39 @@ def test_assignment_matches_faiss_and_ignores_chunking():
         assert ids2.tolist() == ids.tolist() and sims2.tobytes() == sims.tobytes()
     tail_ids, tail_sims = nearest_centroids(cent, col.slice(1000))
     assert tail_ids.tolist() == ids[1000:].tolist() and tail_sims.tobytes() == sims[1000:].tobytes()
+
+
+def test_reference_labels_from_class_folders_and_sidecar(tmp_path: Path):
+    from curate.stages.reference import load_reference
+    from tests.conftest import jpeg_bytes
+
+    tiny = {"model": "curate-tiny", "pretrained": None}
+    for cls, colour in (("square", (200, 0, 0)), ("circle", (0, 0, 200))):
+        (tmp_path / "ref" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "ref" / cls / f"{i}.jpg").write_bytes(jpeg_bytes((80, 80), colour))
+    emb, labels = load_reference(str(tmp_path / "ref"), tiny)
+    assert labels == ["circle", "circle", "square", "square"] and emb.shape[0] == 4
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes())
+    assert load_reference(str(tmp_path / "flat"), tiny)[1] is None  # no class folders: no labels
+    save_reference(emb, tiny, tmp_path / "r.npy", labels=["a", "b", "c", "d"])
+    assert load_reference(str(tmp_path / "r.npy"), tiny)[1] == ["a", "b", "c", "d"]
+    side = json.loads((tmp_path / "r.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps(side | {"labels": ["a"]}))
+    with pytest.raises(ReferenceError, match="1 labels for 4 embeddings"):
+        load_reference(str(tmp_path / "r.npy"), tiny)
+
+
+def test_report_shows_share_kept_per_reference_concept(pool: Path, tmp_path: Path):
+    from curate.report.html import write_report
+
+    ref = _reference(tmp_path, DESCRIBE)
+    work = tmp_path / "w"
+    pipe, _ = _run(pool, work, ref)
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["reference_filter"]).ok
+    page = write_report(work).read_text()
+    assert "Reference concepts" in page
+    cov = concept_coverage(work)
+    for r in cov.iter_rows(named=True):
+        assert f"<td style='text-align:left'>{r['label']}</td><td>30</td>" in page
