@@ -1,0 +1,62 @@
+"""Proxy training with open_clip_train and the evaluation that scores a curation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from curate.evaluation import EvalSetError, balanced_accuracy, evaluate_clip, roc_auc
+from curate.synth import synthesize
+from curate.training import TrainSpec, train_clip
+from tests.conftest import write_tar
+
+SPEC = TrainSpec(epochs=1, batch_size=64, warmup=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("clean")
+    synthesize(root / "train", samples=256, shards=2, seed=11, fractions={})
+    synthesize(root / "heldout", samples=60, shards=1, seed=12, fractions={})
+    return root / "train", root / "heldout"
+
+
+def test_train_then_evaluate(clean, tmp_path: Path):
+    train, heldout = clean
+    ckpt = train_clip(str(train / "*.tar"), tmp_path / "m", SPEC, name="t")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("visual.") for k in state)
+    stamp = os.stat(ckpt).st_mtime_ns
+    assert train_clip(str(train / "*.tar"), tmp_path / "m", SPEC, name="t") == ckpt  # same spec and data: reused
+    assert os.stat(ckpt).st_mtime_ns == stamp
+    m = evaluate_clip("curate-tiny", str(ckpt), heldout)
+    assert m["samples"] == 60
+    for task in ("shape", "colour", "count", "position"):
+        assert 0.0 <= m[f"zeroshot_{task}"] <= 1.0 and 0.0 < m[f"chance_{task}"] < 1.0
+    assert m["zeroshot_mean"] == pytest.approx(sum(m[f"zeroshot_{t}"] for t in ("shape", "colour", "count", "position")) / 4, abs=1e-3)
+    assert 0.0 <= m["retrieval_i2t_r1"] <= 1.0 and 0.0 <= m["match_vs_shuffled_auc"] <= 1.0
+
+
+def test_training_refuses_too_little_data(tmp_path: Path):
+    from tests.conftest import jpeg_bytes
+
+    shard = write_tar(tmp_path / "few.tar", [("0.jpg", jpeg_bytes()), ("0.txt", b"a red square")])
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_clip(str(shard), tmp_path / "m", SPEC)
+
+
+def test_evaluation_needs_a_labelled_set(tmp_path: Path, clean):
+    with pytest.raises(EvalSetError, match="ground_truth.parquet"):
+        evaluate_clip("curate-tiny", None, tmp_path)
+
+
+def test_metrics():
+    import numpy as np
+
+    assert roc_auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert roc_auc(np.array([1.0]), np.array([1.0])) == 0.5  # ties count half
+    # always answering the head class: high plain accuracy, chance balanced accuracy
+    labels = np.array([0] * 90 + [1] * 10)
+    assert balanced_accuracy(np.zeros(100, dtype=int), labels) == 0.5
