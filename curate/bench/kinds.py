@@ -57,26 +57,14 @@ def phash_brute(n: int, radius: int = 4) -> dict:
 
 
 def semantic(n: int) -> dict:
-    """SemDeDup core: spherical k-means on a 200k sample, assign, range search per cluster."""
-    import faiss
-
-    from curate.stages.dedup import _cluster_pairs
+    """SemDeDup core as the stage runs it: top-level k-means on a 200k sample, assignment, then
+    clusters split to at most 1,000 rows and searched exhaustively."""
+    from curate.stages.dedup import semantic_pairs_in_memory
 
     x = _unit(n)
     t0 = time.perf_counter()
-    k = max(1, int(np.sqrt(n)))
-    sample = x[np.random.default_rng(1).permutation(n)[:200_000]]
-    km = faiss.Kmeans(x.shape[1], k, niter=10, spherical=True, seed=0, verbose=False)
-    km.train(sample)
-    _, a = km.index.search(x, 1)
-    a = a[:, 0]
-    order = np.argsort(a, kind="stable")
-    bounds = np.searchsorted(a[order], np.arange(k + 1))
-    total = 0
-    for c in range(k):
-        rows = order[bounds[c]:bounds[c + 1]]
-        total += len(_cluster_pairs(x[rows], rows, 0.95, 50_000, 0))
-    return {"seconds": time.perf_counter() - t0, "pairs": total, "clusters": k}
+    pairs, k = semantic_pairs_in_memory(x, 0.95, 1000)
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs), "clusters": k}
 
 
 def kmeans(n: int) -> dict:
