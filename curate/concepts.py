@@ -102,6 +102,12 @@ class ConceptMatcher:
         s = spacing(text if self.case_sensitive else text.lower())
         return sorted({i for _, i in self._auto.iter(s)})
 
+    def count(self, text: str | None) -> int:
+        """len(match(text)), without building the sorted list."""
+        if not text:
+            return 0
+        return len({i for _, i in self._auto.iter(spacing(text if self.case_sensitive else text.lower()))})
+
 
 @lru_cache(maxsize=4)
 def get_matcher(source: str = "imagenet21k", case_sensitive: bool = True,

@@ -49,10 +49,7 @@ def bench_text(pool: Path) -> dict:
             model.f.multilinePredict(lines, 1, 0.0, "replace")
         best_raw = max(best_raw, len(caps) / t["seconds"])
         with timer() as t:
-            vals = stage.measure(caps)
-            names = list(vals)
-            for i in range(len(caps)):
-                stage.reason({k: vals[k][i] for k in names})
+            stage.reasons(stage.measure(caps))
         best_stage = max(best_stage, len(caps) / t["seconds"])
     return {"captions": len(caps), "source": source, "raw_fasttext_batch_captions_per_s": round(best_raw),
             "text_stage_captions_per_s": round(best_stage), "ratio": round(best_stage / best_raw, 3),

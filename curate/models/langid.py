@@ -31,10 +31,21 @@ def load_langid(path: str | None = None):
 
 def predict_languages(model, texts: list[str], k: int = 2) -> list[list[tuple[str, float]]]:
     """Top-k (language, probability) per text. Newlines become spaces, as DataComp does."""
-    out = []
     f = model.f
+    code = _LABELS  # "__label__en" -> "en", filled as labels are first seen (176 at most)
+    out = []
     for t in texts:
-        line = t.replace("\n", " ").replace("\r", " ") + "\n"
-        preds = f.predict(line, k, 0.0, "replace")
-        out.append([(lab[9:] if lab.startswith("__label__") else lab, float(p)) for p, lab in preds])
+        if "\n" in t or "\r" in t:
+            t = t.replace("\n", " ").replace("\r", " ")
+        preds = f.predict(t + "\n", k, 0.0, "replace")
+        row = []
+        for p, lab in preds:
+            c = code.get(lab)
+            if c is None:
+                c = code[lab] = lab[9:] if lab.startswith("__label__") else lab
+            row.append((c, p))
+        out.append(row)
     return out
+
+
+_LABELS: dict[str, str] = {}

@@ -68,7 +68,7 @@ def test_broken_captions_get_reasons_not_crashes():
     st = _stage(max_chars=2000, min_alpha_ratio=0.5)
     caps = ["", "word " * 10_000, "caf\ufffd au lait is here", "😀😀😀😀", None, "a b", "\x00\x01 nul bytes here"]
     vals = st.measure(caps)
-    reasons = [st.reason({k: vals[k][i] for k in vals}) for i in range(len(caps))]
+    reasons = st.reasons(vals)
     print(reasons)
     assert reasons[0] is not None and reasons[1] == "caption:too_many_chars"
     assert reasons[3] is not None and reasons[4] is not None and reasons[5] is not None
