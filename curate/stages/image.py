@@ -75,6 +75,16 @@ def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) ->
     return arr, info
 
 
+def _median_u8(counts: np.ndarray, n: int) -> int:
+    """np.median of n uint8 values from their histogram, truncated to an integer as before."""
+    cum = np.cumsum(counts)
+    hi = int(np.searchsorted(cum, n // 2 + 1))  # the value at rank n // 2
+    if n % 2:
+        return hi
+    lo = int(np.searchsorted(cum, n // 2))  # the value at rank n // 2 - 1
+    return (lo + hi) // 2
+
+
 def quality(rgb: np.ndarray) -> dict[str, float]:
     """Blur (Laplacian variance), entropy, contrast, dominant colour share, dark/bright shares."""
     gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -83,9 +93,14 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
     hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
     p = hist[hist > 0] / g8.size
     # Near-uniform: share of pixels within 8 levels (every channel) of the median colour; a
-    # histogram mode would split a flat colour that sits on a bin edge.
-    med = np.median(rgb.reshape(-1, 3), axis=0)
-    near = (np.abs(rgb.astype(np.int16) - med.astype(np.int16)) <= 8).all(axis=-1)
+    # histogram mode would split a flat colour that sits on a bin edge. Per channel, a 256-entry
+    # lookup table of "near the median" replaces a full-size difference array.
+    levels = np.arange(256)
+    near = np.ones(rgb.shape[:2], dtype=bool)
+    for c in range(3):
+        ch = rgb[..., c]
+        med = _median_u8(np.bincount(ch.ravel(), minlength=256), ch.size)
+        near &= (np.abs(levels - med) <= 8)[ch]
     return {
         "blur_var": float(lap.var()) if lap.size else 0.0,
         "entropy": float(-(p * np.log2(p)).sum()),
