@@ -31,7 +31,7 @@ def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_
     toks = clip.tokenizer([caps[i] for i in good])
     if device == "cuda":
         x, toks = x.to(device), toks.to(device)
-    stage._forward(clip, x[:batch], [caps[i] for i in good[:batch]], device)  # warm up
+    stage._forward(clip, x[:batch], toks[:batch], device)  # warm up
     best_raw = best_stage = 0.0
     for _ in range(2):
         with timer() as t:

@@ -42,10 +42,13 @@ class _ShardImages:
     tar and decodes only its share of rows, so memory stays bounded by the batch, not the shard."""
 
     def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, captions: dict[int, str] | None = None, tokenizer=None):
         self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
         self.draft, self.max_pixels = draft, max_pixels
         self.limiter = TimeLimiter(timeout_s, name="clip-decode")
+        # Captions are tokenised here, beside the image decode (in the loader workers when there
+        # are any), so the forward loop only runs the model.
+        self.captions, self.tokenizer = captions or {}, tokenizer
 
     def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
         import torch
@@ -59,7 +62,8 @@ class _ShardImages:
             mine += 1
             if (mine - 1) % nw != wid:
                 continue
-            yield (i, *self._decode(s.image(), s.image_ext()))
+            tokens = self.tokenizer([self.captions.get(i) or ""])[0] if self.tokenizer is not None else None
+            yield (i, *self._decode(s.image(), s.image_ext()), tokens)
 
     def _decode(self, data: bytes | None, ext: str | None) -> tuple[Any, str | None]:
         """(tensor, None) or (placeholder, reason)."""
@@ -92,7 +96,8 @@ def _collate(batch):
     failures = [b[2] for b in batch]
     shape = next((b[1].shape for b in batch if b[2] is None), None)
     imgs = [b[1] if b[2] is None else torch.zeros(shape) for b in batch] if shape is not None else []
-    return rows, (torch.stack(imgs) if imgs else None), failures
+    tokens = torch.stack([b[3] for b in batch]) if batch and batch[0][3] is not None else None
+    return rows, (torch.stack(imgs) if imgs else None), failures, tokens
 
 
 @register_stage
@@ -170,24 +175,25 @@ class ClipScoreStage(MapStage):
         clip = self.clip(device, model_cache)
         size = clip.info.get("image_size") or 224
         ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
-                                max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s)
+                                max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
+                                captions={r: captions[r] for r in rows}, tokenizer=clip.tokenizer)
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=_collate, pin_memory=device == "cuda")
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, failures in loader:
+        for batch_rows, imgs, failures, tokens in loader:
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
                 continue
-            imgs = imgs[good_idx]
-            texts = [captions[batch_rows[j]] or "" for j in good_idx]
+            if len(good_idx) < len(batch_rows):
+                imgs, tokens = imgs[good_idx], tokens[good_idx]
             start = 0
             while start < len(good_idx):
                 try:
-                    sc, ie, te = self._forward(clip, imgs[start:start + chunk], texts[start:start + chunk], device)
+                    sc, ie, te = self._forward(clip, imgs[start:start + chunk], tokens[start:start + chunk], device)
                 except torch.cuda.OutOfMemoryError:
                     if chunk == 1:
                         raise
@@ -200,10 +206,11 @@ class ClipScoreStage(MapStage):
                 start += len(sc)
         return out, failed
 
-    def _forward(self, clip, imgs, texts, device):
+    def _forward(self, clip, imgs, tokens, device):
+        """(scores, image embeddings, text embeddings) for a batch of images and caption tokens
+        (``clip.tokenizer`` output: open_clip truncates to the context length)."""
         import torch
 
-        tokens = clip.tokenizer(texts)  # open_clip truncates to the context length
         use_amp = device == "cuda"
         dtype = torch.float16 if self.params.precision == "fp16" else torch.bfloat16
         with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu",
