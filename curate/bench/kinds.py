@@ -67,6 +67,27 @@ def semantic(n: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "pairs": len(pairs), "clusters": k}
 
 
+def semantic_brute(n: int) -> dict:
+    """Every pair above the threshold by exhaustive search, and the share the clustered search finds."""
+    from curate.stages.dedup import semantic_pairs_in_memory
+
+    x = _unit(n)
+    t0 = time.perf_counter()
+    found = []
+    for s in range(0, n, 2048):
+        i, j = np.nonzero(x[s:s + 2048] @ x.T > 0.95)
+        keep = s + i < j
+        found.append(np.stack([s + i[keep], j[keep]], axis=1))
+    brute = np.concatenate(found)
+    brute_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs, k = semantic_pairs_in_memory(x, 0.95, 1000)
+    clustered_s = time.perf_counter() - t0
+    common = len(set(map(tuple, brute.tolist())) & set(map(tuple, pairs.tolist())))
+    return {"seconds": brute_s, "clustered_seconds": clustered_s, "pairs_exhaustive": len(brute),
+            "pairs_clustered": len(pairs), "recall": common / max(1, len(brute)), "clusters": k}
+
+
 def kmeans(n: int) -> dict:
     import faiss
 
@@ -128,6 +149,7 @@ def balance(n: int) -> dict:
 
 
 KINDS = {"exact": exact, "phash_banded": phash_banded, "phash_brute": phash_brute, "semantic": semantic,
+         "semantic_brute": semantic_brute,
          "kmeans": kmeans, "balance": balance}
 
 if __name__ == "__main__":
