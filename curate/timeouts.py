@@ -9,6 +9,7 @@ its core; the per-task deadline (curate.engine.watchdog) is the backstop for tha
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -52,10 +53,12 @@ class TimeLimiter:
         self.name = name
         self.abandoned = 0
         self._jobs: queue.SimpleQueue[_Job] | None = None
+        self._pid = 0
 
     def _queue(self) -> "queue.SimpleQueue[_Job]":
-        if self._jobs is None:
-            self._jobs = queue.SimpleQueue()
+        # A forked child (a DataLoader worker) inherits the queue but not the thread serving it.
+        if self._jobs is None or self._pid != os.getpid():
+            self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
             threading.Thread(target=_serve, args=(self._jobs,), daemon=True, name=self.name).start()
         return self._jobs
 
@@ -75,4 +78,4 @@ class TimeLimiter:
         return job.result
 
     def __getstate__(self) -> dict[str, Any]:  # stages are pickled to workers: threads are not
-        return {"seconds": self.seconds, "name": self.name, "abandoned": 0, "_jobs": None}
+        return {"seconds": self.seconds, "name": self.name, "abandoned": 0, "_jobs": None, "_pid": 0}
