@@ -7,6 +7,7 @@ global threshold, ties broken by uid) or the samples above an absolute score.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,13 +43,11 @@ class _ShardImages:
     tar and decodes only its share of rows, so memory stays bounded by the batch, not the shard."""
 
     def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
-                 timeout_s: float | None = None, captions: dict[int, str] | None = None, tokenizer=None):
+                 timeout_s: float | None = None, captions: dict[int, str] | None = None):
         self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
         self.draft, self.max_pixels = draft, max_pixels
         self.limiter = TimeLimiter(timeout_s, name="clip-decode")
-        # Captions are tokenised here, beside the image decode (in the loader workers when there
-        # are any), so the forward loop only runs the model.
-        self.captions, self.tokenizer = captions or {}, tokenizer
+        self.captions = captions or {}
 
     def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
         import torch
@@ -62,8 +61,7 @@ class _ShardImages:
             mine += 1
             if (mine - 1) % nw != wid:
                 continue
-            tokens = self.tokenizer([self.captions.get(i) or ""])[0] if self.tokenizer is not None else None
-            yield (i, *self._decode(s.image(), s.image_ext()), tokens)
+            yield (i, *self._decode(s.image(), s.image_ext()), self.captions.get(i) or "")
 
     def _decode(self, data: bytes | None, ext: str | None) -> tuple[Any, str | None]:
         """(tensor, None) or (placeholder, reason)."""
@@ -89,15 +87,17 @@ class _ShardImages:
         return self.preprocess(to_rgb(im))
 
 
-def _collate(batch):
+def _collate(batch, tokenizer):
+    """Rows, stacked images, per-row failure reasons, and the captions tokenised as one batch.
+    The collate function runs in the loader workers when there are any, so tokenising here keeps
+    it off the forward loop."""
     import torch
 
     rows = [b[0] for b in batch]
     failures = [b[2] for b in batch]
     shape = next((b[1].shape for b in batch if b[2] is None), None)
     imgs = [b[1] if b[2] is None else torch.zeros(shape) for b in batch] if shape is not None else []
-    tokens = torch.stack([b[3] for b in batch]) if batch and batch[0][3] is not None else None
-    return rows, (torch.stack(imgs) if imgs else None), failures, tokens
+    return rows, (torch.stack(imgs) if imgs else None), failures, tokenizer([b[3] for b in batch])
 
 
 @register_stage
@@ -176,10 +176,11 @@ class ClipScoreStage(MapStage):
         size = clip.info.get("image_size") or 224
         ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
-                                captions={r: captions[r] for r in rows}, tokenizer=clip.tokenizer)
+                                captions={r: captions[r] for r in rows})
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
-                                             collate_fn=_collate, pin_memory=device == "cuda")
+                                             collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
+                                             pin_memory=device == "cuda")
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size

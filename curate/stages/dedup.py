@@ -8,8 +8,8 @@ eval-set matches; written per shard under ``WORK/global/dedup/``. apply: join by
 Semantic dedup follows SemDeDup: spherical k-means (faiss) on the stored CLIP image embeddings,
 then within each cluster the pairs with cosine above ``1 - eps``. Embeddings are streamed shard by
 shard into one file per cluster, so memory is bounded by the largest cluster, not the pool;
-clusters above ``max_cluster_size`` are split by k-means, recursively. The top level has about
-sqrt(pool / max_cluster_size) clusters, so assignment and search stay near-linear in the pool.
+clusters above ``max_cluster_size`` are split by k-means, recursively, into leaves of about the same
+size at any pool size, so the search stays near-linear in the pool (see ``split_k``).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import json
 import logging
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import polars as pl
@@ -79,7 +80,7 @@ class DedupStage(GlobalStage):
             ["image"], description="keys that define an exact duplicate (image: sha256 of the bytes)")
         phash_radius: int | None = Field(4, ge=0, le=16, description="Hamming radius; null: off")
         semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")
-        n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: sqrt(pool / max_cluster_size)")
+        n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: pool / 200k (each fits in memory)")
         max_cluster_size: int = Field(1000, ge=2, description="larger clusters are split by k-means, recursively")
         kmeans_sample: int = Field(200_000, ge=100)
         keep: Literal["clip_score", "smallest_uid"] = "clip_score"
@@ -217,7 +218,7 @@ class DedupStage(GlobalStage):
             return np.zeros((0, 2), dtype=np.int64)
         train = np.concatenate(sample)
         d = train.shape[1]
-        k = p.n_clusters or top_level_k(df.height, p.max_cluster_size)
+        k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)
         # 2) stream every shard: append each embedding to its cluster's file
         tmp = ctx.work.global_dir() / f"{ctx.stage_id}_clusters"
@@ -300,11 +301,36 @@ def _shard_embeddings(ctx: GlobalContext, shard: str, row_of: dict[str, int]) ->
     return np.array([row_of[u] for u in uids], dtype=np.int64), emb
 
 
-def top_level_k(n: int, max_cluster_size: int) -> int:
-    """Top-level clusters for SemDeDup: sqrt(n / leaf size), so that assigning to the top level
-    and to one level of sub-clusters cost about the same, and the total stays near-linear in n
-    (a flat k of n / leaf size would make assignment quadratic)."""
-    return max(1, round(math.sqrt(n / max_cluster_size)))
+TOP_CLUSTER_ROWS = 200_000  # in-memory size of a top-level cluster: 400 MB of 512-d float32
+MAX_BRANCH = 16  # k of one split below the top level
+
+
+def top_level_k(n: int) -> int:
+    """Top-level clusters for SemDeDup: the pool streams to one file per top cluster, so each must
+    fit in memory; everything below is split in memory."""
+    return max(1, math.ceil(n / TOP_CLUSTER_ROWS))
+
+
+def split_k(size: int, max_size: int) -> int:
+    """k for splitting a cluster of ``size`` rows: plan the fewest levels of at most MAX_BRANCH
+    that bring it to leaves of about max_size / 2, and split evenly across them. Leaves then have
+    about the same size whatever the pool size, so the in-leaf search (the bulk of the work) costs
+    the same per row and the whole search stays near-linear in the pool."""
+    ratio = size / (max_size / 2)
+    levels = max(1, math.ceil(math.log(ratio) / math.log(MAX_BRANCH)))
+    return int(min(MAX_BRANCH, max(2, math.ceil(ratio ** (1 / levels)))))
+
+
+@contextmanager
+def _faiss_threads(n: int) -> Iterator[None]:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_per_centroid: int = 256) -> np.ndarray:
@@ -312,9 +338,13 @@ def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_pe
     import faiss
 
     k = max(1, min(k, len(x)))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
-                      max_points_per_centroid=points_per_centroid)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    work = min(len(x), points_per_centroid * k) * k
+    # Small problems on one OpenMP thread: faiss's idle OpenMP threads spin after each call and
+    # starve the numpy BLAS work between calls (measured: SemDeDup at 1M, 31 s -> 14 s).
+    with _faiss_threads(1 if work < 50_000_000 else faiss.omp_get_max_threads()):
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
+                          max_points_per_centroid=points_per_centroid)
+        km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km.centroids
 
 
@@ -334,7 +364,7 @@ def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: 
     if len(rows) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     if len(rows) > max_size:
-        k = math.ceil(len(rows) / max_size) * 2
+        k = split_k(len(rows), max_size)
         a = nearest(train_centroids(emb, k, seed, niter=10, points_per_centroid=64), emb)
         order = np.argsort(a, kind="stable")
         bounds = np.searchsorted(a[order], np.arange(k + 1))
@@ -345,9 +375,9 @@ def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: 
                 parts.append(_cluster_pairs(emb[sel], rows[sel], min_cos, max_size, seed + 1))
         parts = [x for x in parts if len(x)]
         return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
-    sim = emb @ emb.T
-    i, j = np.nonzero(np.triu(sim > min_cos, 1))
-    a, b = rows[i], rows[j]
+    i, j = np.nonzero(emb @ emb.T > min_cos)
+    upper = i < j
+    a, b = rows[i[upper]], rows[j[upper]]
     return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
 
 
@@ -355,10 +385,10 @@ def semantic_pairs_in_memory(x: np.ndarray, min_cos: float, max_cluster_size: in
                              kmeans_sample: int = 200_000) -> tuple[np.ndarray, int]:
     """SemDeDup on vectors already in memory (the benchmark's path; the stage streams shards
     through the same three functions): pairs and the number of top-level clusters."""
-    k = top_level_k(len(x), max_cluster_size)
+    k = top_level_k(len(x))
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:kmeans_sample])
     cent = train_centroids(x[pick], k, seed)
-    a = nearest(cent, x)
+    a = nearest(cent, x) if k > 1 else np.zeros(len(x), dtype=np.int64)
     order = np.argsort(a, kind="stable")
     bounds = np.searchsorted(a[order], np.arange(len(cent) + 1))
     out = [_cluster_pairs(x[order[bounds[c]:bounds[c + 1]]], order[bounds[c]:bounds[c + 1]], min_cos,
