@@ -18,9 +18,8 @@ import json
 import logging
 import math
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -35,6 +34,7 @@ from curate.phash import near_pairs
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
 from curate.stages.text import normalise
+from curate.vectors import nearest, train_centroids
 
 log = logging.getLogger(__name__)
 KIND_RANK = {"exact": 0, "phash": 1, "semantic": 2}
@@ -319,43 +319,6 @@ def split_k(size: int, max_size: int) -> int:
     ratio = size / (max_size / 2)
     levels = max(1, math.ceil(math.log(ratio) / math.log(MAX_BRANCH)))
     return int(min(MAX_BRANCH, max(2, math.ceil(ratio ** (1 / levels)))))
-
-
-@contextmanager
-def _faiss_threads(n: int) -> Iterator[None]:
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_per_centroid: int = 256) -> np.ndarray:
-    """Spherical k-means centroids (faiss); at most ``points_per_centroid`` x k training points."""
-    import faiss
-
-    k = max(1, min(k, len(x)))
-    work = min(len(x), points_per_centroid * k) * k
-    # Small problems on one OpenMP thread: faiss's idle OpenMP threads spin after each call and
-    # starve the numpy BLAS work between calls (measured: SemDeDup at 1M, 31 s -> 14 s).
-    with _faiss_threads(1 if work < 50_000_000 else faiss.omp_get_max_threads()):
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
-                          max_points_per_centroid=points_per_centroid)
-        km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return km.centroids
-
-
-def nearest(cent: np.ndarray, x: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
-    """Index of the nearest centroid by inner product: a BLAS product and an argmax per chunk
-    (faster than faiss's flat search for top-1; see the reference benchmark)."""
-    out = np.empty(len(x), dtype=np.int64)
-    ct = np.ascontiguousarray(cent.T)
-    for s in range(0, len(x), rows_per_chunk):
-        out[s:s + rows_per_chunk] = np.argmax(x[s:s + rows_per_chunk] @ ct, axis=1)
-    return out
 
 
 def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from curate.io.parquet import atomic_write_bytes, read_meta
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
+from curate.vectors import nearest, train_centroids
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -147,8 +148,9 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     if not by_label:
         return None
     assigned = pl.read_parquet(work.root / stage_id / "*.parquet", columns=["uid", "centroid"]).drop_nulls("centroid")
-    d = assigned.join(decisions(work.root).select(["uid", "kept"]), on="uid", how="left")
-    n_kept = int(decisions(work.root)["kept"].sum())
+    final = decisions(work.root).select(["uid", "kept"])
+    d = assigned.join(final, on="uid", how="left")
+    n_kept = int(final["kept"].sum())
     rows = []
     for label, cents in sorted(by_label.items()):
         mine = d.filter(pl.col("centroid").is_in(cents))
@@ -173,7 +175,6 @@ def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget:
     from curate.stages.clip_score import f16_to_f32
 
     cent = np.ascontiguousarray(centroids, dtype=np.float32)
-    cent_t = np.ascontiguousarray(cent.T)
     d = col.type.list_size
     n = len(col)
     chunk = max(1, min(4096, budget // max(1, len(cent))))  # bounds the (chunk, k) score matrix
@@ -185,7 +186,7 @@ def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget:
         x = f16_to_f32(flat[start * d:(start + chunk) * d]).reshape(-1, d)
         # The nearest centroid does not depend on the query's norm: no normalisation before the
         # product, only of the winning score.
-        best = np.argmax(x @ cent_t, axis=1)
+        best = nearest(cent, x, rows_per_chunk=chunk)
         dot = np.einsum("ij,ij->i", x, cent[best])
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))
         ok = valid[start:start + chunk] & (norms > 0)
@@ -254,9 +255,7 @@ class ReferenceFilterStage(GlobalStage):
             k = min(k, len(train))
             if k < 1:
                 raise ReferenceError("no pool embeddings to cluster")
-            km = faiss.Kmeans(train.shape[1], k, niter=p.niter, spherical=True, seed=p.seed, verbose=False)
-            km.train(np.ascontiguousarray(train))
-            cent = km.centroids
+            cent = train_centroids(train, k, p.seed, niter=p.niter)
         if cent.shape[1] != ref.shape[1]:
             raise ReferenceError(f"reference embeddings are {ref.shape[1]}-d, the pool's {cent.shape[1]}-d")
         index = faiss.IndexFlatIP(cent.shape[1])
