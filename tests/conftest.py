@@ -36,9 +36,10 @@ def make_pipeline(*stages: tuple[str, dict] | str, name: str = "test") -> Pipeli
     return PipelineConfig(name=name, stages=specs)
 
 
-def make_config(input: str | list[str], workdir: Path, kind: str = "inprocess", **executor) -> RunConfig:
+def make_config(input: str | list[str], workdir: Path, kind: str = "inprocess", device: str = "cpu",
+                **executor) -> RunConfig:
     ex = {"kind": kind, "n_workers": 2, "retries": 0, "dashboard": False} | executor
-    return RunConfig.model_validate({"input": input, "workdir": str(workdir), "executor": ex, "device": "cpu"})
+    return RunConfig.model_validate({"input": input, "workdir": str(workdir), "executor": ex, "device": device})
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]], kinds: dict[str, bytes] | None = None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -15,9 +16,11 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from braceexpand import braceexpand
+
+from curate.io.tar_members import iter_members
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,17 @@ def iter_samples(path: str | Path, result: ShardReadResult | None = None) -> Ite
     Never raises for bad content: a truncated or corrupt tar ends the iteration and sets
     ``result.error``; bad members become ``problems`` on their sample.
     """
+    for _, sample in iter_indexed_samples(path, result):
+        yield sample
+
+
+def iter_indexed_samples(path: str | Path, result: ShardReadResult | None = None,
+                         want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, RawSample]]:
+    """(row, sample) in member order, row counting every sample of the shard. With ``want``,
+    only the rows it accepts are read and yielded; the data of the others is skipped unread."""
     result = result if result is not None else ShardReadResult()
     current: RawSample | None = None
+    row = -1
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -148,32 +160,36 @@ def iter_samples(path: str | Path, result: ShardReadResult | None = None) -> Ite
         return
     with f:
         try:
-            tf = tarfile.open(fileobj=f, mode="r|*")
-        except (tarfile.TarError, OSError, EOFError) as e:
+            members = iter_members(f)
+            first = next(members, None)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             result.error = f"not a tar: {e}"
             return
+        if first is None:
+            return
         try:
-            for m in tf:
+            for name, is_file, size, read in itertools.chain([first], members):
                 result.n_members += 1
-                name = m.name
                 match = _KEY_RE.match(name)
                 key, ext = (match.group(1), match.group(2).lower()) if match else (name, "")
                 if current is None or key != current.key:
-                    if current is not None:
-                        yield current
+                    if current is not None and (want is None or want(row)):
+                        yield row, current
                     current = RawSample(key=key)
+                    row += 1
+                if want is not None and not want(row):
+                    continue
                 if not _safe_member_name(name):
                     current.problems.append("member:unsafe_name")
                     continue
-                if not m.isfile():
+                if not is_file:
                     current.problems.append("member:not_a_file")
                     continue
-                if m.size > MAX_MEMBER_BYTES:
+                if size > MAX_MEMBER_BYTES:
                     current.problems.append(f"member:too_large:{ext}")
                     continue
-                fobj = tf.extractfile(m)
-                data = fobj.read() if fobj is not None else b""
-                if len(data) != m.size:
+                data = read()
+                if len(data) != size:
                     raise EOFError(f"member {name} truncated")
                 result.n_bytes += len(data)
                 if ext in current.members:
@@ -185,8 +201,8 @@ def iter_samples(path: str | Path, result: ShardReadResult | None = None) -> Ite
             log.warning("shard %s: %s", path, result.error)
             if current is not None:
                 current.problems.append("shard:truncated")
-        if current is not None:
-            yield current
+        if current is not None and (want is None or want(row)):
+            yield row, current
 
 
 def sample_uid(sample: RawSample, meta: dict[str, Any], shard: str) -> str:

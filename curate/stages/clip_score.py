@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from curate.background import in_background
 from curate.config import Strict, require_exactly_one
 from curate.io.parquet import atomic_write_bytes, write_table
 from curate.io.shards import iter_samples
@@ -39,17 +40,21 @@ def _dataset_class():
 
 
 class _ShardImages:
-    """Rows to embed, as an IterableDataset (see _dataset_class) over the rows to embed: (row, tensor, ok). Each loader worker streams the
-    tar and decodes only its share of rows, so memory stays bounded by the batch, not the shard."""
+    """The rows to embed, as an IterableDataset (see _dataset_class) of
+    ``(row, payload, reason, caption, is_jpeg)``: the payload is the preprocessed image tensor, or,
+    with ``raw_jpeg``, the undecoded bytes of a plain RGB/greyscale JPEG, left for the device to
+    decode. Each loader worker streams the tar and handles only its share of rows, so memory stays
+    bounded by the batch, not the shard."""
 
     def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
-                 timeout_s: float | None = None, captions: dict[int, str] | None = None):
+                 timeout_s: float | None = None, captions: dict[int, str] | None = None,
+                 raw_jpeg: bool = False):
         self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
-        self.draft, self.max_pixels = draft, max_pixels
+        self.draft, self.max_pixels, self.raw_jpeg = draft, max_pixels, raw_jpeg
         self.limiter = TimeLimiter(timeout_s, name="clip-decode")
         self.captions = captions or {}
 
-    def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, Any, str | None, str, bool]]:
         import torch
 
         info = torch.utils.data.get_worker_info()
@@ -61,7 +66,9 @@ class _ShardImages:
             mine += 1
             if (mine - 1) % nw != wid:
                 continue
-            yield (i, *self._decode(s.image(), s.image_ext()), self.captions.get(i) or "")
+            payload, reason = self._decode(s.image(), s.image_ext())
+            is_jpeg = reason is None and payload.dtype == torch.uint8
+            yield i, payload, reason, self.captions.get(i) or "", is_jpeg
 
     def _decode(self, data: bytes | None, ext: str | None) -> tuple[Any, str | None]:
         """(tensor, None) or (placeholder, reason)."""
@@ -75,11 +82,15 @@ class _ShardImages:
             return torch.zeros(3, 1, 1), "clip:undecodable"
 
     def _preprocess(self, data: bytes | None, ext: str | None):
+        import torch
+
         if not data:
             raise ImageRejected("empty")
         im = open_image(data, ext)
         if im.width * im.height > self.max_pixels:
             raise ImageRejected("too many pixels")
+        if self.raw_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if im.format == "JPEG" and self.draft:
             k = self.draft / min(im.width, im.height)
             if k < 1:
@@ -87,17 +98,24 @@ class _ShardImages:
         return self.preprocess(to_rgb(im))
 
 
-def _collate(batch, tokenizer):
-    """Rows, stacked images, per-row failure reasons, and the captions tokenised as one batch.
-    The collate function runs in the loader workers when there are any, so tokenising here keeps
-    it off the forward loop."""
+def _collate(batch, tokenizer) -> dict[str, Any]:
+    """One loader batch: rows, the CPU-preprocessed images stacked (zeros where a row failed or
+    waits for device decoding), JPEG bytes to decode on the device with their positions, per-row
+    failure reasons, and the captions tokenised as one batch. The collate function runs in the
+    loader workers when there are any, so tokenising here keeps it off the forward loop."""
     import torch
 
-    rows = [b[0] for b in batch]
-    failures = [b[2] for b in batch]
-    shape = next((b[1].shape for b in batch if b[2] is None), None)
-    imgs = [b[1] if b[2] is None else torch.zeros(shape) for b in batch] if shape is not None else []
-    return rows, (torch.stack(imgs) if imgs else None), failures, tokenizer([b[3] for b in batch])
+    ready = [b[1] for b in batch if b[2] is None and not b[4]]
+    images = None
+    if ready:
+        images = torch.stack([b[1] if b[2] is None and not b[4] else torch.zeros(ready[0].shape) for b in batch])
+    jpeg_pos = [j for j, b in enumerate(batch) if b[4]]
+    # one buffer, not one tensor per file: each tensor crossing from a loader worker costs a
+    # shared-memory segment and a file descriptor
+    jpegs = torch.cat([batch[j][1] for j in jpeg_pos]) if jpeg_pos else None
+    return {"rows": [b[0] for b in batch], "images": images, "jpeg_pos": jpeg_pos, "jpegs": jpegs,
+            "jpeg_sizes": [len(batch[j][1]) for j in jpeg_pos], "failures": [b[2] for b in batch],
+            "tokens": tokenizer([b[3] for b in batch])}
 
 
 @register_stage
@@ -115,6 +133,8 @@ class ClipScoreStage(MapStage):
         max_pixels: int = Field(100_000_000, ge=1)
         jpeg_draft: bool = Field(True, description="DCT-scaled JPEG decode to 2x the model's input size")
         decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
+        device_decode: bool | None = Field(None, description="decode JPEGs with nvJPEG and preprocess on the "
+                                                             "device; null: on when the device is cuda")
         all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -160,12 +180,21 @@ class ClipScoreStage(MapStage):
     def _loader_workers(self, device: str) -> int:
         n = self.params.loader_workers
         if n is None:
-            n = min(4, (os.cpu_count() or 1) - 1) if device == "cuda" else 0
+            n = min(8, (os.cpu_count() or 1) - 1) if device == "cuda" else 0
         if n and multiprocessing.current_process().daemon:
             log.info("daemonic worker process: image decoding runs in-process (set "
                      "distributed.worker.daemon=False to allow DataLoader workers)")
             n = 0
         return n
+
+    def device_preprocess(self, clip, device: str):
+        """The on-device JPEG decode + preprocessing when enabled and possible, else None."""
+        from curate.models.device_preprocess import DevicePreprocess
+
+        on = self.params.device_decode
+        if on is None:
+            on = device == "cuda"
+        return DevicePreprocess.from_transform(clip.preprocess) if on else None
 
     def embed(self, shard_path: str, rows: list[int], captions: list[str], device: str,
               model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
@@ -174,17 +203,20 @@ class ClipScoreStage(MapStage):
 
         clip = self.clip(device, model_cache)
         size = clip.info.get("image_size") or 224
+        on_device = self.device_preprocess(clip, device)
+        clip.info["decode"] = "device (nvJPEG for JPEG)" if on_device else "PIL in loader workers"
         ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
-                                captions={r: captions[r] for r in rows})
+                                captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None)
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
-                                             pin_memory=device == "cuda")
+                                             pin_memory=device == "cuda", prefetch_factor=4 if nw else None,
+                                             persistent_workers=False)
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, failures, tokens in loader:
+        for batch_rows, imgs, failures, tokens in self._model_batches(loader, on_device, device):
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
@@ -206,6 +238,50 @@ class ClipScoreStage(MapStage):
                     out[batch_rows[good_idx[start + k]]] = (float(sc[k]), ie[k], te[k])
                 start += len(sc)
         return out, failed
+
+    def _model_batches(self, loader, on_device, device: str) -> Iterator[tuple[list[int], Any, list, Any]]:
+        """(rows, images, failures, tokens) per loader batch. With device decoding, a helper
+        thread on its own CUDA stream prepares the next batch while the model runs this one."""
+        import torch
+
+        def prepare(stream=None):
+            for batch in loader:
+                failures = list(batch["failures"])
+                if stream is None:
+                    imgs = self._batch_images(batch, on_device, device, failures)
+                else:
+                    with torch.cuda.stream(stream):
+                        imgs = self._batch_images(batch, on_device, device, failures)
+                    stream.synchronize()  # the images are complete before the model stream reads them
+                yield batch["rows"], imgs, failures, batch["tokens"]
+
+        if on_device is None or device != "cuda":
+            yield from prepare()
+            return
+        for rows, imgs, failures, tokens in in_background(prepare(torch.cuda.Stream()), depth=2, name="clip-decode"):
+            if imgs is not None and imgs.is_cuda:
+                imgs.record_stream(torch.cuda.current_stream())  # freed memory waits for the model's use
+            yield rows, imgs, failures, tokens
+
+    @staticmethod
+    def _batch_images(batch: dict[str, Any], on_device, device: str, failures: list):
+        """The batch's model input: CPU-preprocessed rows plus JPEGs decoded on the device.
+        Rows whose device decode fails get ``clip:undecodable`` in ``failures``."""
+        import torch
+
+        imgs = batch["images"]
+        if not batch["jpeg_pos"]:
+            return imgs
+        crop = on_device.crop
+        imgs = (imgs.to(device, non_blocking=True) if imgs is not None
+                else torch.zeros(len(batch["rows"]), 3, crop, crop, device=device))
+        decoded, bad = on_device.decode(list(torch.split(batch["jpegs"], batch["jpeg_sizes"])), device)
+        for k in bad:
+            failures[batch["jpeg_pos"][k]] = "clip:undecodable"
+        ok = [k for k in range(len(decoded)) if decoded[k] is not None]
+        if ok:
+            imgs[[batch["jpeg_pos"][k] for k in ok]] = on_device([decoded[k] for k in ok])
+        return imgs
 
     def _forward(self, clip, imgs, tokens, device):
         """(scores, image embeddings, text embeddings) for a batch of images and caption tokens

@@ -156,3 +156,86 @@ def test_rank_params_validated():
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ModelError, match="not found"):
         load_clip("curate-tiny", str(tmp_path / "nope.pt"))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_preprocess_matches_open_clip_transform(pool: Path, device: str):
+    """nvJPEG/torch preprocessing against open_clip's PIL transform on the same JPEGs."""
+    from torchvision.io import decode_jpeg
+
+    from curate.models.device_preprocess import DevicePreprocess
+
+    clip = load_clip("ViT-B-32", None)
+    dp = DevicePreprocess.from_transform(clip.preprocess)
+    assert dp is not None and (dp.resize, dp.crop) == (224, 224)
+    jpegs = [s.image() for _, s in zip(range(40), iter_samples(pool / "00000.tar"))
+             if s.image_ext() == "jpg" and s.image()[:2] == b"\xff\xd8"]
+    ref, raw = [], []
+    for b in jpegs:
+        try:
+            ref.append(clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")))
+        except OSError:  # the pool's corrupt images: not this test's subject
+            continue
+        raw.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+    assert len(raw) > 20
+    decoded, bad = dp.decode(raw, device)
+    assert bad == []
+    ours = dp(decoded).cpu()
+    ref_t = torch.stack(ref)
+    assert ours.shape == ref_t.shape
+    # one uint8 step is 1/255/std ~ 0.015 after normalisation; resampling differs by about that
+    assert (ours - ref_t).abs().mean() < 0.01
+    assert (ours - ref_t).abs().max() < 0.5
+
+
+def test_device_preprocess_refuses_unknown_transforms():
+    from torchvision import transforms as T
+
+    from curate.models.device_preprocess import DevicePreprocess
+
+    ok = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.ToTensor(),
+                    T.Normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))])
+    assert DevicePreprocess.from_transform(ok) == DevicePreprocess(64, 64, (0.5,) * 3, (0.2,) * 3)
+    for bad in (T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,) * 3, (0.2,) * 3)]),
+                T.Compose([T.RandomCrop(64), T.ToTensor(), T.Normalize((0.5,) * 3, (0.2,) * 3)]),
+                T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64),
+                           T.ToTensor(), T.Normalize((0.5,) * 3, (0.2,) * 3)])):
+        assert DevicePreprocess.from_transform(bad) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path, tiny_ckpt: Path, device: str):
+    """JPEGs decoded on the device: scores match the PIL path, and JPEGs whose header parses but
+    whose data is broken (truncated, garbage after the header) get a reason while the rest of
+    the batch is scored. PNG and CMYK JPEG take the CPU path inside the same batch."""
+    good = [jpeg_bytes((96 + 8 * i, 64 + 4 * i), (40 * i % 255, 120, 200 - 20 * i)) for i in range(10)]
+    trunc = good[3][:40]  # header parses, data does not
+    garbage = good[4][:300] + b"\x00" * 50
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (80, 70), (10, 200, 30, 5)).save(cmyk, format="JPEG")
+    png = io.BytesIO()
+    Image.new("RGB", (90, 60), (200, 30, 30)).save(png, format="PNG")
+    imgs = [("jpg", good[0]), ("jpg", good[1]), ("jpg", trunc), ("png", png.getvalue()), ("jpg", good[2]),
+            ("jpg", garbage), ("jpg", cmyk.getvalue()), ("jpg", good[5]), ("jpg", good[6])]
+    members = []
+    for i, (ext, data) in enumerate(imgs):
+        members += [(f"{i:04d}.{ext}", data), (f"{i:04d}.txt", f"a red shape number {i}".encode())]
+    shard = write_tar(tmp_path / "mixed.tar", members)
+    runs = {}
+    for mode in (False, True):
+        w = tmp_path / f"w{int(mode)}"
+        s = run_pipeline(_pipe(tiny_ckpt, device_decode=mode, batch_size=4, jpeg_draft=False),
+                         make_config(str(shard), w, device=device))
+        assert s.ok
+        runs[mode] = pl.read_parquet(w / "clip_score" / "mixed.parquet")
+    reasons = runs[True]["reason_clip_score"].to_list()
+    assert reasons[2] == "clip:undecodable" and reasons[5] == "clip:undecodable", reasons
+    assert [r for i, r in enumerate(reasons) if i not in (2, 5)] == [None] * 7
+    a, b = runs[False]["clip_score"].to_list(), runs[True]["clip_score"].to_list()
+    for i in (0, 1, 3, 4, 6, 7, 8):
+        assert abs(a[i] - b[i]) < 2e-2, (i, a[i], b[i])
+    meta = json.loads(pq.read_schema(tmp_path / "w1" / "clip_score" / "mixed.parquet").metadata[b"curate"])
+    assert meta["describe"]["decode"].startswith("device")
