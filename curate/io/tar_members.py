@@ -102,12 +102,12 @@ def _plain_members(f: BinaryIO) -> Iterator[Member]:
     while True:
         f.seek(pos)
         hdr = f.read(BLOCK)
-        if not hdr:
-            return  # end of file at a block boundary: tarfile accepts a missing end marker too
-        if len(hdr) < BLOCK:
+        if len(hdr) < BLOCK and (hdr or pos != entry):
             raise EOFError("truncated tar header")
-        if hdr == b"\x00" * BLOCK:
-            return
+        if not hdr or hdr == b"\x00" * BLOCK:
+            if pos != entry:  # an extended header announces a member that is not there
+                raise TarFormatError("end of archive after an extended header")
+            return  # a missing end marker at a block boundary is accepted, as tarfile does
         if not _checksum_ok(hdr):
             raise TarFormatError(f"bad header checksum at byte {pos}")
         size = _number(hdr[124:136])

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from curate.background import in_background
 from curate.config import Strict, require_exactly_one
 from curate.io.parquet import atomic_write_bytes, write_table
-from curate.io.shards import iter_samples
+from curate.io.shards import iter_indexed_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
 from curate.stages.image import ImageRejected, open_image, to_rgb
 from curate.timeouts import SampleTimeout, TimeLimiter
@@ -59,13 +59,9 @@ class _ShardImages:
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        mine = 0
-        for i, s in enumerate(iter_samples(self.shard_path)):
-            if i not in self.rows:
-                continue
-            mine += 1
-            if (mine - 1) % nw != wid:
-                continue
+        # every nw-th row to embed; the reader skips the other rows' data without reading it
+        mine = {r for k, r in enumerate(sorted(self.rows)) if k % nw == wid}
+        for i, s in iter_indexed_samples(self.shard_path, want=mine.__contains__):
             payload, reason = self._decode(s.image(), s.image_ext())
             is_jpeg = reason is None and payload.dtype == torch.uint8
             yield i, payload, reason, self.captions.get(i) or "", is_jpeg
@@ -211,7 +207,10 @@ class ClipScoreStage(MapStage):
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
-                                             pin_memory=device == "cuda", prefetch_factor=4 if nw else None,
+                                             # pinning would copy every JPEG byte once more; nvJPEG
+                                             # takes pageable buffers
+                                             pin_memory=device == "cuda" and on_device is None,
+                                             prefetch_factor=4 if nw else None,
                                              persistent_workers=False)
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
