@@ -17,10 +17,8 @@ def phash(rgb: np.ndarray) -> int:
     im = Image.fromarray(rgb).convert("L").resize((32, 32), Image.BILINEAR)
     coeffs = dctn(np.asarray(im, dtype=np.float64), norm="ortho")[:8, :8]
     bits = (coeffs > np.median(coeffs)).ravel()
-    value = 0
-    for b in bits:
-        value = (value << 1) | int(b)
-    return int(np.array(value, dtype=np.uint64).view(np.int64))
+    # first coefficient = most significant bit; read as two's complement = the uint64 viewed as int64
+    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -200,7 +200,7 @@ class ClipScoreStage(MapStage):
         clip = self.clip(device, model_cache)
         size = clip.info.get("image_size") or 224
         on_device = self.device_preprocess(clip, device)
-        clip.info["decode"] = "device (nvJPEG for JPEG)" if on_device else "PIL in loader workers"
+        clip.info["decode"] = "device (nvJPEG for JPEG)" if on_device else "PIL on the CPU"
         ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None)

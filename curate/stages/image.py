@@ -93,14 +93,13 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
     hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
     p = hist[hist > 0] / g8.size
     # Near-uniform: share of pixels within 8 levels (every channel) of the median colour; a
-    # histogram mode would split a flat colour that sits on a bin edge. Per channel, a 256-entry
-    # lookup table of "near the median" replaces a full-size difference array.
-    levels = np.arange(256)
-    near = np.ones(rgb.shape[:2], dtype=bool)
-    for c in range(3):
-        ch = rgb[..., c]
-        med = _median_u8(np.bincount(ch.ravel(), minlength=256), ch.size)
-        near &= (np.abs(levels - med) <= 8)[ch]
+    # histogram mode would split a flat colour that sits on a bin edge. Channel planes are made
+    # contiguous once: strided channel views make every bincount and comparison copy.
+    planes = np.ascontiguousarray(np.moveaxis(rgb, 2, 0)).reshape(3, -1)
+    near = np.ones(planes.shape[1], dtype=bool)
+    for ch in planes:
+        med = _median_u8(np.bincount(ch, minlength=256), ch.size)
+        near &= (ch >= med - 8) & (ch <= med + 8)  # numpy 2 compares uint8 with any int exactly
     return {
         "blur_var": float(lap.var()) if lap.size else 0.0,
         "entropy": float(-(p * np.log2(p)).sum()),
