@@ -85,6 +85,12 @@ def _make_local_cluster(cfg: RunConfig) -> Executor:
     resources = {}
     if cfg.device != "cpu" and _has_cuda():
         resources["GPU"] = 1  # each worker process may hold one model on one GPU
+        # non-daemonic workers may start processes: the CLIP stage's DataLoader decodes in them.
+        # Set for the whole driver, not a `with` block: the nanny reads it again when it
+        # restarts a worker that died.
+        import dask
+
+        dask.config.set({"distributed.worker.daemon": False})
     cluster = LocalCluster(n_workers=ex.n_workers, threads_per_worker=ex.threads_per_worker,
                            processes=True, memory_limit=ex.memory_limit,
                            dashboard_address=":0" if ex.dashboard else None,
