@@ -116,3 +116,19 @@ def test_wanted_rows_skip_the_others_unread(pool: Path):
     assert [r for r, _ in full] == list(range(len(full)))
     some = list(iter_indexed_samples(shard, want=lambda r: r % 3 == 1))
     assert [(r, s.members) for r, s in some] == [(r, s.members) for r, s in full if r % 3 == 1]
+
+
+def test_negative_size_is_an_error_not_a_loop(tmp_path: Path):
+    ti, data = _file("000.txt", b"abc")
+    p = _tar(tmp_path / "neg.tar", [_file("000.jpg", b"x" * 600), (ti, data)], tarfile.GNU_FORMAT)
+    raw = bytearray(p.read_bytes())
+    hdr = 512 * 3  # second member's header: after the first header and its two data blocks
+    assert raw[hdr:hdr + 7] == b"000.txt"
+    raw[hdr + 124:hdr + 136] = b"\xff" + b"\xff" * 11  # base-256 minus one
+    raw[hdr + 148:hdr + 156] = b" " * 8
+    raw[hdr + 148:hdr + 155] = f"{sum(raw[hdr:hdr + 512]):06o}\0".encode()
+    p.write_bytes(bytes(raw))
+    ours, err = _read_all(_plain_members, p)
+    assert err == "TarFormatError" and [m[0] for m in ours] == ["000.jpg"]
+    res_samples = list(iter_samples(p))
+    assert [s.key for s in res_samples] == ["000"] and "shard:truncated" in res_samples[0].problems

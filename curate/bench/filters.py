@@ -134,7 +134,7 @@ def run() -> dict:
     pool = bench_pool(4000, 4)
     res = {"text": bench_text(pool), "image": bench_image(pool)}
     big = bench_pool(12000, 8, seed=2)
-    res["text_scaling"] = bench_scaling("text", {}, caption_pool(8, 10_000), 80_000)
+    res["text_scaling"] = bench_scaling("text", {}, caption_pool(16, 10_000), 160_000)
     res["image_scaling"] = bench_scaling("image", {"max_dominant_share": 0.97, "min_blur_var": 20.0}, big, 12000)
     save("filters", res)
     return res

@@ -114,6 +114,8 @@ def _plain_members(f: BinaryIO) -> Iterator[Member]:
         kind = hdr[156:157]
         data_at = pos + BLOCK
         if kind in _META_TYPES:
+            if size < 0:
+                raise TarFormatError(f"negative extended header size at byte {pos}")
             f.seek(data_at)
             body = f.read(size)
             if len(body) < size:
@@ -143,6 +145,8 @@ def _plain_members(f: BinaryIO) -> Iterator[Member]:
             except ValueError:
                 raise TarFormatError("bad pax size") from None
         long_name, pax = None, {}
+        if size < 0:  # a negative size would walk backwards through the file: never ends
+            raise TarFormatError(f"negative member size at byte {pos}")
         text = name.decode("utf-8", "surrogateescape")
         if kind == b"\x00" and text.endswith("/"):
             kind = b"5"  # old-style directory, as tarfile reads it

@@ -136,6 +136,7 @@ class ImageStage(MapStage):
     def __init__(self, params: Strict, stage_id: str | None = None):
         super().__init__(params, stage_id)
         self._limiter = TimeLimiter(self.params.decode_timeout_s, name=f"{self.stage_id}-decode")
+        self._empty = dict.fromkeys(f.name for f in self.value_fields())  # copied per image
 
     QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
 
@@ -149,7 +150,7 @@ class ImageStage(MapStage):
                     ) -> tuple[dict[str, Any], str | None]:
         """Values and the first failing rule for one image."""
         p = self.params
-        vals: dict[str, Any] = {f.name: None for f in self.value_fields()}
+        vals: dict[str, Any] = self._empty.copy()
         if not data:
             return vals, "image:missing"
         if len(data) > p.max_bytes:
