@@ -46,6 +46,10 @@ class _ShardImages:
     decode. Each loader worker streams the tar and handles only its share of rows, so memory stays
     bounded by the batch, not the shard."""
 
+    # Larger JPEGs are decoded on the CPU at a DCT-reduced size instead: a batch of full-size
+    # camera photos decoded on the GPU would take gigabytes before the resize.
+    RAW_JPEG_MAX_PIXELS = 2048 * 2048
+
     def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
                  timeout_s: float | None = None, captions: dict[int, str] | None = None,
                  raw_jpeg: bool = False):
@@ -85,7 +89,8 @@ class _ShardImages:
         im = open_image(data, ext)
         if im.width * im.height > self.max_pixels:
             raise ImageRejected("too many pixels")
-        if self.raw_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L"):
+        if (self.raw_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L")
+                and im.width * im.height <= self.RAW_JPEG_MAX_PIXELS):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if im.format == "JPEG" and self.draft:
             k = self.draft / min(im.width, im.height)

@@ -239,3 +239,15 @@ def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path,
         assert abs(a[i] - b[i]) < 2e-2, (i, a[i], b[i])
     meta = json.loads(pq.read_schema(tmp_path / "w1" / "clip_score" / "mixed.parquet").metadata[b"curate"])
     assert meta["describe"]["decode"].startswith("device")
+
+
+def test_large_jpegs_stay_on_the_cpu_path(monkeypatch):
+    from curate.stages import clip_score
+
+    clip = load_clip("curate-tiny", None)
+    ds = clip_score._dataset_class()("unused.tar", [0], clip.preprocess, draft=128, max_pixels=10**8, raw_jpeg=True)
+    small, big = jpeg_bytes((64, 48)), jpeg_bytes((300, 200))
+    monkeypatch.setattr(clip_score._ShardImages, "RAW_JPEG_MAX_PIXELS", 100 * 100)
+    assert ds._preprocess(small, "jpg").dtype == torch.uint8  # bytes for the device decoder
+    out = ds._preprocess(big, "jpg")
+    assert out.dtype == torch.float32 and out.shape == (3, 64, 64)  # decoded and preprocessed here
