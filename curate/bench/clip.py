@@ -97,6 +97,7 @@ def run() -> dict:
         # not as on a 1,000-sample toy shard
         pool = bench_pool(3000, 1)
         shard = expand_input(str(pool / "00000.tar"))[0]
+        # no loader process (as on a daemonic Dask worker): decoding runs on a helper thread
         res = {"curate-tiny": bench_model("curate-tiny", shard, 3000, 256, device),
                # decode in one DataLoader process beside the 1-thread forward (uses the second core)
                "curate-tiny+1_loader": bench_model("curate-tiny", shard, 3000, 256, device, loader_workers=1)}

@@ -220,7 +220,7 @@ class ClipScoreStage(MapStage):
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, failures, tokens in self._model_batches(loader, on_device, device):
+        for batch_rows, imgs, failures, tokens in self._model_batches(loader, on_device, device, nw):
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
@@ -243,9 +243,12 @@ class ClipScoreStage(MapStage):
                 start += len(sc)
         return out, failed
 
-    def _model_batches(self, loader, on_device, device: str) -> Iterator[tuple[list[int], Any, list, Any]]:
-        """(rows, images, failures, tokens) per loader batch. With device decoding, a helper
-        thread on its own CUDA stream prepares the next batch while the model runs this one."""
+    def _model_batches(self, loader, on_device, device: str, loader_workers: int
+                       ) -> Iterator[tuple[list[int], Any, list, Any]]:
+        """(rows, images, failures, tokens) per loader batch. A helper thread prepares the next
+        batch while the model runs this one: with device decoding (on its own CUDA stream), and
+        when there are no loader processes (a daemonic Dask worker cannot start them; PIL and
+        torch release the GIL while they decode and compute, so the two overlap)."""
         import torch
 
         def prepare(stream=None):
@@ -260,7 +263,7 @@ class ClipScoreStage(MapStage):
                 yield batch["rows"], imgs, failures, batch["tokens"]
 
         if on_device is None or device != "cuda":
-            yield from prepare()
+            yield from (prepare() if loader_workers else in_background(prepare(), depth=2, name="clip-decode"))
             return
         for rows, imgs, failures, tokens in in_background(prepare(torch.cuda.Stream()), depth=2, name="clip-decode"):
             if imgs is not None and imgs.is_cuda:
