@@ -132,3 +132,11 @@ def test_negative_size_is_an_error_not_a_loop(tmp_path: Path):
     assert err == "TarFormatError" and [m[0] for m in ours] == ["000.jpg"]
     res_samples = list(iter_samples(p))
     assert [s.key for s in res_samples] == ["000"] and "shard:truncated" in res_samples[0].problems
+
+
+def test_in_memory_tar_goes_through_tarfile(tmp_path: Path):
+    from curate.io.tar_members import iter_members
+
+    p = _tar(tmp_path / "m.tar", [_file("000.txt", b"one")])
+    got = [(n, f, s, r()) for n, f, s, r in iter_members(io.BytesIO(p.read_bytes()))]
+    assert got == [("000.txt", True, 3, b"one")]

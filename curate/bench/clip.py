@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from pathlib import Path
 
 import torch
@@ -29,21 +28,14 @@ def photo_shard(samples: int, source: Path | None = None) -> Path | None:
     out = BENCH_DIR / f"photos-{samples}.tar"
     if out.exists():
         return out
-    groups: dict[str, list[tuple[str, bytes]]] = {}
-    with tarfile.open(source) as t:
-        for m in t.getmembers():
-            if m.isfile():
-                key, ext = m.name.rsplit(".", 1)
-                groups.setdefault(key, []).append((ext, t.extractfile(m).read()))
-    keys = sorted(groups)
+    import webdataset as wds
+
+    originals = [smp for smp in iter_samples(source) if smp.image()]
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as t:
+    with wds.TarWriter(str(tmp)) as sink:
         for i in range(samples):
-            for ext, data in groups[keys[i % len(keys)]]:
-                ti = tarfile.TarInfo(f"{i:09d}.{ext}")
-                ti.size = len(data)
-                t.addfile(ti, io.BytesIO(data))
+            sink.write({"__key__": f"{i:09d}", **originals[i % len(originals)].members})
     tmp.rename(out)
     return out
 

@@ -36,7 +36,12 @@ def iter_members(f: BinaryIO) -> Iterator[Member]:
     before the damage."""
     head = f.read(6)
     f.seek(0)
-    if head.startswith(_COMPRESSED_MAGIC) or not hasattr(f, "fileno"):
+    try:
+        f.fileno()  # the header reader needs the file's size; in-memory buffers have none
+        on_disk = True
+    except (AttributeError, OSError):
+        on_disk = False
+    if head.startswith(_COMPRESSED_MAGIC) or not on_disk:
         yield from _tarfile_members(f)
     else:
         yield from _plain_members(f)

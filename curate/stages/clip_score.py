@@ -106,10 +106,9 @@ def _collate(batch, tokenizer) -> dict[str, Any]:
     loader workers when there are any, so tokenising here keeps it off the forward loop."""
     import torch
 
-    ready = [b[1] for b in batch if b[2] is None and not b[4]]
-    images = None
-    if ready:
-        images = torch.stack([b[1] if b[2] is None and not b[4] else torch.zeros(ready[0].shape) for b in batch])
+    ready = [b[2] is None and not b[4] for b in batch]  # preprocessed here, nothing left to do
+    shape = next((b[1].shape for b, r in zip(batch, ready) if r), None)
+    images = None if shape is None else torch.stack([b[1] if r else torch.zeros(shape) for b, r in zip(batch, ready)])
     jpeg_pos = [j for j, b in enumerate(batch) if b[4]]
     # one buffer, not one tensor per file: each tensor crossing from a loader worker costs a
     # shared-memory segment and a file descriptor
