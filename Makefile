@@ -1,17 +1,36 @@
 # Every target is a thin call of the `curate` CLI (or pytest) inside .venv.
+# `make` or `make help` lists the targets and the variables they read.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIPELINE ?= pipelines/full.yaml
 CONFIG  ?= configs/local.yaml
+INPUT   ?=
+WORKDIR ?=
 DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
+# One target per stage kind (a test keeps this list equal to the stage registry).
+STAGES  := index text image clip_score clip_rank dedup balance reference_filter
 
-.PHONY: install demo test bench synth run index stats export report reliability ingest compare cluster-up cluster-down clean
+RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
-install: $(STAMP)
+.DEFAULT_GOAL := help
+.PHONY: help install demo test bench synth run stats export report reliability ingest compare \
+	cluster-up cluster-down clean distclean $(STAGES)
+
+help: ## list the targets and the variables they read
+	@echo "curate: make TARGET [VARIABLE=value ...]"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  $(STAGES)"
+	@echo "                   run PIPELINE up to and including that stage (done stages are skipped)"
+	@echo
+	@echo "variables: PIPELINE=$(PIPELINE) CONFIG=$(CONFIG) INPUT=<shards> WORKDIR=<dir> ARGS=<more curate args>"
+	@echo "           OUT=<export folder> SOURCE=<url list or image folder> DEMO_SAMPLES=$(DEMO_SAMPLES) DEMO_SHARDS=$(DEMO_SHARDS)"
+
+install: $(STAMP) ## create .venv and install curate (again only when pyproject.toml changes)
 
 # Reinstall only when pyproject.toml changes (pip of torch & co. takes minutes).
 $(STAMP): pyproject.toml
@@ -20,29 +39,46 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: install
+demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
 	$(BIN)/python -m curate.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
-test: install
+test: install ## run the test suite (offline, minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: install
+bench: install ## measure every stage against the raw operation it sits on (work/bench/*.json)
 	$(BIN)/python -m curate.bench $(ARGS)
 
-synth: install
-	$(BIN)/curate synth --out demo/pool-v2 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
+synth: install ## write the demo's synthetic pool (DEMO_SAMPLES, DEMO_SHARDS)
+	$(BIN)/curate synth --out demo/pool-v2-$(DEMO_SAMPLES)x$(DEMO_SHARDS)-seed0 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
 
-run: install
-	$(BIN)/curate run $(PIPELINE) --config $(CONFIG) $(ARGS)
+run: install ## run PIPELINE with CONFIG (INPUT, WORKDIR override the config)
+	$(BIN)/curate run $(PIPELINE) --config $(CONFIG) $(RUN_ARGS)
 
-index: install
-	$(BIN)/curate run pipelines/index.yaml --config $(CONFIG) $(ARGS)
+$(STAGES): install
+	$(BIN)/curate run $(PIPELINE) --config $(CONFIG) --until $@ $(RUN_ARGS)
 
-stats: install
+stats: install ## print the funnel of the latest run in WORKDIR (default demo/work)
 	$(BIN)/curate stats $(or $(WORKDIR),demo/work)
 
-# A local Dask cluster on 127.0.0.1 for trying the cluster path (configs/cluster.yaml).
-cluster-up: install
+OUT     ?= demo/out
+export: install ## export the curated set of WORKDIR into OUT (ARGS=--overwrite to replace an earlier export)
+	$(BIN)/curate export $(or $(WORKDIR),demo/work) --out $(OUT) --config $(CONFIG) $(ARGS)
+
+report: install ## write WORKDIR/report/index.html
+	$(BIN)/curate report $(or $(WORKDIR),demo/work)
+
+reliability: install ## the fault-injection suite and its table
+	$(BIN)/python -m pytest -q tests/reliability -rA $(ARGS)
+
+SOURCE ?= urls.parquet
+INGEST_OUT ?= work/ingested
+ingest: install ## URL + caption list (img2dataset) or image folder SOURCE -> WebDataset shards in INGEST_OUT
+	$(BIN)/curate ingest $(SOURCE) --out $(INGEST_OUT) $(ARGS)
+
+compare: install ## train the same tiny CLIP on each recipe's output and compare (demo/report/compare.md)
+	$(BIN)/python -m curate.compare $(ARGS)
+
+cluster-up: install ## a dask scheduler on 127.0.0.1:8786 and 2 workers (configs/cluster.yaml uses them)
 	mkdir -p work/cluster
 	$(BIN)/dask scheduler --host 127.0.0.1 --port 8786 --dashboard-address 127.0.0.1:8787 \
 		> work/cluster/scheduler.log 2>&1 & echo $$! > work/cluster/scheduler.pid
@@ -53,30 +89,11 @@ cluster-up: install
 	done
 	@echo "scheduler tcp://127.0.0.1:8786, dashboard http://127.0.0.1:8787"
 
-cluster-down:
+cluster-down: ## stop the cluster that cluster-up started
 	-for f in work/cluster/*.pid; do kill $$(cat $$f) 2>/dev/null; rm -f $$f; done
 
-clean:
-	rm -rf work demo .pytest_cache
+clean: ## remove work dirs and outputs; keeps the trained demo scorer, synthetic pools and .venv
+	rm -rf work demo/work demo/out demo/compare demo/report .pytest_cache
 
-WORKDIR ?= demo/work
-OUT     ?= demo/out
-export: install
-	$(BIN)/curate export $(WORKDIR) --out $(OUT) --config $(CONFIG) $(ARGS)
-
-report: install
-	$(BIN)/curate report $(WORKDIR)
-
-# Fault-injection suite; prints the table of faults injected, runs completed, samples lost, outputs differing.
-reliability: install
-	$(BIN)/python -m pytest -q tests/reliability -rA $(ARGS)
-
-# URL list (Parquet/CSV/TSV with url + caption columns) or image folder -> WebDataset shards
-SOURCE ?= urls.parquet
-INGEST_OUT ?= work/ingested
-ingest: install
-	$(BIN)/curate ingest $(SOURCE) --out $(INGEST_OUT) $(ARGS)
-
-# Train the same tiny CLIP on each recipe's output and compare (demo/report/compare.md); ~15 min.
-compare: install
-	$(BIN)/python -m curate.compare $(ARGS)
+distclean: clean ## remove everything make wrote, the demo scorer, pools and .venv included
+	rm -rf demo .venv

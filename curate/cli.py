@@ -13,8 +13,8 @@ from curate.io.parquet import WorkDirError
 log = logging.getLogger("curate")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("distributed", "bokeh", "tornado", "PIL", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -32,19 +32,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     from curate.config import load_pipeline, load_run_config
     from curate.io.shards import InputError
     from curate.pipeline import run_pipeline
-    from curate.stats import format_funnel, format_globals, funnel, global_summaries
+    from curate.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
     pipe = load_pipeline(a.pipeline)
     overrides = {"workdir": a.workdir, "input": a.input}
     cfg = load_run_config(a.config, overrides)
     if cfg.input is None:
         raise ConfigError(f"{a.config or '<command line>'}: input: no input shards (set `input` or pass --input)")
+    if a.until:
+        pipe = pipeline_until(pipe, a.until, a.pipeline)
     try:
         summary = run_pipeline(pipe, cfg, only=a.stages.split(",") if a.stages else None)
     except InputError as e:
         raise ConfigError(str(e)) from None
-    print(format_funnel(funnel(summary.workdir)))
-    glob = global_summaries(summary.workdir)
+    print(format_funnel(funnel(summary.workdir, summary.run_id), stale_stages(summary.workdir, summary.run_id)))
+    glob = global_summaries(summary.workdir, summary.run_id)
     if glob:
         print("\n" + format_globals(glob))
     if not summary.ok:
@@ -54,6 +56,21 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 1
     print(f"\nrun {summary.run_id} complete; work dir {summary.workdir}")
     return 0
+
+
+def pipeline_until(pipe, stage: str, source: str):
+    """The pipeline cut after ``stage``: its id, or else the first stage of that kind."""
+    from curate.stages.registry import build_stages
+
+    ids = [(st.stage_id, st.name) for st in build_stages(pipe, source)]
+    pos = next((i for i, (sid, _) in enumerate(ids) if sid == stage), None)
+    if pos is None:
+        pos = next((i for i, (_, kind) in enumerate(ids) if kind == stage), None)
+    if pos is None:
+        raise ConfigError(f"{source}: no stage {stage!r} in pipeline {pipe.name} "
+                          f"(stages: {', '.join(sid for sid, _ in ids)}); choose another PIPELINE")
+    added = len(ids) - len(pipe.stages)  # build_stages puts index first when a pipeline omits it
+    return pipe.model_copy(update={"stages": pipe.stages[:max(0, pos + 1 - added)]})
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -86,10 +103,11 @@ def _executor_for(config: str | None):
 def cmd_export(a: argparse.Namespace) -> int:
     from curate.export import ExportSpec, export
 
-    if not Path(a.workdir).is_dir():
-        raise ConfigError(f"{a.workdir}: work dir not found")
+    from curate.decisions import run_record
+
+    run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
-                      hf_parquet=a.hf_parquet)
+                      hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run)
     with _executor_for(a.config) as ex:
         m = export(a.workdir, a.out, ex, spec)
     print(f"exported {m['samples_kept']} of {m['samples_in']} samples into {m['output_shards']} shard(s) "
@@ -100,10 +118,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from curate.decisions import run_record
     from curate.report.html import write_report
 
-    if not Path(a.workdir).is_dir():
-        raise ConfigError(f"{a.workdir}: work dir not found")
+    run_record(a.workdir)  # before anything is written: a clear error for a folder that is not a work dir
     print(write_report(a.workdir))
     return 0
 
@@ -127,25 +145,93 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    from curate.stats import format_funnel, format_globals, funnel, global_summaries
+    from curate.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
-    if not Path(a.workdir).is_dir():
-        raise ConfigError(f"{a.workdir}: work dir not found")
-    rows = funnel(a.workdir)
-    glob = global_summaries(a.workdir)
+    rows = funnel(a.workdir, a.run)
+    glob = global_summaries(a.workdir, a.run)
+    stale = stale_stages(a.workdir, a.run)
     if a.json:
-        print(json.dumps({"funnel": rows, "global": glob}, indent=2))
+        print(json.dumps({"funnel": rows, "global": glob, "stale": stale}, indent=2))
     else:
-        print(format_funnel(rows))
+        print(format_funnel(rows, stale))
         if glob:
             print("\n" + format_globals(glob))
     return 0
 
 
+def cmd_stages(a: argparse.Namespace) -> int:
+    from curate.stages.registry import available_stages, describe_stage
+
+    if not a.name:
+        print(f"{'stage':<18}{'kind':<8}what it does")
+        for n in available_stages():
+            d = describe_stage(n)
+            print(f"{n:<18}{d['kind']:<8}{d['summary']}")
+        print("\n`curate stages NAME` lists a stage's parameters.")
+        return 0
+    d = describe_stage(a.name)
+    print(f"{d['name']} ({d['kind']} stage{', filter' if d['filters'] else ''}): {d['summary']}")
+    if d["needs"]:
+        print(f"reads: {', '.join(d['needs'])}")
+    rows = [(r["name"], r["type"], json.dumps(r["default"]), r["description"]) for r in d["params"]]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) + 2 for i, h in enumerate(("parameter", "type", "default"))]
+    print("\n" + "".join(h.ljust(w) for h, w in zip(("parameter", "type", "default"), widths)) + "description")
+    for row in rows:
+        print("".join(v.ljust(w) for v, w in zip(row, widths)) + row[3])
+    return 0
+
+
+def cmd_models_fetch(a: argparse.Namespace) -> int:
+    from curate.models.weights import fetch_weights
+
+    try:
+        path = fetch_weights(a.model, a.pretrained, a.to)
+    except (LookupError, ConnectionError) as e:
+        raise ConfigError(str(e)) from None
+    print(f"{a.model} {a.pretrained}: {path}\nrun with model_cache: {a.to}")
+    return 0
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default."""
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v / -q, accepted before or after the subcommand."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging and full tracebacks")
+    c.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="curate", description="Curate web-scale image-text pairs.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    from importlib.metadata import version
+
+    common = _common()
+    p = argparse.ArgumentParser(prog="curate", description="Curate web-scale image-text pairs.",
+                                parents=[common], formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"curate {version('curate')}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], formatter_class=_Help, **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    sg = sub.add_parser("stages", help="list the stages, or one stage's parameters with types and defaults")
+    sg.add_argument("name", nargs="?", default=None)
+    sg.set_defaults(fn=cmd_stages)
+
+    mo = sub.add_parser("models", help="stage model weights for machines without internet")
+    mo_sub = mo.add_subparsers(dest="models_cmd", required=True)
+    mf = mo_sub.add_parser("fetch", help="download an open_clip model's weights into a model cache",
+                           parents=[common], formatter_class=_Help)
+    mf.add_argument("model", help="open_clip model name, e.g. ViT-L-14")
+    mf.add_argument("pretrained", help="open_clip pretrained tag, e.g. openai")
+    mf.add_argument("--to", required=True, help="the model cache folder (set model_cache to it in the run config)")
+    mf.set_defaults(fn=cmd_models_fetch)
 
     s = sub.add_parser("synth", help="write a synthetic pool with injected defects and ground truth")
     s.add_argument("--out", required=True)
@@ -161,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", default=None, help="path, glob, brace pattern or list file of shards")
     r.add_argument("--workdir", default=None)
     r.add_argument("--stages", default=None, help="comma-separated stage ids to run (others skipped)")
+    r.add_argument("--until", default=None, metavar="STAGE",
+                   help="run the pipeline up to and including this stage (id or kind); done stages are skipped")
     r.set_defaults(fn=cmd_run)
 
     t = sub.add_parser("train", help="train an open_clip model on WebDataset shards (open_clip_train)")
@@ -203,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--shuffle-seed", type=int, default=None)
     x.add_argument("--no-pool", action="store_true", help="skip OUT/pool (every row with its reason)")
     x.add_argument("--hf-parquet", action="store_true", help="also Parquet with embedded image bytes")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (atomically)")
+    x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 
     rp = sub.add_parser("report", help="write WORK/report/index.html with plots and a gallery")
@@ -212,16 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="print the funnel read back from the stats Parquet")
     st.add_argument("workdir")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     st.set_defaults(fn=cmd_stats)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose, getattr(args, "quiet", False))
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
+        if verbose:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WorkDirError as e:  # full disk, read-only or blocked path: named, no traceback

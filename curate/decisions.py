@@ -6,20 +6,37 @@ from pathlib import Path
 
 import polars as pl
 
+from curate.config import ConfigError
 from curate.io.layout import WorkDir
 
 
-def latest_run(workdir: str | Path) -> dict:
+def run_record(workdir: str | Path, run_id: str | None = None) -> dict:
+    """The record of one run in a work dir (the latest by default): its pipeline's stages with
+    their fingerprints, and its shards. Every read-back (stats, report, export) describes one run."""
     work = WorkDir.at(workdir)
-    run_id = json.loads((work.root / "runs" / "latest.json").read_text())["run_id"]
-    return json.loads((work.run_dir(run_id) / "run.json").read_text())
+    if not work.root.is_dir():
+        raise ConfigError(f"{workdir}: work dir not found")
+    try:
+        run_id = run_id or json.loads((work.root / "runs" / "latest.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"{workdir}: not a curate work dir (no runs/latest.json); give the folder that "
+                          "`curate run` used as its work dir") from None
+    try:
+        return json.loads((work.run_dir(run_id) / "run.json").read_text())
+    except (OSError, ValueError):
+        known = sorted(p.name for p in (work.root / "runs").iterdir() if p.is_dir())
+        raise ConfigError(f"{workdir}: no run {run_id!r} (runs: {', '.join(known) or 'none'})") from None
 
 
-def filter_stage_ids(workdir: str | Path) -> list[str]:
-    """Stages of the latest run that wrote decision columns, in pipeline order."""
+def latest_run(workdir: str | Path) -> dict:
+    return run_record(workdir)
+
+
+def filter_stage_ids(workdir: str | Path, run_id: str | None = None) -> list[str]:
+    """Stages of the run (latest by default) that wrote decision columns, in pipeline order."""
     work = WorkDir.at(workdir)
     out = []
-    for s in latest_run(workdir)["stages"]:
+    for s in run_record(workdir, run_id)["stages"]:
         tables = sorted((work.root / s["id"]).glob("*.parquet"))
         if tables and f"keep_{s['id']}" in pl.read_parquet_schema(tables[0]):
             out.append(s["id"])

@@ -5,12 +5,13 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from curate.cli import _setup_logging
-from curate.config import load_pipeline, load_run_config
+from curate.config import PipelineConfig, load_pipeline, load_run_config
 from curate.decisions import decisions
 from curate.pipeline import run_pipeline
 from curate.engine import make_executor
@@ -18,6 +19,7 @@ from curate.export import ExportSpec, export
 from curate.report.html import write_report
 from curate.stats import format_funnel, format_globals, funnel, global_summaries
 from curate.synth import SYNTH_VERSION, synthesize
+from curate.training import file_sha256
 
 log = logging.getLogger("curate.demo")
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,32 +39,95 @@ def defect_table(workdir: Path, truth_path: Path) -> pl.DataFrame:
         .sort("label"))
 
 
+DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What "curation worked" means on the synthetic pool (its ground truth knows every defect)."""
+
+    min_clean_kept: float = 0.90  # share of clean samples the filters keep (balancing is sampling, not judged)
+    min_defect_removed: float = 0.95  # share of each non-duplicate defect the filters remove
+    max_kept_per_duplicate_group: int = 1  # a source and its copies
+
+
+def self_check(workdir: Path, truth_path: Path, bounds: Bounds = Bounds()) -> list[tuple[str, bool, str]]:
+    """(check, passed, what was measured) for every bound, from the decisions read back from the
+    work dir and the pool's ground truth."""
+    table = defect_table(workdir, truth_path)
+    checks = []
+    for row in table.iter_rows(named=True):
+        label, removed = row["label"], row["removed_by_filters"]
+        if label == "clean":
+            checks.append((f"clean kept by the filters >= {bounds.min_clean_kept:.0%}",
+                           1 - removed >= bounds.min_clean_kept, f"{1 - removed:.1%} of {row['samples']}"))
+        elif label not in DUPLICATE_LABELS:
+            checks.append((f"{label} removed >= {bounds.min_defect_removed:.0%}",
+                           removed >= bounds.min_defect_removed, f"{removed:.1%} of {row['samples']}"))
+    truth = pl.read_parquet(truth_path, columns=["uid", "dup_of"])
+    kept = decisions(workdir).filter(pl.col("kept")).join(truth, on="uid", how="left")
+    in_groups = set(truth["dup_of"].drop_nulls().to_list())
+    per_group = (kept.with_columns(pl.coalesce("dup_of", "uid").alias("group"))
+                 .filter(pl.col("group").is_in(in_groups)).group_by("group").len())
+    worst = int(per_group["len"].max() or 0) if per_group.height else 0
+    over = int((per_group["len"] > bounds.max_kept_per_duplicate_group).sum()) if per_group.height else 0
+    checks.append((f"every duplicate group keeps <= {bounds.max_kept_per_duplicate_group} sample",
+                   over == 0, f"{len(in_groups)} groups, {over} over the bound (most kept in one: {worst})"))
+    return checks
+
+
+def format_checks(checks: list[tuple[str, bool, str]]) -> str:
+    lines = [f"  {'PASS' if ok else 'FAIL'}  {name:<46} {seen}" for name, ok, seen in checks]
+    verdict = ("curation worked: every check passed" if all(ok for _, ok, _ in checks) else
+               f"curation did NOT work: {sum(not ok for _, ok, _ in checks)} check(s) failed")
+    return "\n".join(lines + [verdict])
+
+
 SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
 
 
 def ensure_scorer(models: Path, seed: int = 0) -> Path:
-    """The tiny CLIP the demo scores with: trained once on clean synthetic pairs, then cached."""
+    """The tiny CLIP the demo scores with, trained on clean synthetic pairs. Training is
+    deterministic (curate.models.train_entry): every machine gets the same checkpoint bytes, and a
+    checkpoint made by the same spec from the same data is reused."""
     from curate.evaluation import evaluate_clip
-    from curate.training import TrainSpec, train_clip
+    from curate.training import TrainSpec, file_sha256, train_clip
 
-    ckpt = models / SCORER
-    if ckpt.exists():
-        log.info("tiny CLIP scorer cached at %s (delete it to retrain)", ckpt)
-        return ckpt
+    train_dir, heldout = demo_sets(seed)
+    path = train_clip(str(train_dir / "*.tar"), models, TrainSpec(epochs=4, seed=seed), name=Path(SCORER).stem)
+    side = models / f"{Path(SCORER).stem}.eval.json"
+    digest = file_sha256(path)
+    metrics = json.loads(side.read_text()) if side.exists() else {}
+    if metrics.get("sha256") != digest:
+        metrics = evaluate_clip("curate-tiny", str(path), heldout) | {"sha256": digest}
+        side.write_text(json.dumps(metrics, indent=2))
+    log.info("tiny CLIP scorer %s: sha256 %s, held-out matched-vs-shuffled AUC %.4f",
+             path.name, digest, metrics["match_vs_shuffled_auc"])
+    if metrics["match_vs_shuffled_auc"] < 0.9:
+        log.error("tiny CLIP scorer AUC %.3f is below 0.9: CLIP scores will be weak", metrics["match_vs_shuffled_auc"])
+    return path
+
+
+def demo_sets(seed: int = 0) -> tuple[Path, Path]:
+    """The scorer's training pool and the held-out clean pairs (evaluation and calibration)."""
     train_dir = ROOT / "demo" / f"scorer-train-v{SYNTH_VERSION}"
     heldout = ROOT / "demo" / f"heldout-v{SYNTH_VERSION}"
     if not (train_dir / "ground_truth.parquet").exists():
         synthesize(train_dir, samples=5000, shards=5, seed=1000 + seed, fractions={})
     if not (heldout / "ground_truth.parquet").exists():
         synthesize(heldout, samples=1000, shards=1, seed=2000 + seed, fractions={})
-    log.info("training the tiny CLIP scorer with open_clip_train (a few minutes on 2 cores)")
-    path = train_clip(str(train_dir / "*.tar"), models, TrainSpec(epochs=4, seed=seed), name=Path(SCORER).stem)
-    metrics = evaluate_clip("curate-tiny", str(path), heldout)
-    (models / f"{Path(SCORER).stem}.eval.json").write_text(json.dumps(metrics, indent=2))
-    log.info("tiny CLIP on held-out clean pairs: %s", metrics)
-    if metrics["match_vs_shuffled_auc"] < 0.9:
-        log.error("tiny CLIP scorer AUC %.3f is below 0.9: CLIP scores will be weak", metrics["match_vs_shuffled_auc"])
-    return path
+    return train_dir, heldout
+
+
+def with_heldout(pipe: PipelineConfig, heldout: Path) -> PipelineConfig:
+    """The demo pipeline with its CLIP calibration pointed at the held-out set this demo made."""
+    stages = []
+    for st in pipe.stages:
+        cal = st.params.get("calibrate")
+        if st.name == "clip_rank" and cal:
+            st = st.model_copy(update={"params": st.params | {"calibrate": cal | {"heldout": str(heldout / "*.tar")}}})
+        stages.append(st)
+    return pipe.model_copy(update={"stages": stages})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,18 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "demo.yaml"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default=str(ROOT / "demo"), help="pool, work dir and outputs go here")
+    ap.add_argument("--models", default=str(ROOT / "demo" / "models"), help="the scorer's cache")
     a = ap.parse_args(argv)
     _setup_logging(False)
     cfg = load_run_config(a.config)
-    pool = ROOT / "demo" / f"pool-v{SYNTH_VERSION}"
+    root = Path(a.dir).resolve()
+    pool = root / f"pool-v{SYNTH_VERSION}-{a.samples}x{a.shards}-seed{a.seed}"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=a.samples, shards=a.shards, seed=a.seed)
-    models = ROOT / "demo" / "models"
-    ensure_scorer(models, a.seed)
-    cfg = cfg.model_copy(update={"input": str(pool / "*.tar"), "workdir": str(ROOT / "demo" / "work"),
+    models = Path(a.models).resolve()
+    scorer = ensure_scorer(models, a.seed)
+    _, heldout = demo_sets(a.seed)
+    cfg = cfg.model_copy(update={"input": str(pool / "*.tar"), "workdir": str(root / "work"),
                                  "model_cache": str(models)})
-    summary = run_pipeline(load_pipeline(a.pipeline), cfg)
-    print("\n== funnel (read back from demo/work/stats) ==")
+    summary = run_pipeline(with_heldout(load_pipeline(a.pipeline), heldout), cfg)
+    print(f"\n== scorer ==\n{scorer.name} sha256 {file_sha256(scorer)}")
+    print("\n== funnel (read back from the work dir's stats) ==")
     print(format_funnel(funnel(summary.workdir)))
     print("\n== per ground-truth label (ground_truth.parquet): share removed by the filters, by balancing, kept ==")
     with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, float_precision=3):
@@ -94,16 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     if not summary.ok:
         print("\n".join(summary.problems()), file=sys.stderr)
         return 1
-    out = ROOT / "demo" / "out"
+    checks = self_check(Path(summary.workdir), pool / "ground_truth.parquet")
+    print("\n== self-check against the ground truth ==\n" + format_checks(checks))
+    out = root / "out"
     with make_executor(cfg) as ex:
-        manifest = export(summary.workdir, out, ex, ExportSpec(shard_size=1000, shuffle_seed=a.seed))
+        manifest = export(summary.workdir, out, ex, ExportSpec(shard_size=1000, shuffle_seed=a.seed,
+                                                               overwrite=True))
     report = write_report(summary.workdir)
     print(f"\n== outputs ==\nwork dir:  {summary.workdir}\n"
           f"stats:     {summary.workdir}/stats/<stage>/<shard>.parquet (curate stats {summary.workdir})\n"
           f"curated:   {out}/metadata/*.parquet, {out}/shards/*.tar ({manifest['samples_kept']} samples in "
           f"{manifest['output_shards']} shards), {out}/uids.npy, {out}/manifest.json\n"
           f"report:    {report}")
-    return 0
+    return 0 if all(ok for _, ok, _ in checks) else 3
 
 
 if __name__ == "__main__":

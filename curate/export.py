@@ -19,6 +19,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import secrets
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.decisions import decision_exprs, filter_stage_ids, latest_run
+from curate.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
@@ -40,12 +43,39 @@ ROW_GROUP = 16_384
 _SKIP_COLUMNS = ("image_emb", "text_emb")  # large vectors stay in the work dir
 
 
+MARKER = ".curate-export.json"  # written by export into every folder it owns
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     shard_size: int = 10_000
     shuffle_seed: int | None = None
     write_pool: bool = True
     hf_parquet: bool = False
+    overwrite: bool = False  # replace an earlier export (a folder holding MARKER), atomically
+    run_id: str | None = None  # which run of the work dir (default: the latest)
+
+
+def check_output(out: Path, workdir: Path, inputs: list[str], overwrite: bool) -> None:
+    """Refuse any output folder where writing could destroy data: one that overlaps the run's inputs
+    or work dir, one holding files export did not write, and an earlier export without ``overwrite``."""
+    def overlaps(a: Path, b: Path) -> bool:
+        return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+    if overlaps(out, workdir):
+        raise WorkDirError(f"--out {out} overlaps the work dir {workdir}: choose a folder outside it")
+    folders = {Path(p).resolve().parent for p in inputs}
+    hit = next((f for f in sorted(folders) if overlaps(out, f)), None)
+    if hit is not None:
+        raise WorkDirError(f"--out {out} overlaps the folder of the input shards ({hit}): choose a folder "
+                           "outside it (export never writes where inputs live)")
+    if out.exists() and not out.is_dir():
+        raise WorkDirError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise WorkDirError(f"--out {out} holds files that export did not write: choose a new or empty folder")
+        if not overwrite:
+            raise WorkDirError(f"--out {out} holds an earlier export: pass --overwrite to replace it")
 
 
 def _order_key(uid: str, seed: int) -> bytes:
@@ -102,6 +132,10 @@ def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
             for s in iter_samples(part["path"]):
                 if s.key in wanted and s.image():
                     found[s.key] = (s.image(), s.image_ext())
+            lost = wanted - found.keys()
+            if lost:
+                raise WorkDirError(f"input shard {part['path']} no longer holds {len(lost)} kept sample(s) "
+                                   f"(e.g. key {sorted(lost)[0]}): it changed after the run; rerun it")
             for r in rows:  # metadata order (possibly shuffled), not tar order
                 img, ext = found[r["key"]]
                 key = f"{index:05d}{n:05d}"
@@ -144,9 +178,37 @@ def plan_output(counts: list[dict], shard_size: int) -> list[list[dict]]:
 
 
 def export(workdir: str | Path, out: str | Path, ex: Executor, spec: ExportSpec = ExportSpec()) -> dict:
-    workdir, out = str(Path(workdir).resolve()), str(Path(out).resolve())
-    run = latest_run(workdir)
-    stage_ids = filter_stage_ids(workdir)
+    """Write the curated outputs of a finished run into ``out``. Everything is written into a
+    hidden folder beside ``out`` first and moved into place when complete, so ``out`` holds either
+    the previous export or the new one, never a mix and never a half-written folder."""
+    workdir, final = str(Path(workdir).resolve()), Path(out).resolve()
+    run = run_record(workdir, spec.run_id)
+    check_output(final, Path(workdir), run["shards"], spec.overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
+    try:
+        manifest = _export_into(workdir, str(staging), run, ex, spec)
+        atomic_write_bytes(staging / MARKER, json.dumps({"workdir": workdir, "run_id": run["run_id"]}).encode())
+        _swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` (absent, empty, or an earlier export) with ``staging``."""
+    if final.is_dir() and any(final.iterdir()):
+        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if final.is_dir():
+            final.rmdir()
+        os.rename(staging, final)
+
+
+def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSpec) -> dict:
     all_ids = [s["id"] for s in run["stages"]]
     shards = run["shards"]
     missing = [shard_name(p) for p in shards if not WorkDir.at(workdir).stage_table(all_ids[-1], shard_name(p)).exists()]
@@ -168,10 +230,6 @@ def export(workdir: str | Path, out: str | Path, ex: Executor, spec: ExportSpec 
     if failed:
         raise RuntimeError(f"export failed on output shard {failed[0].item}: {failed[0].error}")
     sizes = {r.value["shard"]: r.value["samples"] for r in outs}
-    # a previous export into the same folder may have left more shards: remove them
-    for p in (Path(out) / "shards").glob("*.tar") if plans else []:
-        if p.name not in sizes:
-            p.unlink()
     kept_uids = pl.read_parquet(str(Path(out) / "metadata" / "*.parquet"), columns=["uid"])["uid"].to_list() \
         if any(c["kept"] for c in counts) else []
     buf = io.BytesIO()

@@ -5,6 +5,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import platform
 import secrets
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
         if unknown:
             raise ConfigError(f"--stages names {unknown}, not in pipeline {pipe.name} "
                              f"(stages: {', '.join(s.stage_id for s in stages)})")
+    preflight(stages, cfg, shard_paths, work)
     fps = stage_fingerprints(stages, shards, cfg.model_cache)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
@@ -199,6 +201,25 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     atomic_write_bytes(work.run_dir(run_id) / "summary.json", json.dumps(
         {"ok": summary.ok, "problems": summary.problems()}, indent=2).encode())
     return summary
+
+
+def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work: WorkDir) -> None:
+    """Check the whole run once in the driver, before any shard: inputs readable, work dir writable,
+    every stage's weights and reference sets present. All problems are reported together."""
+    problems = [f"input shard {p} cannot be read" for p in shard_paths
+                if not (os.path.isfile(p) and os.access(p, os.R_OK))][:5]
+    try:
+        work.root.mkdir(parents=True, exist_ok=True)
+        probe = work.root / f".write-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"work dir {work.root} is not writable: {e.strerror or e}")
+    for st in stages:
+        problems += st.preflight(cfg.model_cache)
+    if problems:
+        raise ConfigError(f"preflight: {len(problems)} problem(s), nothing was run:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
 
 
 def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], only: list[str],

@@ -7,44 +7,51 @@ from typing import Any
 
 import polars as pl
 
+from curate.config import ConfigError
 from curate.io.layout import WorkDir
+from curate.io.parquet import read_meta
 
 
 def load_stats(workdir: str | Path) -> pl.DataFrame:
     """All stats rows of a work dir: run_id, stage, shard, metric, value."""
     work = WorkDir.at(workdir)
     if not (work.root / "stats").exists():
-        return pl.DataFrame(schema={"run_id": pl.String, "stage": pl.String, "shard": pl.String,
-                                    "metric": pl.String, "value": pl.Float64})
+        return load_stats_empty()
     return pl.read_parquet(work.stats_glob())
 
 
-def stage_order(workdir: str | Path) -> list[str]:
-    """Stage ids in the order of the latest run's pipeline."""
-    from curate.decisions import latest_run
+def stage_order(workdir: str | Path, run_id: str | None = None) -> list[str]:
+    """Stage ids in the order of the run's pipeline (the latest run by default)."""
+    from curate.decisions import run_record
 
     try:
-        return [s["id"] for s in latest_run(workdir)["stages"]]
-    except (OSError, ValueError, KeyError):
+        return [s["id"] for s in run_record(workdir, run_id)["stages"]]
+    except ConfigError:
         return []
 
 
-def funnel(workdir: str | Path) -> list[dict[str, Any]]:
-    """Per stage: shards, in, kept, dropped by reason, seconds: the pipeline's funnel."""
-    df = load_stats(workdir)
-    if df.is_empty():
-        return []
-    order = stage_order(workdir)
-    stages = sorted(df["stage"].unique().to_list(),
-                    key=lambda s: (order.index(s) if s in order else len(order), s))
+def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Per stage of one run (the latest by default): shards done, in, kept, dropped by reason,
+    seconds. Only stats files made with that run's fingerprints count, so a work dir that held
+    another pipeline (or other parameters) before shows this run's funnel alone."""
+    from curate.decisions import run_record
+    from curate.io.shards import shard_name
+
+    run = run_record(workdir, run_id)
+    work = WorkDir.at(workdir)
+    shards = [shard_name(p) for p in run["shards"]]
     rows = []
-    for st in stages:
-        d = df.filter(pl.col("stage") == st)
+    for st in run["stages"]:
+        paths = [work.stage_stats(st["id"], s) for s in shards]
+        done = [str(p) for p in paths if p.exists() and (read_meta(p) or {}).get("fingerprint") == st["fingerprint"]]
+        d = pl.read_parquet(done) if done else load_stats_empty()
         sums = dict(d.group_by("metric").agg(pl.col("value").sum()).iter_rows())
         dropped = {m.split(":", 1)[1]: int(v) for m, v in sums.items() if m.startswith("dropped:")}
         rows.append({
-            "stage": st,
-            "shards": d["shard"].n_unique(),
+            "stage": st["id"],
+            "shards": len(done),
+            "shards_total": len(shards),
+            "complete": len(done) == len(shards),
             "n_in": int(sums.get("n_in", 0)),
             "n_kept": int(sums.get("n_kept", 0)),
             "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -54,25 +61,51 @@ def funnel(workdir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def format_funnel(rows: list[dict[str, Any]]) -> str:
+def stale_stages(workdir: str | Path, run_id: str | None = None) -> list[str]:
+    """Stage tables in the work dir that the run's pipeline does not have (left by other runs)."""
+    work = WorkDir.at(workdir)
+    mine = set(stage_order(workdir, run_id))
+    stats = work.root / "stats"
+    return sorted(p.name for p in stats.iterdir() if p.is_dir() and p.name not in mine) if stats.exists() else []
+
+
+def load_stats_empty() -> pl.DataFrame:
+    return pl.DataFrame(schema={"run_id": pl.String, "stage": pl.String, "shard": pl.String,
+                                "metric": pl.String, "value": pl.Float64})
+
+
+def format_funnel(rows: list[dict[str, Any]], stale: list[str] | None = None) -> str:
     if not rows:
         return "no stats yet"
-    lines = [f"{'stage':<18}{'shards':>7}{'in':>10}{'kept':>10}{'kept %':>8}  dropped by reason"]
+    lines = [f"{'stage':<18}{'shards':>11}{'in':>10}{'kept':>10}{'kept %':>8}{'seconds':>9}  dropped by reason"]
     for r in rows:
         pct = 100.0 * r["n_kept"] / r["n_in"] if r["n_in"] else 0.0
         reasons = ", ".join(f"{k}={v}" for k, v in r["dropped"].items()) or "-"
-        lines.append(f"{r['stage']:<18}{r['shards']:>7}{r['n_in']:>10}{r['n_kept']:>10}{pct:>7.1f}%  {reasons}")
+        shards = f"{r['shards']}/{r['shards_total']}"
+        lines.append(f"{r['stage']:<18}{shards:>11}{r['n_in']:>10}{r['n_kept']:>10}{pct:>7.1f}%"
+                     f"{r['seconds']:>9.1f}  {reasons}")
         if r["damaged_shards"]:
             lines.append(f"{'':<18}{r['damaged_shards']} damaged shard(s): readable prefix processed")
+    first, last = rows[0], rows[-1]
+    total = 100.0 * last["n_kept"] / first["n_in"] if first["n_in"] else 0.0
+    lines.append(f"overall: kept {last['n_kept']} of {first['n_in']} samples ({total:.1f}%), "
+                 f"{sum(r['seconds'] for r in rows):.1f} s of stage time")
+    todo = [r["stage"] for r in rows if not r["complete"]]
+    if todo:
+        lines.append(f"INCOMPLETE: stage(s) {', '.join(todo)} not done on every shard; rerun the same "
+                     "command to finish (the totals above cover the done shards)")
+    if stale:
+        lines.append(f"stale (other runs, not in this run's pipeline, ignored): {', '.join(stale)}")
     return "\n".join(lines)
 
 
-def global_summaries(workdir: str | Path) -> dict[str, Any]:
-    """What each global stage decided (thresholds, groups, concept head/tail), from WORK/global."""
+def global_summaries(workdir: str | Path, run_id: str | None = None) -> dict[str, Any]:
+    """What each global stage of the run decided (thresholds, groups, concept head/tail), from WORK/global."""
     work = WorkDir.at(workdir)
+    mine = set(stage_order(workdir, run_id))
     out: dict[str, Any] = {}
     for p in sorted(work.global_dir().glob("*.json")) if work.global_dir().exists() else []:
-        if p.name.endswith(".done.json"):
+        if p.name.endswith(".done.json") or p.stem not in mine:
             continue
         try:
             out[p.stem] = json.loads(p.read_text())
@@ -87,6 +120,12 @@ def format_globals(summ: dict[str, Any]) -> str:
         if name == "clip_rank":
             lines.append(f"clip_rank: threshold {s.get('threshold')} over {s.get('n')} scores "
                          f"({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})")
+            cal = s.get("calibration")
+            if cal:
+                lines.append(f"  calibrated ({cal['rule']}) on {cal['heldout_pairs']} held-out pairs: keeps "
+                             f"{cal['heldout_recall']:.1%} of matched and {cal['heldout_false_accept']:.1%} of "
+                             f"shuffled pairs (precision {cal['heldout_precision']}); median score matched "
+                             f"{cal['matched_median']}, shuffled {cal['shuffled_median']}")
         elif name == "dedup":
             lines.append(f"dedup: {s.get('groups')} duplicate groups, edges {s.get('edges')}, dropped {s.get('dropped')}")
         elif name == "balance":

@@ -6,6 +6,7 @@ measures it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,8 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from curate.io.shards import expand_input, iter_samples
+from curate.models.train_entry import deterministic_env
 
 log = logging.getLogger(__name__)
+# Part of every checkpoint's record: bump when a change to the training code changes its result,
+# so that cached checkpoints are retrained instead of reused.
+TRAINER_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class TrainSpec:
     threads: int = 2
     device: str = "cpu"
     # Fixed samples per epoch, drawn with replacement: every training set gets the same number
-    # of steps whatever its size (DataComp compares curations at a fixed compute budget).
+    # of steps whatever its size (DataComp compares curations at a fixed compute budget). The
+    # draw is seeded (curate.models.train_entry), so a seed reproduces its run.
     samples_per_epoch: int | None = None
 
 
@@ -55,10 +61,10 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     n = count_samples(shards)
     if n < spec.batch_size:
         raise ValueError(f"{n} samples in {len(shards)} shard(s): fewer than one batch of {spec.batch_size}")
-    record = asdict(spec) | {"samples": n, "shards": shards, "shard_bytes": _shard_bytes(shards)}
+    record = asdict(spec) | {"trainer": TRAINER_VERSION, "samples": n, "shards": shards, "shard_bytes": _shard_bytes(shards)}
     final, side = out / f"{name}.pt", out / f"{name}.json"
-    if reuse and final.exists() and side.exists() and json.loads(side.read_text()) == record:
-        log.info("%s: trained before with the same spec and data, reusing it", final)
+    if reuse and final.exists() and side.exists() and _same_record(json.loads(side.read_text()), record):
+        log.info("%s: trained before with the same spec and data, reusing it (sha256 %s)", final, file_sha256(final))
         return final
     logs = out / "logs"
     shutil.rmtree(logs / name, ignore_errors=True)
@@ -70,8 +76,8 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
             "--save-frequency", str(spec.epochs), "--report-to", "", "--log-every-n-steps", "20"]
     if spec.samples_per_epoch:
         argv.append("--dataset-resampled")
-    env = os.environ | {"OMP_NUM_THREADS": str(spec.threads), "WANDB_MODE": "disabled",
-                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | deterministic_env(spec.threads) | {
+        "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.info("training %s on %d samples from %d shard(s), %d epochs", spec.model, n, len(shards), spec.epochs)
     r = subprocess.run([sys.executable, "-m", "curate.models.train_entry", *argv], env=env,
                        capture_output=True, text=True)
@@ -89,5 +95,19 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     tmp = final.with_suffix(".pt.tmp")
     torch.save({"state_dict": state}, tmp)
     os.replace(tmp, final)
-    side.write_text(json.dumps(record, indent=2))
+    digest = file_sha256(final)
+    side.write_text(json.dumps(record | {"sha256": digest}, indent=2))
+    log.info("trained %s: sha256 %s", final, digest)
     return final
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _same_record(saved: dict, wanted: dict) -> bool:
+    return {k: v for k, v in saved.items() if k != "sha256"} == wanted

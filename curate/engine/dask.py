@@ -10,10 +10,9 @@ import logging
 import uuid
 from typing import Callable
 
-from tqdm import tqdm
-
 from curate.config import RunConfig, scheduler_address
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
+from curate.engine.progress import Progress
 from curate.engine.watchdog import run_with_deadline
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class DaskExecutor(Executor):
                                   resources=resources or None)
         by_key = {f.key: (i, item) for i, (f, item) in enumerate(zip(futures, items))}
         results: list[Outcome | None] = [None] * len(items)
-        with tqdm(total=len(items), desc=label, disable=None, leave=False) as bar:
+        with Progress(label, len(items)) as bar:
             for fut in as_completed(futures):
                 i, item = by_key[fut.key]
                 try:

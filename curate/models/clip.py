@@ -7,6 +7,7 @@ Our tiny architectures live in ``models/configs/`` and are registered with open_
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,15 +77,20 @@ def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precis
     import open_clip
     import torch
 
+    from curate.models.weights import cached_weights, hub_offline
+
     register_configs()
     ckpt = resolve_checkpoint(pretrained, model_cache)
     tag = pretrained if pretrained and ckpt is None else None
-    if tag and os.environ.get("HF_HUB_OFFLINE") == "1":
-        log.info("offline: pretrained tag %r must already be in cache_dir %s", tag, model_cache)
+    # A cached tag loads without asking the hub (no retries on a machine without internet).
     try:
-        m, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=ckpt or tag, precision=precision, device=device,
-            cache_dir=model_cache, weights_only=True)
+        cached = tag is not None and cached_weights(model, tag, model_cache) is not None
+        with hub_offline() if cached else contextlib.nullcontext():
+            m, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=ckpt or tag, precision=precision, device=device,
+                cache_dir=model_cache, weights_only=True)
+    except LookupError as e:
+        raise ModelError(str(e)) from None
     except RuntimeError as e:
         raise ModelError(f"cannot load {model} ({pretrained}): {e}") from e
     except Exception as e:  # hub errors when offline have many types

@@ -43,6 +43,8 @@ def keep_probability(entries: pl.DataFrame, counts: np.ndarray, t: float) -> pl.
 
 @register_stage
 class BalanceStage(GlobalStage):
+    """MetaCLIP concept balancing: caps each concept of the vocabulary at t matches; keeps a sample with p = hash(uid, seed) < p_keep."""
+
     name = "balance"
     version = "1"
 
@@ -51,10 +53,10 @@ class BalanceStage(GlobalStage):
         case_sensitive: bool = Field(True, description="MetaCLIP matches case-sensitively")
         t: float | None = Field(None, gt=0, description="per-entry cap (MetaCLIP: 20k for 400M)")
         target_size: int | None = Field(None, ge=1, description="or solve t for this expected size")
-        unmatched: Literal["drop", "keep", "sample"] = "drop"
+        unmatched: Literal["drop", "keep", "sample"] = Field("drop", description="samples that match no concept: drop, keep, or sample at unmatched_rate")
         unmatched_rate: float = Field(0.0, ge=0, le=1, description="keep rate when unmatched: sample")
-        seed: int = 0
-        all_rows: bool = False
+        seed: int = Field(0, description="seed of the hash(uid, seed) keep decisions")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
         @model_validator(mode="after")
         def _one_rule(self):

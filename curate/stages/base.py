@@ -110,6 +110,18 @@ class GlobalContext:
     def partials(self) -> list[Path]:
         return [self.work.partial(self.stage_id, s) for s in self.shards]
 
+    def pipeline_stage(self, stage_id: str) -> "Stage":
+        """Another stage of this run's pipeline, rebuilt from the run record (e.g. the scorer
+        whose model a global stage must use again)."""
+        import json
+
+        from curate.config import StageSpec
+        from curate.stages.registry import build_stage
+
+        run = json.loads((self.work.run_dir(self.run.run_id) / "run.json").read_text())
+        spec = next(s for s in run["stages"] if s["id"] == stage_id)
+        return build_stage(StageSpec(name=spec["name"], params=spec["params"]))
+
 
 class Stage:
     """Base of all stages. Subclasses set ``name``, ``Params`` and implement their kind's methods."""
@@ -143,6 +155,11 @@ class Stage:
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         """Extra inputs to the fingerprint, such as a checkpoint hash or a vocabulary hash."""
         return {}
+
+    def preflight(self, model_cache: str | None = None) -> list[str]:
+        """Problems that would fail every shard (weights not found, a reference set missing),
+        found once in the driver before any work starts; each names what is missing and the fix."""
+        return []
 
     @property
     def evaluate_all(self) -> bool:

@@ -3,7 +3,8 @@
 ``clip_score`` writes the cosine similarity of L2-normalised image and text embeddings (as
 DataComp) and both embeddings as float16 fixed-size lists, row order tied to uid, because dedup and
 the reference-set filter reuse them. ``clip_rank`` keeps the top fraction of the whole pool (one
-global threshold, ties broken by uid) or the samples above an absolute score.
+global threshold, ties broken by uid), the samples above an absolute score, or the samples above a
+score calibrated on held-out pairs for this very scorer (``stages/clip_calibration.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pydantic import Field, model_validator
 from curate.background import in_background
 from curate.config import Strict, require_exactly_one
 from curate.io.parquet import atomic_write_bytes, write_table
-from curate.io.shards import iter_indexed_samples
+from curate.io.shards import expand_input, iter_indexed_samples
+from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
 from curate.stages.image import ImageRejected, open_image, to_rgb
 from curate.timeouts import SampleTimeout, TimeLimiter
@@ -120,17 +122,19 @@ def _collate(batch, tokenizer) -> dict[str, Any]:
 
 @register_stage
 class ClipScoreStage(MapStage):
+    """open_clip image-text cosine score per pair, with float16 image and text embeddings for later stages."""
+
     name = "clip_score"
     version = "1"
 
     class Params(Strict):
         model: str = Field("ViT-L-14", description="open_clip model name")
         pretrained: str | None = Field("openai", description="tag, local checkpoint path, or null (random)")
-        batch_size: int = Field(256, ge=1)
+        batch_size: int = Field(256, ge=1, description="images per model forward (halved on CUDA out-of-memory)")
         loader_workers: int | None = Field(None, ge=0, description="null: auto (0 on CPU)")
-        precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
-        store_embeddings: bool = True
-        max_pixels: int = Field(100_000_000, ge=1)
+        precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: fp32 weights with bf16 autocast on CUDA; or fp32, bf16, fp16")
+        store_embeddings: bool = Field(True, description="keep float16 image/text embeddings (dedup and the reference filter read them)")
+        max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb cap (header w*h)")
         jpeg_draft: bool = Field(True, description="DCT-scaled JPEG decode to 2x the model's input size")
         decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
         device_decode: bool | None = Field(None, description="decode JPEGs with nvJPEG and preprocess on the "
@@ -161,6 +165,12 @@ class ClipScoreStage(MapStage):
         except Exception:  # reported when the model loads; the fingerprint just stays name-based
             ckpt = None
         return {"checkpoint_sha256": file_sha256(ckpt) if ckpt else None}
+
+    def preflight(self, model_cache: str | None = None) -> list[str]:
+        from curate.models.weights import weights_problem
+
+        problem = weights_problem(self.params.model, self.params.pretrained, model_cache)
+        return [f"{self.stage_id}: {problem}"] if problem else []
 
     def clip(self, device: str, model_cache: str | None):
         if self._clip is None:
@@ -403,21 +413,45 @@ class ClipRankStage(GlobalStage):
 
     class Params(Strict):
         top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
-        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this")
+        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
+                                        "(tied to one scorer: prefer calibrate)")
+        calibrate: Calibration | None = Field(None, description="or keep scores >= a threshold chosen "
+                                              "on held-out pairs scored by this run's CLIP stage")
         exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
         hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1] for the approximate threshold")
-        all_rows: bool = False
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
         @model_validator(mode="after")
         def _one_rule(self):
-            require_exactly_one(self, "top_fraction", "min_score")
+            require_exactly_one(self, "top_fraction", "min_score", "calibrate")
             return self
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("clip_rank_threshold", pa.float32())]
 
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
+        cal = self.params.calibrate
+        if cal is None:
+            return {}
+        try:
+            shards = expand_input(cal.heldout)
+        except Exception:  # reported by preflight and by combine
+            shards = []
+        return {"heldout": [(p, os.path.getsize(p) if os.path.exists(p) else None) for p in shards]}
+
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float32())]
+
+    def preflight(self, model_cache: str | None = None) -> list[str]:
+        cal = self.params.calibrate
+        if cal is None:
+            return []
+        try:
+            found = len(heldout_captions(expand_input(cal.heldout), 20))
+        except Exception as e:  # a missing or unreadable held-out set, named
+            return [f"{self.stage_id}: calibrate.heldout: {e}"]
+        return [] if found >= 20 else [f"{self.stage_id}: calibrate.heldout {cal.heldout!r} holds {found} "
+                                       "usable pair(s); calibration needs at least 20"]
 
     def summarize(self, ctx: ShardContext) -> dict[str, Any]:
         t = ctx.read("clip_score", ["clip_score"])
@@ -436,9 +470,16 @@ class ClipRankStage(GlobalStage):
             s = pq.read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
             hist += np.histogram(np.clip(s, -1, 1), bins=edges)[0]
             n += len(s)
-        art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else "top_fraction"}
+        art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else
+                               "calibrated" if p.calibrate else "top_fraction"}
         if p.min_score is not None:
             art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
+        elif p.calibrate is not None:
+            scorer = ctx.pipeline_stage(self.needs[0])
+            matched, shuffled = heldout_scores(scorer, p.calibrate, ctx.run.device, ctx.run.model_cache)
+            cal = choose_threshold(matched, shuffled, p.calibrate)
+            art.update(threshold=cal["threshold"], tie_uid=None, k=None, exact=True, calibration=cal)
+            log.info("clip_rank calibrated on %d held-out pairs: %s", cal["heldout_pairs"], cal)
         elif n == 0:
             art.update(threshold=None, tie_uid=None, k=0, exact=True)
         else:

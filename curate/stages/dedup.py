@@ -72,6 +72,8 @@ class UnionFind:
 
 @register_stage
 class DedupStage(GlobalStage):
+    """Duplicate groups (exact sha256/caption/url, pHash within a Hamming radius, SemDeDup, evaluation-set copies); keeps one per group."""
+
     name = "dedup"
     version = "1"
 
@@ -82,13 +84,13 @@ class DedupStage(GlobalStage):
         semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")
         n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: pool / 200k (each fits in memory)")
         max_cluster_size: int = Field(1000, ge=2, description="larger clusters are split by k-means, recursively")
-        kmeans_sample: int = Field(200_000, ge=100)
-        keep: Literal["clip_score", "smallest_uid"] = "clip_score"
+        kmeans_sample: int = Field(200_000, ge=100, description="rows sampled to train the SemDeDup top-level k-means")
+        keep: Literal["clip_score", "smallest_uid"] = Field("clip_score", description="which sample of a duplicate group stays: highest CLIP score, or smallest uid")
         eval_sets: list[str] = Field(default_factory=list, description="folders of images or shards")
         eval_embeddings: str | None = Field(None, description=".npy of eval image embeddings (same model)")
-        eval_min_cosine: float = Field(0.95, gt=0, le=1)
-        seed: int = 0
-        all_rows: bool = False
+        eval_min_cosine: float = Field(0.95, gt=0, le=1, description="image-embedding cosine at or above which a sample copies an evaluation image")
+        seed: int = Field(0, description="seed of the k-means initialisation")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("dup_group", pa.string()), pa.field("dup_of", pa.string())]

@@ -112,6 +112,8 @@ def quality(rgb: np.ndarray) -> dict[str, float]:
 
 @register_stage
 class ImageStage(MapStage):
+    """Image quality: size, aspect, format, blur, entropy, contrast, near-uniform share, pHash; bombs and decode time limits."""
+
     name = "image"
     version = "3"
 
@@ -119,19 +121,19 @@ class ImageStage(MapStage):
         min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")
         max_aspect: float | None = Field(3.0, ge=1, description="DataComp: max/min side <= 3")
         use_original_size: bool = Field(True, description="use original_width/height from the json")
-        min_bytes: int | None = Field(None, ge=0)
+        min_bytes: int | None = Field(None, ge=0, description="drop images with fewer bytes")
         max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="larger files are not decoded")
         max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb cap (header w*h)")
         decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
         thumb: int = Field(128, ge=16, le=1024, description="longest side of the reduced decode")
         min_blur_var: float | None = Field(None, ge=0, description="Laplacian variance on the thumbnail")
-        min_entropy: float | None = Field(None, ge=0, le=8)
-        min_contrast: float | None = Field(None, ge=0)
+        min_entropy: float | None = Field(None, ge=0, le=8, description="drop images whose grey-level entropy (bits) is lower")
+        min_contrast: float | None = Field(None, ge=0, description="drop images whose grey-level standard deviation is lower")
         max_dominant_share: float | None = Field(None, gt=0, le=1, description="near-uniform images")
-        max_dark_share: float | None = Field(None, gt=0, le=1)
-        max_bright_share: float | None = Field(None, gt=0, le=1)
-        drop_animated: bool = False
-        all_rows: bool = False
+        max_dark_share: float | None = Field(None, gt=0, le=1, description="drop images with more than this share of near-black pixels")
+        max_bright_share: float | None = Field(None, gt=0, le=1, description="drop images with more than this share of near-white pixels")
+        drop_animated: bool = Field(False, description="drop images with more than one frame")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
         super().__init__(params, stage_id)

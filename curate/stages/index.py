@@ -66,6 +66,8 @@ def decode_caption(raw: bytes | None) -> tuple[str | None, str | None]:
 
 @register_stage
 class IndexStage(MapStage):
+    """One row per sample of the shard: uid, key, caption, image format and sizes, structural status."""
+
     name = "index"
     version = "1"
 

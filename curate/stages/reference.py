@@ -197,6 +197,8 @@ def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget:
 
 @register_stage
 class ReferenceFilterStage(GlobalStage):
+    """DataComp image-based filter: keep samples whose k-means cluster holds a reference embedding."""
+
     name = "reference_filter"
     version = "1"
     needs = ("clip_score",)
@@ -206,13 +208,26 @@ class ReferenceFilterStage(GlobalStage):
         n_centroids: int | None = Field(None, ge=2, description="null: about sqrt(pool)/2, at least 8")
         centroids: str | None = Field(None, description="reuse centroids (.npy) from an earlier run")
         neighbors: int = Field(1, ge=1, description="reference sample -> its k nearest centroids")
-        kmeans_sample: int = Field(500_000, ge=100)
-        niter: int = Field(20, ge=1)
-        seed: int = 0
-        all_rows: bool = False
+        kmeans_sample: int = Field(500_000, ge=100, description="pool rows sampled to train the k-means")
+        niter: int = Field(20, ge=1, description="k-means iterations")
+        seed: int = Field(0, description="seed of the k-means sample and initialisation")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("centroid", pa.int32()), pa.field("centroid_sim", pa.float32())]
+
+    def preflight(self, model_cache: str | None = None) -> list[str]:
+        from curate.io.shards import expand_input
+
+        missing = []
+        for key, path in (("reference", self.params.reference), ("centroids", self.params.centroids)):
+            if not path or Path(path).expanduser().exists():
+                continue
+            try:
+                expand_input(path)  # a glob or brace pattern of shards
+            except Exception:
+                missing.append(f"{self.stage_id}: {key} {path!r} not found")
+        return missing
 
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string())]

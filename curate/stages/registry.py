@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TypeVar
+import re
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from curate.config import ConfigError, PipelineConfig, StageSpec
 
@@ -82,3 +83,32 @@ def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
                     f"{source}: stage {st.stage_id!r} needs stage {need!r} earlier in the pipeline")
         seen.add(st.stage_id)
     return stages
+
+
+def _type_name(ann: Any) -> str:
+    text = ann.__name__ if isinstance(ann, type) else str(ann)
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", text)
+
+
+def param_rows(model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
+    """name, type, default and description of every field of a parameter model; the fields of a
+    nested model (e.g. clip_rank's ``calibrate``) follow it as ``calibrate.<field>``."""
+    rows = []
+    for key, f in model.model_fields.items():
+        rows.append({"name": prefix + key, "type": _type_name(f.annotation),
+                     "default": "(required)" if f.is_required() else f.get_default(call_default_factory=True),
+                     "description": f.description or ""})
+        nested = [a for a in (getattr(f.annotation, "__args__", None) or (f.annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        for sub in nested:
+            rows += param_rows(sub, prefix + key + ".")
+    return rows
+
+
+def describe_stage(name: str) -> dict[str, Any]:
+    """A stage's kind, one-line summary and parameters, read from its class and its parameter
+    model: what `curate stages NAME` prints and docs/stages.md lists."""
+    cls = get_stage_class(name)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {"name": name, "kind": cls.kind, "summary": doc[0] if doc else "", "filters": cls.filters,
+            "needs": list(cls.needs), "params": param_rows(cls.Params)}

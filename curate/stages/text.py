@@ -76,6 +76,8 @@ def max_repeat_run(words: list[str]) -> int:
 
 @register_stage
 class TextStage(MapStage):
+    """Caption filters: fastText language, length, word statistics, junk patterns, concept words."""
+
     name = "text"
     version = "1"
 
@@ -85,14 +87,14 @@ class TextStage(MapStage):
         langid_model: str | None = Field(None, description="path to lid.176.bin/.ftz; default: bundled .ftz")
         min_words: int | None = Field(3, ge=0, description="DataComp: more than 2 words")
         min_chars: int | None = Field(6, ge=0, description="DataComp: more than 5 characters")
-        max_chars: int | None = Field(None, ge=1)
-        min_unique_word_ratio: float | None = Field(None, ge=0, le=1)
-        min_alpha_ratio: float | None = Field(None, ge=0, le=1)
-        max_repeat_run: int | None = Field(None, ge=1)
+        max_chars: int | None = Field(None, ge=1, description="drop captions with more characters")
+        min_unique_word_ratio: float | None = Field(None, ge=0, le=1, description="drop captions whose distinct words / words is lower")
+        min_alpha_ratio: float | None = Field(None, ge=0, le=1, description="drop captions whose share of letters among non-space characters is lower")
+        max_repeat_run: int | None = Field(None, ge=1, description="drop captions that repeat one word more times in a row")
         min_concepts: int | None = Field(None, ge=0, description="text-based baseline: 1")
-        concept_vocabulary: str = "imagenet21k"
-        drop_junk: bool = True
-        all_rows: bool = False
+        concept_vocabulary: str = Field("imagenet21k", description="vocabulary of the concept-word count: imagenet21k, imagenet1k or a file")
+        drop_junk: bool = Field(True, description="drop captions that are file names, URLs, 'untitled' or placeholders")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32()),

@@ -38,7 +38,7 @@ def reference(big_pool: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("ref")
     assert run_pipeline(PIPE, make_config(str(big_pool / "*.tar"), work)).ok
     with make_executor(make_config("x", work)) as ex:
-        export(work, work / "out", ex, ExportSpec(shard_size=150))
+        export(work, work.parent / f"{work.name}-out", ex, ExportSpec(shard_size=150))
     return work
 
 
@@ -77,19 +77,20 @@ def test_worker_killed_mid_stage(big_pool: Path, reference: Path, tmp_path: Path
     conds = {
         "map": lambda: len(list((work / "stats" / "image").glob("*.parquet"))) >= 2,
         "global": lambda: len(list((work / "partials" / "dedup").glob("*.parquet"))) >= 2,
-        "export": lambda: (work / "out" / "metadata").exists(),
+        "export": lambda: any(tmp_path.glob(".out.partial-*/metadata")),
     }
     killed: list = []
     with make_executor(cfg) as ex:
         t = threading.Thread(target=_kill_a_worker_when, args=(ex, conds[phase], killed), daemon=True)
         t.start()
         s = run_pipeline(PIPE, cfg, executor=ex)
-        m = export(work, work / "out", ex, ExportSpec(shard_size=150))
+        m = export(work, tmp_path / "out", ex, ExportSpec(shard_size=150))
         t.join(timeout=130)
     assert killed, "the fault was not injected"
     assert s.ok, s.problems()
     diff = sum(differing(reference, work, sub) for sub in ("index", "text", "image", "dedup"))
-    diff += differing(reference / "out", work / "out", "shards") + differing(reference / "out", work / "out", "metadata")
+    ref_out = reference.parent / f"{reference.name}-out"
+    diff += differing(ref_out, tmp_path / "out", "shards") + differing(ref_out, tmp_path / "out", "metadata")
     n_lost = lost(work, 1600)
     record(f"worker SIGKILL during {phase}", 1, n_lost, diff)
     assert diff == 0 and n_lost == 0 and m["samples_in"] == 1600

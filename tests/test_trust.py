@@ -1,0 +1,225 @@
+"""What a newcomer meets first: outputs that never destroy data, a run that fails before any work,
+a funnel that belongs to one run, a CLI that explains itself, progress without a terminal."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from curate.config import ConfigError
+from curate.engine import make_executor
+from curate.export import MARKER, ExportSpec, export
+from curate.io.parquet import WorkDirError
+from curate.pipeline import run_pipeline
+from curate.stats import format_funnel, funnel, stale_stages
+from tests.conftest import ROOT, make_config, make_pipeline
+
+CLI = [sys.executable, "-m", "curate.cli"]
+BASIC = make_pipeline(("text", {}), ("image", {"min_side": 200, "max_aspect": 3.0}))
+TEXT_ONLY = make_pipeline(("text", {"min_words": 4}))
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> Path:
+    from curate.synth import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "shards", samples=120, shards=2, seed=3)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def done_work(small_pool: Path, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("work")
+    assert run_pipeline(BASIC, make_config(str(small_pool / "*.tar"), work)).ok
+    return work
+
+
+def _export(work: Path, out: Path, **spec) -> dict:
+    with make_executor(make_config("unused", work)) as ex:
+        return export(work, out, ex, ExportSpec(shard_size=50, **spec))
+
+
+# 1. outputs never destroy data ------------------------------------------------------------------
+
+def test_export_refuses_a_folder_holding_the_inputs(done_work: Path, small_pool: Path):
+    before = {p: p.read_bytes() for p in small_pool.glob("*.tar")}
+    for out in (small_pool.parent, small_pool, small_pool / "curated"):
+        with pytest.raises(WorkDirError, match="input shards"):
+            _export(done_work, out, overwrite=True)
+    assert {p: p.read_bytes() for p in small_pool.glob("*.tar")} == before
+    assert not (small_pool / "curated").exists()
+
+
+def test_export_refuses_the_work_dir_and_foreign_files(done_work: Path, tmp_path: Path):
+    with pytest.raises(WorkDirError, match="work dir"):
+        _export(done_work, done_work / "out")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(WorkDirError, match="did not write"):
+        _export(done_work, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+
+def test_export_replaces_its_own_output_only_with_overwrite(done_work: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    first = _export(done_work, out)
+    assert (out / MARKER).is_file() and (out / "uids.npy").is_file()
+    stamp = (out / "manifest.json").read_bytes()
+    with pytest.raises(WorkDirError, match="--overwrite"):
+        _export(done_work, out)
+    assert (out / "manifest.json").read_bytes() == stamp
+    (out / "shards" / "99999.tar").write_bytes(b"left over")  # replaced whole, not merged
+    again = _export(done_work, out, overwrite=True)
+    assert again["samples_kept"] == first["samples_kept"]
+    assert not (out / "shards" / "99999.tar").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left behind
+
+
+def test_cli_export_into_input_folder_is_one_line_no_traceback(done_work: Path, small_pool: Path):
+    r = _cli("export", str(done_work), "--out", str(small_pool.parent))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "input shards" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# 2. fail fast, before any work, in one message ---------------------------------------------------
+
+def test_preflight_missing_checkpoint_and_offline_hub_tag(small_pool: Path, tmp_path: Path):
+    pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": "missing/scorer.pt"}),
+                         ("clip_rank", {"calibrate": {"heldout": str(tmp_path / "nothing" / "*.tar")}}))
+    work = tmp_path / "w"
+    t = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(pipe, make_config(str(small_pool / "*.tar"), work))
+    msg = str(e.value)
+    assert time.monotonic() - t < 60
+    assert "2 problem(s)" in msg and "missing/scorer.pt" in msg and "calibrate.heldout" in msg
+    assert not (work / "index").exists()  # nothing ran
+
+    hub = make_pipeline(("clip_score", {"model": "ViT-B-32", "pretrained": "openai"}))
+    with pytest.raises(ConfigError) as e:  # HF_HUB_OFFLINE=1 (conftest): no request is made
+        run_pipeline(hub, make_config(str(small_pool / "*.tar"), tmp_path / "w2"), executor=None)
+    assert "not cached" in str(e.value) and "curate models fetch ViT-B-32 openai" in str(e.value)
+
+
+def test_cli_preflight_is_quick_and_quiet(small_pool: Path, tmp_path: Path):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("name: p\nstages:\n  - name: clip_score\n    params: {model: ViT-B-32, pretrained: openai}\n")
+    t = time.monotonic()
+    r = _cli("run", str(pipe), "--input", str(small_pool / "*.tar"), "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2 and time.monotonic() - t < 60
+    assert "Traceback" not in r.stderr and "curate models fetch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 4
+
+
+@pytest.mark.parametrize("cmd", ["export", "report", "stats"])
+def test_not_a_work_dir_is_a_clear_error_and_writes_nothing(tmp_path: Path, cmd: str):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    extra = ["--out", str(tmp_path / "o")] if cmd == "export" else []
+    r = _cli(cmd, str(folder), *extra)
+    assert r.returncode == 2 and "not a curate work dir" in r.stderr and "Traceback" not in r.stderr
+    assert list(folder.iterdir()) == [] and not (tmp_path / "o").exists()
+
+
+# 3. a run owns its funnel -------------------------------------------------------------------------
+
+def test_funnel_shows_the_latest_pipeline_only(small_pool: Path, tmp_path: Path):
+    work = tmp_path / "w"
+    cfg = make_config(str(small_pool / "*.tar"), work)
+    first = run_pipeline(BASIC, cfg)
+    assert [r["stage"] for r in funnel(work)] == ["index", "text", "image"]
+    second = run_pipeline(TEXT_ONLY, cfg)
+    rows = funnel(work)
+    assert [r["stage"] for r in rows] == ["index", "text"]
+    assert stale_stages(work) == ["image"]
+    assert rows[1]["n_in"] == 120 and all(r["complete"] for r in rows)
+    text = format_funnel(rows, stale_stages(work))
+    assert "stale" in text and "image" in text and "overall: kept" in text
+    # the earlier run can still be read back by its id
+    assert [r["stage"] for r in funnel(work, first.run_id)] == ["index", "text", "image"]
+    assert second.run_id != first.run_id
+
+
+def test_incomplete_run_says_so(small_pool: Path, tmp_path: Path):
+    work = tmp_path / "w"
+    run_pipeline(BASIC, make_config(str(small_pool / "*.tar"), work))
+    next((work / "stats" / "image").glob("*.parquet")).unlink()
+    rows = funnel(work)
+    assert rows[-1]["shards"] == 1 and not rows[-1]["complete"]
+    assert "INCOMPLETE" in format_funnel(rows)
+
+
+# 4. self-describing ------------------------------------------------------------------------------
+
+def test_stages_version_and_verbose_anywhere():
+    r = _cli("stages")
+    assert r.returncode == 0
+    from curate.stages.registry import available_stages
+
+    for name in available_stages():
+        assert name in r.stdout
+    r = _cli("stages", "clip_rank", "-v")  # -v after the subcommand
+    assert r.returncode == 0 and "calibrate.heldout" in r.stdout and "top_fraction" in r.stdout
+    r = _cli("stages", "nope")
+    assert r.returncode == 2 and "unknown stage" in r.stderr
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("curate ")
+    r = _cli("export", "--help")
+    assert "default:" in r.stdout  # help shows defaults
+
+
+def test_docs_stages_is_current():
+    from curate.docs import stages_markdown
+
+    assert (ROOT / "docs" / "stages.md").read_text() == stages_markdown(), \
+        "docs/stages.md is stale: run `python -m curate.docs`"
+
+
+# 5. progress you can watch -------------------------------------------------------------------------
+
+def test_progress_lines_without_a_terminal(caplog):
+    from curate.engine.local import LocalExecutor
+    from curate.engine import progress
+
+    caplog.set_level(logging.INFO, logger="curate.progress")
+    orig = progress.Progress.__init__
+
+    def fast(self, label, total, every_s=10.0):
+        orig(self, label, total, every_s=0.0)
+
+    progress.Progress.__init__ = fast
+    try:
+        LocalExecutor().map(lambda x: time.sleep(0.01) or x, list(range(4)), label="stage-x")
+    finally:
+        progress.Progress.__init__ = orig
+    lines = [r.getMessage() for r in caplog.records if r.name == "curate.progress"]
+    assert any("stage-x: 2/4 shards" in m and "ETA" in m for m in lines)
+    assert lines[-1].startswith("stage-x: 4/4 shards in")
+
+
+# 7. make clean keeps the slow things ----------------------------------------------------------------
+
+def test_make_clean_keeps_models_and_pools(tmp_path: Path):
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    for d in ("demo/models", "demo/pool-v2-5000x10-seed0", "demo/work", "demo/out", "work"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "f").write_text("x")
+    r = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo/models/f").exists() and (tmp_path / "demo/pool-v2-5000x10-seed0/f").exists()
+    assert not (tmp_path / "demo/work").exists() and not (tmp_path / "work").exists()
