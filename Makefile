@@ -17,7 +17,7 @@ STAGES  := index text image clip_score clip_rank dedup balance reference_filter
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test bench synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test bench synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -42,8 +42,16 @@ $(STAMP): pyproject.toml
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
 	$(BIN)/python -m curate.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
-test: install ## run the test suite (offline, minutes on 2 cores)
+test: install browser ## run the test suite (offline, minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The report test renders the HTML in Debian's chromium; installed here when missing (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+			|| echo "could not install chromium: the report browser test will be skipped"; \
+		else echo "chromium missing (not root or no apt-get): the report browser test will be skipped"; fi; }
 
 bench: install ## measure every stage against the raw operation it sits on (work/bench/*.json)
 	$(BIN)/python -m curate.bench $(ARGS)

@@ -101,11 +101,11 @@ def _executor_for(config: str | None):
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from curate.export import ExportSpec, export
-
     from curate.decisions import run_record
+    from curate.export import ExportSpec, check_output, export
 
-    run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
+    run = run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
+    check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)  # before any worker starts
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
                       hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run)
     with _executor_for(a.config) as ex:
@@ -119,10 +119,16 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from curate.decisions import run_record
-    from curate.report.html import write_report
+    from curate.report.html import write_comparison, write_report
 
-    run_record(a.workdir)  # before anything is written: a clear error for a folder that is not a work dir
-    print(write_report(a.workdir))
+    for w in a.workdir:  # before anything is written: a clear error for a folder that is not a work dir
+        run_record(w)
+    if len(a.workdir) == 2:
+        print(write_comparison(*a.workdir))
+        return 0
+    if len(a.workdir) > 2:
+        raise ConfigError("report takes one work dir, or two to compare")
+    print(write_report(a.workdir[0]))
     return 0
 
 
@@ -295,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 
-    rp = sub.add_parser("report", help="write WORK/report/index.html with plots and a gallery")
-    rp.add_argument("workdir")
+    rp = sub.add_parser("report", help="write WORK/report/index.html with plots and galleries; with two "
+                        "work dirs, WORK_A/report/compare.html (two runs side by side)")
+    rp.add_argument("workdir", nargs="+")
     rp.set_defaults(fn=cmd_report)
 
     st = sub.add_parser("stats", help="print the funnel read back from the stats Parquet")

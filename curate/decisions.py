@@ -58,10 +58,11 @@ def decision_exprs(stage_ids: list[str]) -> list[pl.Expr]:
     return [kept.alias("kept"), dropped_by.alias("dropped_by"), reason.alias("reason")]
 
 
-def decisions(workdir: str | Path, shard: str | None = None) -> pl.DataFrame:
-    """uid, kept, dropped_by (first failing stage), reason: one row per sample of the pool."""
+def decisions(workdir: str | Path, shard: str | None = None, run_id: str | None = None) -> pl.DataFrame:
+    """uid, kept, dropped_by (first failing stage), reason: one row per sample of the pool, by the
+    filters of one run (the latest by default)."""
     work = WorkDir.at(workdir)
-    stage_ids = filter_stage_ids(workdir)
+    stage_ids = filter_stage_ids(workdir, run_id)
     pattern = f"{shard}.parquet" if shard else "*.parquet"
     df = pl.read_parquet(str(work.root / "index" / pattern), columns=["uid", "shard", "key"])
     for sid in stage_ids:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.decisions import latest_run
+from curate.decisions import run_record
 from curate.io.layout import WorkDir
 from curate.io.shards import iter_samples
-from curate.stats import funnel, load_stats
+from curate.stats import funnel
 
 log = logging.getLogger(__name__)
 GALLERY_PER_REASON = 6
@@ -123,10 +123,11 @@ def plot_concepts(cc: pl.DataFrame, out: Path) -> str | None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for col, color in (("count_before", "#c8d6e5"), ("count_after", "#2e86de")):
+    for col, style in (("count_before", dict(color="#8395a7", linewidth=3.5)),
+                       ("count_after", dict(color="#2e86de", linewidth=1.5, linestyle="--"))):
         v = np.sort(cc[col].to_numpy())[::-1]
         v = v[v > 0]
-        ax.plot(np.arange(1, len(v) + 1), v, color=color, label=col.replace("count_", ""))
+        ax.plot(np.arange(1, len(v) + 1), v, label=col.replace("count_", ""), **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("concept rank")
@@ -135,25 +136,38 @@ def plot_concepts(cc: pl.DataFrame, out: Path) -> str | None:
     return _save(fig, out / "concepts.png")
 
 
-def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, str]]]:
-    """A few thumbnails of dropped samples per reason: {reason: [(png name, caption)]}."""
-    from PIL import Image
-
+def _tile_details(work: WorkDir, run: dict) -> pl.DataFrame:
+    """uid, kept, reason, clip_score and dup_of (where those stages ran) for every sample."""
     from curate.decisions import decisions
 
-    d = decisions(work.root).filter(~pl.col("kept"))
+    d = decisions(work.root, run_id=run["run_id"])
+    for stage, col in (("clip_score", "clip_score"), ("dedup", "dup_of")):
+        t = _read_stage(work, stage, ["uid", col])
+        if t is not None and col in t.columns and stage in {s["id"] for s in run["stages"]}:
+            d = d.join(t, on="uid", how="left")
+    return d
+
+
+def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """Thumbnails of a few kept samples and of a few dropped samples per reason:
+    {"kept" or reason: [(png name, caption, detail line)]}; the detail names the uid, the CLIP score
+    and, for a duplicate, the uid it duplicates."""
+    from PIL import Image
+
+    d = _tile_details(work, run).with_columns(pl.when(pl.col("kept")).then(pl.lit("kept"))
+                                               .otherwise(pl.col("reason").fill_null("?")).alias("group"))
     if d.is_empty():
         return {}
-    picks = d.sort("uid").group_by("reason", maintain_order=True).head(GALLERY_PER_REASON)
-    want = {(r["shard"], r["key"]): r["reason"] for r in picks.to_dicts()}
+    picks = d.sort("uid").group_by("group", maintain_order=True).head(GALLERY_PER_REASON)
+    want = {(r["shard"], r["key"]): r for r in picks.to_dicts()}
     paths = {Path(p).name.split(".")[0]: p for p in run["shards"]}
     gdir = out / "gallery"
     gdir.mkdir(exist_ok=True)
-    result: dict[str, list[tuple[str, str]]] = {}
+    result: dict[str, list[tuple[str, str, str]]] = {}
     for shard in sorted({s for s, _ in want}):
         for s in iter_samples(paths.get(shard, "")):
-            reason = want.get((shard, s.key))
-            if reason is None:
+            row = want.get((shard, s.key))
+            if row is None:
                 continue
             name = f"{shard}_{s.key.replace('/', '_')}.png"
             try:
@@ -163,7 +177,14 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
             except Exception:  # undecodable images are shown as a grey tile: that is their reason
                 Image.new("RGB", (128, 128), (200, 200, 200)).save(gdir / name)
             cap = (s.caption_bytes() or b"").decode("utf-8", "replace")[:120]
-            result.setdefault(reason or "?", []).append((f"gallery/{name}", cap))
+            detail = [f"uid {row['uid'][:12]}"]
+            if row.get("clip_score") is not None:
+                detail.append(f"CLIP {row['clip_score']:.3f}")
+            if row.get("dup_of"):
+                detail.append(f"duplicate of {row['dup_of'][:12]}")
+            if not row["kept"]:
+                detail.append(f"{row['dropped_by']}: {row['reason']}")
+            result.setdefault(row["group"], []).append((f"gallery/{name}", cap, ", ".join(detail)))
     return result
 
 
@@ -185,61 +206,136 @@ def coverage_table(work: WorkDir) -> list[str]:
     return h + ["</table>"]
 
 
-def write_report(workdir: str | Path) -> Path:
+CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+       ".l{text-align:left}.g{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}"
+       ".d{color:#555}")
+# Counts images that failed to load into <body data-broken>: a headless browser test reads it.
+CHECK_IMAGES = ("<script>window.addEventListener('load',function(){var b=0;for(const i of document.images)"
+                "{if(!i.complete||i.naturalWidth===0)b++;}document.body.dataset.broken=b;"
+                "document.body.dataset.images=document.images.length;});</script>")
+
+
+def _funnel_table(rows: list[dict]) -> list[str]:
+    h = ["<table><tr><th>stage</th><th>shards</th><th>in</th><th>kept</th><th>kept %</th><th>seconds</th>"
+         "<th>dropped by reason</th></tr>"]
+    for r in rows:
+        pct = 100 * r["n_kept"] / r["n_in"] if r["n_in"] else 0
+        reasons = ", ".join(f"{html.escape(k)}={v}" for k, v in r["dropped"].items()) or "-"
+        h.append(f"<tr><td class='l'>{html.escape(r['stage'])}</td><td>{r['shards']}/{r['shards_total']}</td>"
+                 f"<td>{r['n_in']}</td><td>{r['n_kept']}</td><td>{pct:.1f}</td><td>{r['seconds']:.1f}</td>"
+                 f"<td class='l'>{reasons}</td></tr>")
+    return h + ["</table>"]
+
+
+def _params_table(run: dict) -> list[str]:
+    import json
+
+    h = ["<h2>Stages and parameters</h2><table><tr><th>stage</th><th>kind</th><th>parameters</th>"
+         "<th>fingerprint</th></tr>"]
+    for st in run["stages"]:
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in st["params"].items())
+        h.append(f"<tr><td class='l'>{html.escape(st['id'])}</td><td class='l'>{html.escape(st['kind'])}</td>"
+                 f"<td class='l'><code>{html.escape(params)}</code></td><td><code>{st['fingerprint']}</code></td></tr>")
+    return h + ["</table>"]
+
+
+def _concept_table(cc: pl.DataFrame, top: int = 15) -> list[str]:
+    head = cc.sort(["count_before", "entry"], descending=[True, False]).head(top)
+    h = [f"<p>The {top} most frequent concepts, before and after balancing:</p><table><tr><th>concept</th>"
+         "<th>before</th><th>after</th><th>keep probability</th></tr>"]
+    for r in head.iter_rows(named=True):
+        h.append(f"<tr><td class='l'>{html.escape(r['entry'])}</td><td>{r['count_before']}</td>"
+                 f"<td>{r['count_after']}</td><td>{r['p_entry']:.3f}</td></tr>")
+    return h + ["</table>"]
+
+
+def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
     work = WorkDir.at(workdir)
+    run = run_record(work.root, run_id)
     out = work.root / "report"
     out.mkdir(exist_ok=True)
-    run = latest_run(work.root)
-    rows = funnel(work.root)
+    rows = funnel(work.root, run["run_id"])
     params = {s["id"]: s["params"] for s in run["stages"]}
-    figs: list[tuple[str, str | None]] = [("Funnel", plot_funnel(rows, out)),
-                                          ("Dropped samples by reason", plot_reasons(rows, out))]
-    text = _read_stage(work, "text", ["lang", "n_words"])
+    figs: list[tuple[str, str | None, list[str]]] = [("Dropped samples by reason", plot_reasons(rows, out), []),
+                                                     ("Funnel (plot)", plot_funnel(rows, out), [])]
+    text = _read_stage(work, "text", ["lang", "n_words"]) if "text" in params else None
     if text is not None:
-        figs.append(("Languages", plot_languages(text["lang"], out)))
+        figs.append(("Languages", plot_languages(text["lang"], out), []))
         figs.append(("Caption length", plot_hist(text["n_words"], "Caption length", "words", out, "caption_words.png",
-                                                 threshold=params.get("text", {}).get("min_words"), log=True)))
-    img = _read_stage(work, "image", ["img_width", "img_height"])
+                                                 threshold=params.get("text", {}).get("min_words"), log=True), []))
+    img = _read_stage(work, "image", ["img_width", "img_height"]) if "image" in params else None
     if img is not None:
-        figs.append(("Image sizes", plot_sizes(img, out, params.get("image", {}).get("min_side"))))
-    clip = _read_stage(work, "clip_score", ["clip_score"])
+        figs.append(("Image sizes", plot_sizes(img, out, params.get("image", {}).get("min_side")), []))
+    clip = _read_stage(work, "clip_score", ["clip_score"]) if "clip_score" in params else None
     if clip is not None:
         thr = None
         art = work.global_artifact("clip_rank", ".json")
-        if art.exists():
+        if art.exists() and "clip_rank" in params:
             import json
 
             thr = json.loads(art.read_text()).get("threshold")
         figs.append(("CLIP score", plot_hist(clip["clip_score"], "CLIP score", "cosine similarity", out,
-                                             "clip_score.png", threshold=thr)))
+                                             "clip_score.png", threshold=thr), []))
     cc_path = work.global_artifact("concept_counts")
-    if cc_path.exists():
-        figs.append(("Concepts: head and tail before/after balancing", plot_concepts(pl.read_parquet(cc_path), out)))
+    if cc_path.exists() and "balance" in params:
+        cc = pl.read_parquet(cc_path)
+        figs.append(("Concepts: head and tail before/after balancing", plot_concepts(cc, out), _concept_table(cc)))
     gal = gallery(work, run, out)
-    stats = load_stats(work.root)
+    total = sum(r["seconds"] for r in rows)
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>curate report</title>",
-         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
-         ".g{display:inline-block;width:140px;margin:4px;font-size:11px;vertical-align:top}</style></head><body>",
+         f"<style>{CSS}</style>{CHECK_IMAGES}</head><body>",
          f"<h1>curate report</h1><p>work dir <code>{html.escape(str(work.root))}</code>, run "
-         f"<code>{html.escape(run['run_id'])}</code>, {stats['shard'].n_unique()} shard(s)</p>",
-         "<h2>Funnel</h2><table><tr><th>stage</th><th>in</th><th>kept</th><th>kept %</th><th>dropped by reason</th></tr>"]
-    for r in rows:
-        pct = 100 * r["n_kept"] / r["n_in"] if r["n_in"] else 0
-        reasons = ", ".join(f"{html.escape(k)}={v}" for k, v in r["dropped"].items()) or "-"
-        h.append(f"<tr><td style='text-align:left'>{html.escape(r['stage'])}</td><td>{r['n_in']}</td>"
-                 f"<td>{r['n_kept']}</td><td>{pct:.1f}</td><td style='text-align:left'>{reasons}</td></tr>")
-    h.append("</table>")
+         f"<code>{html.escape(run['run_id'])}</code>, {len(run['shards'])} shard(s), "
+         f"{total:.1f} s of stage time</p>", "<h2>Funnel</h2>"]
+    h += _funnel_table(rows)
+    h += _params_table(run)
     h += coverage_table(work)
-    for title, name in figs:
+    for title, name, extra in figs:
         if name:
             h.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>")
-    if gal:
-        h.append("<h2>Dropped samples (a few per reason)</h2>")
-        for reason, items in sorted(gal.items()):
-            h.append(f"<h3>{html.escape(reason)}</h3>")
-            for src, cap in items:
-                h.append(f"<div class='g'><img src='{html.escape(src)}' alt=''><br>{html.escape(cap)}</div>")
+            h += extra
+    for group, title in (("kept", "Kept samples (a few)"), (None, "Dropped samples (a few per reason)")):
+        items = [(g, v) for g, v in sorted(gal.items()) if (g == "kept") == (group == "kept")]
+        if not items:
+            continue
+        h.append(f"<h2>{title}</h2>")
+        for g, tiles in items:
+            if g != "kept":
+                h.append(f"<h3>{html.escape(g)}</h3>")
+            for src, cap, detail in tiles:
+                h.append(f"<div class='g'><img src='{html.escape(src)}' alt=''><br>{html.escape(cap)}"
+                         f"<br><span class='d'>{html.escape(detail)}</span></div>")
     h.append("<p>Source of truth: <code>polars.read_parquet('WORK/stats/**/*.parquet')</code></p></body></html>")
     (out / "index.html").write_text("\n".join(h), encoding="utf-8")
     return out / "index.html"
+
+
+def write_comparison(work_a: str | Path, work_b: str | Path) -> Path:
+    """Two runs side by side (``curate report A B``): each funnel, and how their kept sets overlap.
+    Written to ``A/report/compare.html``."""
+    from curate.decisions import decisions
+
+    a, b = WorkDir.at(work_a), WorkDir.at(work_b)
+    runs = [run_record(w.root) for w in (a, b)]
+    kept = [set(decisions(w.root).filter(pl.col("kept"))["uid"].to_list()) for w in (a, b)]
+    both, union = len(kept[0] & kept[1]), len(kept[0] | kept[1])
+    out = a.root / "report"
+    out.mkdir(exist_ok=True)
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>curate: two runs</title>",
+         f"<style>{CSS}</style>{CHECK_IMAGES}</head><body><h1>Two runs side by side</h1>",
+         "<table><tr><th></th><th>A</th><th>B</th></tr>",
+         f"<tr><td class='l'>work dir</td><td class='l'><code>{html.escape(str(a.root))}</code></td>"
+         f"<td class='l'><code>{html.escape(str(b.root))}</code></td></tr>",
+         f"<tr><td class='l'>run</td><td>{runs[0]['run_id']}</td><td>{runs[1]['run_id']}</td></tr>",
+         f"<tr><td class='l'>stages</td><td class='l'>{', '.join(s['id'] for s in runs[0]['stages'])}</td>"
+         f"<td class='l'>{', '.join(s['id'] for s in runs[1]['stages'])}</td></tr>",
+         f"<tr><td class='l'>kept</td><td>{len(kept[0])}</td><td>{len(kept[1])}</td></tr>",
+         f"<tr><td class='l'>kept by both</td><td colspan=2>{both} (Jaccard {both / union if union else 1:.3f}); "
+         f"only A {len(kept[0] - kept[1])}, only B {len(kept[1] - kept[0])}</td></tr></table>"]
+    for name, w, run in (("A", a, runs[0]), ("B", b, runs[1])):
+        h.append(f"<h2>Funnel {name}</h2>")
+        h += _funnel_table(funnel(w.root, run["run_id"]))
+    h.append("</body></html>")
+    (out / "compare.html").write_text("\n".join(h), encoding="utf-8")
+    return out / "compare.html"
