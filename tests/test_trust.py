@@ -182,11 +182,28 @@ def test_stages_version_and_verbose_anywhere():
     assert "default:" in r.stdout  # help shows defaults
 
 
-def test_docs_stages_is_current():
-    from curate.docs import stages_markdown
+@pytest.mark.parametrize("page", ["stages.md", "columns.md"])
+def test_docs_are_current(page: str):
+    from curate.docs import PAGES
 
-    assert (ROOT / "docs" / "stages.md").read_text() == stages_markdown(), \
-        "docs/stages.md is stale: run `python -m curate.docs`"
+    assert (ROOT / "docs" / page).read_text() == PAGES[page](), f"docs/{page} is stale: run `python -m curate.docs`"
+
+
+def test_every_parameter_and_column_is_described():
+    from curate.docs import stage_columns
+    from curate.stages.registry import available_stages, describe_stage
+
+    for name in available_stages():
+        assert [p["name"] for p in describe_stage(name)["params"] if not p["description"]] == [], name
+        assert [c for c, _, doc in stage_columns(name) if not doc] == [], name
+
+
+def test_parquet_columns_carry_their_descriptions(done_work: Path):
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(next((done_work / "image").glob("*.parquet")))
+    assert b"blurry" in schema.field("blur_var").metadata[b"description"]
+    assert schema.field("keep_image").metadata[b"description"].startswith(b"the stage's decision")
 
 
 # 5. progress you can watch -------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class BalanceStage(GlobalStage):
     """MetaCLIP concept balancing: caps each concept of the vocabulary at t matches; keeps a sample with p = hash(uid, seed) < p_keep."""
 
     name = "balance"
+    columns = {
+        "concepts": "ids of the vocabulary entries the caption matches (names: WORK/global/concept_counts.parquet)",
+        "p_keep": "keep probability from the concept counts (a sample is kept when hash(uid, seed) < p_keep)",
+    }
     version = "1"
 
     class Params(Strict):

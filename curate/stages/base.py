@@ -135,6 +135,8 @@ class Stage:
     filters: ClassVar[bool] = True
     # Earlier stages whose tables this stage reads (besides index); checked when a pipeline loads.
     needs: ClassVar[tuple[str, ...]] = ()
+    # What each value column means: Parquet field metadata, `curate stages`, docs/columns.md.
+    columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Strict, stage_id: str | None = None):
         self.params = params

@@ -125,6 +125,11 @@ class ClipScoreStage(MapStage):
     """open_clip image-text cosine score per pair, with float16 image and text embeddings for later stages."""
 
     name = "clip_score"
+    columns = {
+        "clip_score": "cosine similarity of the L2-normalised image and caption embeddings",
+        "image_emb": "L2-normalised image embedding (float16)",
+        "text_emb": "L2-normalised caption embedding (float16)",
+    }
     version = "1"
 
     class Params(Strict):
@@ -408,6 +413,9 @@ class ClipRankStage(GlobalStage):
     """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
 
     name = "clip_rank"
+    columns = {
+        "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
+    }
     version = "1"
     needs = ("clip_score",)
 

@@ -75,6 +75,10 @@ class DedupStage(GlobalStage):
     """Duplicate groups (exact sha256/caption/url, pHash within a Hamming radius, SemDeDup, evaluation-set copies); keeps one per group."""
 
     name = "dedup"
+    columns = {
+        "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
+        "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
+    }
     version = "1"
 
     class Params(Strict):

@@ -95,7 +95,7 @@ def _finalize(stage: Stage, ctx: ShardContext, cols: dict[str, Any]) -> tuple[pa
     if evaluated is None:
         evaluated = ctx.evaluate if stage.name != "index" else np.ones(n, dtype=bool)
     evaluated = np.asarray(evaluated, dtype=bool)
-    schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters)
+    schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters, stage.columns)
     counts: Counter = Counter()
     n_kept = 0
     if stage.filters:

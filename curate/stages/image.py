@@ -115,6 +115,21 @@ class ImageStage(MapStage):
     """Image quality: size, aspect, format, blur, entropy, contrast, near-uniform share, pHash; bombs and decode time limits."""
 
     name = "image"
+    columns = {
+        "img_format": "format PIL found when opening the image",
+        "img_mode": "PIL mode (RGB, L, RGBA, P, CMYK...)",
+        "n_frames": "frames in the image (more than 1: animated)",
+        "img_width": "width used by the size rules (original width when the json has it, else the decoded width)",
+        "img_height": "height used by the size rules (original height when the json has it, else the decoded height)",
+        "aspect": "max(width, height) / min(width, height)",
+        "blur_var": "variance of the Laplacian of the reduced grey image (low: blurry)",
+        "entropy": "grey-level entropy in bits (low: flat)",
+        "contrast": "standard deviation of grey levels",
+        "dominant_share": "share of pixels in the most common colour bin (high: blank or near-uniform)",
+        "dark_share": "share of near-black pixels",
+        "bright_share": "share of near-white pixels",
+        "phash": "64-bit perceptual hash (DCT of the 32x32 grey image), as a signed integer",
+    }
     version = "3"
 
     class Params(Strict):

@@ -69,6 +69,22 @@ class IndexStage(MapStage):
     """One row per sample of the shard: uid, key, caption, image format and sizes, structural status."""
 
     name = "index"
+    columns = {
+        "key": "the sample's key in its tar (member names without extension)",
+        "shard": "input shard name (file name without extension)",
+        "url": "source URL from the sample's json, when present",
+        "caption": "the caption (.txt member), decoded as UTF-8",
+        "image_format": "image format from the file header (JPEG, PNG, WEBP...)",
+        "image_ext": "extension of the image member in the tar",
+        "image_bytes": "size of the image member in bytes",
+        "sha256": "SHA-256 of the image bytes (hex)",
+        "width": "image width in pixels, from the file header",
+        "height": "image height in pixels, from the file header",
+        "original_width": "width before img2dataset resized it (json original_width), when present",
+        "original_height": "height before img2dataset resized it (json original_height), when present",
+        "status": "ok, or the structural problem of the sample (missing or empty member, bad caption, unsafe name, truncated tar)",
+        "error": "detail of a structural problem (null when status is ok)",
+    }
     version = "1"
 
     class Params(Strict):

@@ -200,6 +200,10 @@ class ReferenceFilterStage(GlobalStage):
     """DataComp image-based filter: keep samples whose k-means cluster holds a reference embedding."""
 
     name = "reference_filter"
+    columns = {
+        "centroid": "the pool k-means centroid nearest the image embedding",
+        "centroid_sim": "inner product of the image embedding with that centroid",
+    }
     version = "1"
     needs = ("clip_score",)
 

@@ -79,6 +79,19 @@ class TextStage(MapStage):
     """Caption filters: fastText language, length, word statistics, junk patterns, concept words."""
 
     name = "text"
+    columns = {
+        "lang": "fastText lid.176 top-1 language (ISO 639-1)",
+        "lang_prob": "probability of the top-1 language",
+        "lang2": "fastText runner-up language",
+        "lang2_prob": "probability of the runner-up language",
+        "n_chars": "characters in the caption",
+        "n_words": "whitespace-separated words in the caption",
+        "unique_word_ratio": "distinct words / words",
+        "alpha_ratio": "share of letters among non-space characters",
+        "max_repeat_run": "longest run of one word repeated in a row",
+        "n_concepts": "concept-vocabulary entries (ImageNet-21k lemmas by default) found in the caption",
+        "junk": "the junk pattern the caption matches (file name, URL, untitled, placeholder, no letters), or null",
+    }
     version = "1"
 
     class Params(Strict):
