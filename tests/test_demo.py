@@ -1,0 +1,44 @@
+"""The demo checks itself: a smaller demo pool through `python -m curate.demo` must pass the same
+bounds as `make demo` (clean kept >= 90 %, each non-duplicate defect removed >= 95 %, at most one
+sample kept per duplicate group). The scorer is the demo's own (deterministic training), trained
+into demo/models once and reused by `make demo` afterwards, as `make demo` would."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from curate.demo import Bounds, format_checks, self_check
+from tests.conftest import ROOT
+
+
+def test_small_demo_passes_its_self_check(tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "curate.demo", "--samples", "1500", "--shards", "3",
+                        "--dir", str(tmp_path), "--models", str(ROOT / "demo" / "models")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    out = r.stdout
+    assert r.returncode == 0, out[-4000:] + r.stderr[-4000:]
+    assert "curation worked: every check passed" in out
+    assert re.search(r"curate-tiny-synth-v\d+\.pt sha256 [0-9a-f]{64}", out)
+    assert "calibrated (balanced) on 1000 held-out pairs" in out
+    art = json.loads((tmp_path / "work" / "global" / "clip_rank.json").read_text())
+    assert art["rule"] == "calibrated" and art["calibration"]["heldout_recall"] >= 0.9
+
+
+def test_self_check_fails_when_curation_does_not_work(pool: Path, tmp_path: Path):
+    """The check can fail: a pipeline without a CLIP rule keeps every mismatched caption."""
+    from curate.pipeline import run_pipeline
+    from tests.conftest import make_config, make_pipeline
+
+    work = tmp_path / "w"
+    assert run_pipeline(make_pipeline(("text", {})), make_config(str(pool / "*.tar"), work)).ok
+    checks = {name: ok for name, ok, _ in self_check(work, pool / "ground_truth.parquet")}
+    assert checks["mismatch removed >= 95%"] is False
+    assert checks[f"every duplicate group keeps <= {Bounds().max_kept_per_duplicate_group} sample"] is False
+    assert "curation did NOT work" in format_checks(self_check(work, pool / "ground_truth.parquet"))
+    truth = pl.read_parquet(pool / "ground_truth.parquet")
+    assert truth.filter(pl.col("label") == "mismatch").height > 0
