@@ -107,7 +107,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     run = run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
     check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)  # before any worker starts
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
-                      hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run)
+                      hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema)
     with _executor_for(a.config) as ex:
         m = export(a.workdir, a.out, ex, spec)
     print(f"exported {m['samples_kept']} of {m['samples_in']} samples into {m['output_shards']} shard(s) "
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-pool", action="store_true", help="skip OUT/pool (every row with its reason)")
     x.add_argument("--hf-parquet", action="store_true", help="also Parquet with embedded image bytes")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (atomically)")
+    x.add_argument("--schema", choices=["curate", "datacomp"], default="curate",
+                   help="column names of metadata/ and pool/: curate's, or DataComp's (text, "
+                        "clip_l14_similarity_score / clip_b32_similarity_score, original_width...)")
     x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 

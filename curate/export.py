@@ -54,6 +54,21 @@ class ExportSpec:
     hf_parquet: bool = False
     overwrite: bool = False  # replace an earlier export (a folder holding MARKER), atomically
     run_id: str | None = None  # which run of the work dir (default: the latest)
+    schema: str = "curate"  # or "datacomp": DataComp's metadata column names (datacomp_names)
+
+
+# DataComp names its CLIP-score columns by the scoring model.
+DATACOMP_SCORE = {"ViT-B-32": "clip_b32_similarity_score", "ViT-L-14": "clip_l14_similarity_score"}
+
+
+def datacomp_names(run: dict) -> dict[str, str]:
+    """curate column -> DataComp metadata column (``text``, ``clip_l14_similarity_score``...).
+    ``uid``, ``url``, ``sha256``, ``original_width`` and ``original_height`` already match."""
+    names = {"caption": "text"}
+    models = [s["params"].get("model") for s in run["stages"] if s["name"] == "clip_score"]
+    if len(models) == 1 and models[0] in DATACOMP_SCORE:
+        names["clip_score"] = DATACOMP_SCORE[models[0]]
+    return names
 
 
 def check_output(out: Path, workdir: Path, inputs: list[str], overwrite: bool) -> None:
@@ -96,10 +111,14 @@ def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame
     return df.with_columns(*decision_exprs(filt))
 
 
-def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSpec, shard_path: str) -> dict:
-    """Map step: write this shard's metadata (kept rows) and pool (all rows); return kept keys."""
+def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSpec, shard_path: str,
+                    names: dict[str, str] | None = None) -> dict:
+    """Map step: write this shard's metadata (kept rows) and pool (all rows); return kept keys.
+    ``names`` renames columns (``--schema datacomp``)."""
     shard = shard_name(shard_path)
     df = joined_shard(workdir, shard, stage_ids)
+    if names:
+        df = df.rename({k: v for k, v in names.items() if k in df.columns})
     kept = df.filter(pl.col("kept"))
     if spec.shuffle_seed is not None:
         kept = kept.with_columns(pl.col("uid").map_elements(
@@ -139,7 +158,7 @@ def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
             for r in rows:  # metadata order (possibly shuffled), not tar order
                 img, ext = found[r["key"]]
                 key = f"{index:05d}{n:05d}"
-                members = [(f"{key}.{ext}", img), (f"{key}.txt", (r["caption"] or "").encode()),
+                members = [(f"{key}.{ext}", img), (f"{key}.txt", (r.get("caption", r.get("text")) or "").encode()),
                            (f"{key}.json", _sample_json(r))]
                 for name, data in members:
                     ti = tarfile.TarInfo(name)
@@ -218,7 +237,9 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     order = list(shards)
     if spec.shuffle_seed is not None:
         order.sort(key=lambda p: _order_key(shard_name(p), spec.shuffle_seed))
-    res = ex.map(functools.partial(export_metadata, workdir, out, all_ids, spec), order, label="export:metadata")
+    names = datacomp_names(run) if spec.schema == "datacomp" else None
+    res = ex.map(functools.partial(export_metadata, workdir, out, all_ids, spec, names=names), order,
+                 label="export:metadata")
     failed = [r for r in res if not r.ok]
     if failed:
         raise RuntimeError(f"export failed on {len(failed)} shard(s): {failed[0].item}: {failed[0].error}")

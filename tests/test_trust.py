@@ -240,3 +240,17 @@ def test_make_clean_keeps_models_and_pools(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "demo/models/f").exists() and (tmp_path / "demo/pool-v2-5000x10-seed0/f").exists()
     assert not (tmp_path / "demo/work").exists() and not (tmp_path / "work").exists()
+
+
+def test_export_with_datacomp_column_names(done_work: Path, tmp_path: Path):
+    import polars as pl
+
+    m = _export(done_work, tmp_path / "out", schema="datacomp")
+    meta = pl.read_parquet(tmp_path / "out" / "metadata" / "*.parquet")
+    assert {"uid", "url", "text", "original_width", "original_height", "sha256"} <= set(meta.columns)
+    assert "caption" not in meta.columns and meta.height == m["samples_kept"]
+    import webdataset as wds
+
+    caps = {s["__key__"]: s["txt"] for s in wds.WebDataset(str(tmp_path / "out" / "shards" / "00000.tar"),
+                                                            shardshuffle=False)}
+    assert caps and all(c for c in caps.values())  # captions still reach the tars
