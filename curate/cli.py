@@ -59,18 +59,21 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def pipeline_until(pipe, stage: str, source: str):
-    """The pipeline cut after ``stage``: its id, or else the first stage of that kind."""
+    """The pipeline cut after ``stage``: its id, or else the first stage of that kind. The kept
+    stages keep the parameters they resolve to in the whole pipeline (e.g. the image measures that
+    a later dedup reads), so the cut run's tables are the ones the whole run would reuse."""
+    from curate.config import StageSpec
     from curate.stages.registry import build_stages
 
-    ids = [(st.stage_id, st.name) for st in build_stages(pipe, source)]
-    pos = next((i for i, (sid, _) in enumerate(ids) if sid == stage), None)
+    stages = build_stages(pipe, source)
+    pos = next((i for i, st in enumerate(stages) if st.stage_id == stage), None)
     if pos is None:
-        pos = next((i for i, (_, kind) in enumerate(ids) if kind == stage), None)
+        pos = next((i for i, st in enumerate(stages) if st.name == stage), None)
     if pos is None:
         raise ConfigError(f"{source}: no stage {stage!r} in pipeline {pipe.name} "
-                          f"(stages: {', '.join(sid for sid, _ in ids)}); choose another PIPELINE")
-    added = len(ids) - len(pipe.stages)  # build_stages puts index first when a pipeline omits it
-    return pipe.model_copy(update={"stages": pipe.stages[:max(0, pos + 1 - added)]})
+                          f"(stages: {', '.join(st.stage_id for st in stages)}); choose another PIPELINE")
+    specs = [StageSpec(name=st.name, params=st.params.model_dump(mode="json")) for st in stages[:pos + 1]]
+    return pipe.model_copy(update={"stages": specs})
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -46,6 +46,11 @@ class ShardContext:
     read_result: ShardReadResult = field(default_factory=ShardReadResult)
     _cache: dict[str, pa.Table] = field(default_factory=dict)
     _evaluate: np.ndarray | None = None
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def count(self, name: str, n: float = 1) -> None:
+        """Add to one of the stage's own counters (written to the shard's stats as ``count:<name>``)."""
+        self.counters[name] = self.counters.get(name, 0) + n
 
     @property
     def work(self) -> WorkDir:
@@ -157,6 +162,15 @@ class Stage:
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         """Extra inputs to the fingerprint, such as a checkpoint hash or a vocabulary hash."""
         return {}
+
+    def reads_from(self, stage_name: str) -> set[str]:
+        """Columns this stage reads from an earlier stage of kind ``stage_name`` (e.g. dedup reads the
+        image stage's ``phash``): a stage that computes only what is needed computes these too."""
+        return set()
+
+    def with_later_reads(self, columns: set[str]) -> "Stage":
+        """This stage, resolved for what later stages of the pipeline read from it (default: as is)."""
+        return self
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         """Problems that would fail every shard (weights not found, a reference set missing),

@@ -99,6 +99,9 @@ class DedupStage(GlobalStage):
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("dup_group", pa.string()), pa.field("dup_of", pa.string())]
 
+    def reads_from(self, stage_name: str) -> set[str]:
+        return {"phash"} if stage_name == "image" and self.params.phash_radius is not None else set()
+
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("sha256", pa.string()), pa.field("caption_h", pa.int64()),
                 pa.field("url_h", pa.int64()), pa.field("phash", pa.int64()), pa.field("clip_score", pa.float32())]

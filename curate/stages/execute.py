@@ -162,6 +162,8 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
                                  "bytes_read": ctx.read_result.n_bytes}
     for reason, c in counts.items():
         metrics[f"dropped:{reason}"] = c
+    for name, c in ctx.counters.items():
+        metrics[f"count:{name}"] = c
     if ctx.read_result.error:
         metrics["shard_error"] = 1
         metrics[f"error:{ctx.read_result.error[:200]}"] = 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def header_info(data: bytes, ext: str | None, max_pixels: int) -> dict[str, Any]:
+    """Format, mode, frames and size from the image header alone (no pixel is decoded)."""
+    try:
+        im = open_image(data, ext)
+    except Exception as e:
+        raise ImageRejected("image:undecodable") from e
+    with im:
+        info = {"format": (im.format or "").lower() or None, "mode": im.mode,
+                "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
+    if info["w"] * info["h"] > max_pixels:
+        raise ImageRejected("image:too_many_pixels")
+    return info
+
+
 def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
     """(RGB uint8 array at most ``thumb`` px a side, header info) without a full decode."""
     try:
@@ -75,6 +89,14 @@ def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) ->
     return arr, info
 
 
+QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
+PIXEL_MEASURES = (*QUALITY, "phash")  # need a (reduced) decode; sizes, format and mode need only the header
+# The measure each threshold reads.
+THRESHOLD_MEASURE = {"min_blur_var": "blur_var", "min_entropy": "entropy", "min_contrast": "contrast",
+                     "max_dominant_share": "dominant_share", "max_dark_share": "dark_share",
+                     "max_bright_share": "bright_share"}
+
+
 def _median_u8(counts: np.ndarray, n: int) -> int:
     """np.median of n uint8 values from their histogram, truncated to an integer as before."""
     cum = np.cumsum(counts)
@@ -85,29 +107,34 @@ def _median_u8(counts: np.ndarray, n: int) -> int:
     return (lo + hi) // 2
 
 
-def quality(rgb: np.ndarray) -> dict[str, float]:
-    """Blur (Laplacian variance), entropy, contrast, dominant colour share, dark/bright shares."""
+def quality(rgb: np.ndarray, wanted: frozenset[str] | set[str] = frozenset(QUALITY)) -> dict[str, float]:
+    """The ``wanted`` measures of QUALITY: blur (Laplacian variance), entropy, contrast, dominant
+    colour share, dark/bright shares; each is computed only when asked for."""
+    out: dict[str, float] = {}
     gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    lap = (4 * gray[1:-1, 1:-1] - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:])
-    g8 = gray.astype(np.uint8)
-    hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
-    p = hist[hist > 0] / g8.size
-    # Near-uniform: share of pixels within 8 levels (every channel) of the median colour; a
-    # histogram mode would split a flat colour that sits on a bin edge. Channel planes are made
-    # contiguous once: strided channel views make every bincount and comparison copy.
-    planes = np.ascontiguousarray(np.moveaxis(rgb, 2, 0)).reshape(3, -1)
-    near = np.ones(planes.shape[1], dtype=bool)
-    for ch in planes:
-        med = _median_u8(np.bincount(ch, minlength=256), ch.size)
-        near &= (ch >= med - 8) & (ch <= med + 8)  # numpy 2 compares uint8 with any int exactly
-    return {
-        "blur_var": float(lap.var()) if lap.size else 0.0,
-        "entropy": float(-(p * np.log2(p)).sum()),
-        "contrast": float(gray.std()),
-        "dominant_share": float(near.mean()),
-        "dark_share": float((g8 < 16).mean()),
-        "bright_share": float((g8 > 240).mean()),
-    }
+    if "blur_var" in wanted:
+        lap = (4 * gray[1:-1, 1:-1] - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:])
+        out["blur_var"] = float(lap.var()) if lap.size else 0.0
+    if wanted & {"entropy", "dark_share", "bright_share"}:
+        g8 = gray.astype(np.uint8)
+        hist = np.bincount(g8.ravel(), minlength=256).astype(np.float64)
+        p = hist[hist > 0] / g8.size
+        out["entropy"] = float(-(p * np.log2(p)).sum())
+        out["dark_share"] = float(hist[:16].sum() / g8.size)
+        out["bright_share"] = float(hist[241:].sum() / g8.size)
+    if "contrast" in wanted:
+        out["contrast"] = float(gray.std())
+    if "dominant_share" in wanted:
+        # Near-uniform: share of pixels within 8 levels (every channel) of the median colour; a
+        # histogram mode would split a flat colour that sits on a bin edge. Channel planes are made
+        # contiguous once: strided channel views make every bincount and comparison copy.
+        planes = np.ascontiguousarray(np.moveaxis(rgb, 2, 0)).reshape(3, -1)
+        near = np.ones(planes.shape[1], dtype=bool)
+        for ch in planes:
+            med = _median_u8(np.bincount(ch, minlength=256), ch.size)
+            near &= (ch >= med - 8) & (ch <= med + 8)  # numpy 2 compares uint8 with any int exactly
+        out["dominant_share"] = float(near.mean())
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 @register_stage
@@ -148,6 +175,9 @@ class ImageStage(MapStage):
         max_dark_share: float | None = Field(None, gt=0, le=1, description="drop images with more than this share of near-black pixels")
         max_bright_share: float | None = Field(None, gt=0, le=1, description="drop images with more than this share of near-white pixels")
         drop_animated: bool = Field(False, description="drop images with more than one frame")
+        measures: Literal["needed", "all"] | list[Literal[PIXEL_MEASURES]] = Field(  # type: ignore[valid-type]
+            "needed", description="pixel measures to compute: needed (those the thresholds and later "
+            "stages read; none: no pixel is decoded), all, or a list; the pipeline stores the resolved list")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -155,7 +185,27 @@ class ImageStage(MapStage):
         self._limiter = TimeLimiter(self.params.decode_timeout_s, name=f"{self.stage_id}-decode")
         self._empty = dict.fromkeys(f.name for f in self.value_fields())  # copied per image
 
-    QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
+    QUALITY = QUALITY
+
+    def with_later_reads(self, columns: set[str]) -> "ImageStage":
+        """The stage with ``measures`` resolved to an explicit list: the thresholds' measures, what
+        later stages read (dedup's phash), and any listed; ``all`` lists every measure."""
+        p = self.params
+        if p.measures == "all":
+            wanted = set(PIXEL_MEASURES)
+        else:
+            wanted = {m for k, m in THRESHOLD_MEASURE.items() if getattr(p, k) is not None}
+            wanted |= columns & set(PIXEL_MEASURES)
+            wanted |= set(p.measures) if isinstance(p.measures, list) else set()
+        resolved = [m for m in PIXEL_MEASURES if m in wanted]
+        return type(self)(p.model_copy(update={"measures": resolved}), self.stage_id)
+
+    @property
+    def pixel_measures(self) -> frozenset[str]:
+        m = self.params.measures
+        return frozenset(PIXEL_MEASURES if m == "all" else
+                         [x for k, x in THRESHOLD_MEASURE.items() if getattr(self.params, k) is not None]
+                         if m == "needed" else m)
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("img_format", pa.string()), pa.field("img_mode", pa.string()),
@@ -172,8 +222,12 @@ class ImageStage(MapStage):
             return vals, "image:missing"
         if len(data) > p.max_bytes:
             return vals, "image:too_large_bytes"
+        wanted = self.pixel_measures
         try:
-            rgb, info = self._limiter.call(reduced_decode, data, ext, p.thumb, p.max_pixels)
+            if wanted:
+                rgb, info = self._limiter.call(reduced_decode, data, ext, p.thumb, p.max_pixels)
+            else:
+                rgb, info = None, header_info(data, ext, p.max_pixels)
         except ImageRejected as r:
             return vals, str(r)
         except SampleTimeout:
@@ -183,8 +237,10 @@ class ImageStage(MapStage):
             w, h = orig
         vals.update(img_format=info["format"], img_mode=info["mode"], n_frames=info["n_frames"],
                     img_width=w, img_height=h, aspect=max(w, h) / max(1, min(w, h)))
-        vals.update(quality(rgb))
-        vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
+        if rgb is not None:
+            vals.update(quality(rgb, wanted))
+            if "phash" in wanted:
+                vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
         checks = [
             (p.min_bytes is not None and len(data) < p.min_bytes, "image:too_small_bytes"),
             (p.min_side is not None and min(w, h) < p.min_side, "image:min_side"),
@@ -217,6 +273,8 @@ class ImageStage(MapStage):
             if not evaluate[i]:
                 continue
             vals, reasons[i] = self.measure_one(s.image(), s.image_ext(), (ow[i], oh[i]))
+            if self.pixel_measures and vals["img_format"] is not None:
+                ctx.count("images_decoded")
             for k, v in vals.items():
                 cols[k][i] = v
         for i in range(n):  # rows the tar no longer yields (changed shard) are judged, not lost

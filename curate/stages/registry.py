@@ -73,6 +73,9 @@ def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
     if not specs or specs[0].name != "index":
         specs.insert(0, StageSpec(name="index"))
     stages = [build_stage(s, source, i) for i, s in enumerate(specs)]
+    # A stage that computes only what is needed learns what the stages after it read from it.
+    stages = [st.with_later_reads(set().union(*(later.reads_from(st.name) for later in stages[i + 1:])))
+              for i, st in enumerate(stages)]
     seen: set[str] = set()
     for i, st in enumerate(stages):
         if st.stage_id in seen:

@@ -70,7 +70,7 @@ def test_broken_and_unusual_images(name, data, ext, expect):
 
 def test_16bit_png_is_scaled_not_clipped():
     vals, _ = _stage().measure_one(_photo(mode="I;16", fmt="PNG"), "png", (None, None))
-    assert vals["bright_share"] < 0.5 and vals["entropy"] > 5
+    assert vals["blur_var"] > 0 and vals["dominant_share"] < 0.5
 
 
 def test_animated_flagged_when_asked():
@@ -115,3 +115,47 @@ def test_real_coco_photos_are_kept(tmp_path: Path):
     print(d.group_by("reason_image").len())
     assert d.height == 159
     assert d["keep_image"].mean() >= 0.95
+
+
+def _image_stats(work: Path) -> dict[str, float]:
+    s = pl.read_parquet(work / "stats" / "image" / "*.parquet")
+    return dict(s.group_by("metric").agg(pl.col("value").sum()).iter_rows())
+
+
+def test_datacomp_basic_decodes_no_image_and_a_blur_rule_does(pool: Path, tmp_path: Path):
+    basic = load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml")
+    work = tmp_path / "w"
+    cfg = make_config(str(pool / "*.tar"), work)
+    assert run_pipeline(basic, cfg).ok
+    stats = _image_stats(work)
+    assert stats.get("count:images_decoded", 0) == 0 and stats["n_in"] > 300
+    img = pl.read_parquet(work / "image" / "*.parquet")
+    assert img["blur_var"].null_count() == img.height and img["phash"].null_count() == img.height
+    assert img["img_width"].drop_nulls().len() > 300  # sizes come from the json / header
+    assert "image:undecodable" in img["reason_image"].to_list()  # an unparseable header keeps its reason
+    text_stamps = {p: p.stat().st_mtime_ns for p in (work / "stats" / "text").glob("*.parquet")}
+
+    # adding a threshold to a finished run recomputes the image stage only
+    with_blur = basic.model_copy(update={"stages": [
+        st if st.name != "image" else st.model_copy(update={"params": st.params | {"min_blur_var": 20.0}})
+        for st in basic.stages]})
+    assert run_pipeline(with_blur, cfg).ok
+    assert {p: p.stat().st_mtime_ns for p in (work / "stats" / "text").glob("*.parquet")} == text_stamps
+    assert _image_stats(work)["count:images_decoded"] > 300
+    img = pl.read_parquet(work / "image" / "*.parquet")
+    assert img["blur_var"].drop_nulls().len() > 300 and img["entropy"].null_count() == img.height
+
+
+def test_measures_follow_thresholds_later_stages_and_all():
+    from curate.stages.registry import build_stages
+
+    def measures(*stages):
+        return next(s for s in build_stages(make_pipeline(*stages)) if s.name == "image").params.measures
+
+    assert measures(("image", {})) == []
+    assert measures(("image", {"min_entropy": 3.0})) == ["entropy"]
+    assert measures(("image", {}), ("dedup", {"phash_radius": 4})) == ["phash"]
+    assert measures(("image", {}), ("dedup", {"phash_radius": None})) == []
+    assert measures(("image", {"measures": "all"})) == ["blur_var", "entropy", "contrast", "dominant_share",
+                                                        "dark_share", "bright_share", "phash"]
+    assert measures(("image", {"measures": ["contrast"], "min_blur_var": 5.0})) == ["blur_var", "contrast"]
