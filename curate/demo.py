@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=str(ROOT / "demo"), help="pool, work dir and outputs go here")
     ap.add_argument("--models", default=str(ROOT / "demo" / "models"), help="the scorer's cache")
+    ap.add_argument("--strict", action="store_true", help="exit 3 when a self-check fails")
     a = ap.parse_args(argv)
     _setup_logging(False)
     cfg = load_run_config(a.config)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
           f"curated:   {out}/metadata/*.parquet, {out}/shards/*.tar ({manifest['samples_kept']} samples in "
           f"{manifest['output_shards']} shards), {out}/uids.npy, {out}/manifest.json\n"
           f"report:    {report}")
-    return 0 if all(ok for _, ok, _ in checks) else 3
+    return 3 if a.strict and not all(ok for _, ok, _ in checks) else 0
 
 
 if __name__ == "__main__":

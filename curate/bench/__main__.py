@@ -12,6 +12,7 @@ BENCHMARKS = {
     "filters": "curate.bench.filters",
     "clip": "curate.bench.clip",
     "global": "curate.bench.global_stages",
+    "recipes": "curate.bench.recipes",
 }
 
 

@@ -1,0 +1,114 @@
+"""What each recipe costs per sample, and DataComp's basic filter side by side.
+
+- basic_vs_datacomp: ``pipelines/datacomp_basic.yaml`` run end to end on the shards (index + text +
+  image, in-process, one core) against DataComp's own way of running its basic filter on the same
+  rows' metadata (a pandas table; fastText per caption through ``DataFrame.apply``; word and
+  character counts; original sizes), in the same process. Target: curate >= 0.5x DataComp's rows/s
+  while also indexing the shards.
+- per_recipe: for every recipe in pipelines/ that runs offline (no CLIP weights): tar bytes read and
+  images decoded per sample, summed over its map stages, read back from the stats files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
+from curate.config import RunConfig, load_pipeline
+from curate.io.shards import expand_input, iter_samples
+from curate.pipeline import run_pipeline
+
+NEEDS_WEIGHTS = ("clip_score", "reference_filter")  # recipes with these stages need CLIP weights
+
+
+def metadata_table(pool: Path) -> Path:
+    """DataComp-style metadata of the pool (uid, text, original_width, original_height)."""
+    out = pool / "metadata.parquet"
+    if out.exists():
+        return out
+    rows = {"uid": [], "text": [], "original_width": [], "original_height": []}
+    for shard in expand_input(str(pool / "*.tar")):
+        for s in iter_samples(shard):
+            meta = s.meta()
+            rows["uid"].append(meta.get("uid") or s.key)
+            rows["text"].append((s.caption_bytes() or b"").decode("utf-8", "replace"))
+            rows["original_width"].append(meta.get("original_width"))
+            rows["original_height"].append(meta.get("original_height"))
+    pl.DataFrame(rows).write_parquet(out)
+    return out
+
+
+def datacomp_basic(metadata: Path) -> int:
+    """DataComp's basic filter as its baselines code runs it: pandas, one fastText predict per row."""
+    import pandas as pd
+
+    from curate.models.langid import load_langid
+
+    model = load_langid()
+    df = pd.read_parquet(metadata)
+    lang = df.text.apply(lambda t: model.predict(t.replace("\n", " "))[0][0].split("__label__")[1])
+    words = df.text.apply(lambda t: len(t.split()))
+    chars = df.text.apply(len)
+    w, h = df.original_width, df.original_height
+    aspect = np.maximum(w, h) / np.minimum(w, h)
+    mask = (lang == "en") & (words > 2) & (chars > 5) & (np.minimum(w, h) >= 200) & (aspect <= 3.0)
+    return int(mask.sum())
+
+
+def _config(pool: Path, work: Path) -> RunConfig:
+    return RunConfig.model_validate({"input": str(pool / "*.tar"), "workdir": str(work),
+                                     "executor": {"kind": "inprocess", "retries": 0}, "device": "cpu"})
+
+
+def basic_vs_datacomp(pool: Path, n: int) -> dict:
+    meta = metadata_table(pool)
+    datacomp_basic(meta)  # warm: model load and page cache, as for curate below
+    with timer() as td:
+        kept_dc = datacomp_basic(meta)
+    work = BENCH_DIR / "recipes-basic"
+    shutil.rmtree(work, ignore_errors=True)
+    with timer() as tc:
+        s = run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"), _config(pool, work))
+    assert s.ok, s.problems()
+    from curate.decisions import decisions
+
+    kept = int(decisions(work)["kept"].sum())
+    dc_rate, cu_rate = n / td["seconds"], n / tc["seconds"]
+    return {"samples": n, "datacomp_s": round(td["seconds"], 3), "curate_s": round(tc["seconds"], 3),
+            "datacomp_rows_per_s": round(dc_rate), "curate_rows_per_s": round(cu_rate),
+            "ratio_curate_over_datacomp": round(cu_rate / dc_rate, 3), "target": ">= 0.5",
+            "kept_datacomp": kept_dc, "kept_curate": kept}
+
+
+def per_recipe(pool: Path, n: int) -> dict:
+    out = {}
+    for path in sorted((ROOT / "pipelines").glob("*.yaml")):
+        pipe = load_pipeline(path)
+        if any(st.name in NEEDS_WEIGHTS for st in pipe.stages):
+            out[path.stem] = "needs CLIP weights (not measured offline)"
+            continue
+        work = BENCH_DIR / f"recipes-{path.stem}"
+        shutil.rmtree(work, ignore_errors=True)
+        with timer() as t:
+            s = run_pipeline(pipe, _config(pool, work))
+        assert s.ok, s.problems()
+        stats = pl.read_parquet(work / "stats" / "**" / "*.parquet")
+        sums = dict(stats.group_by("metric").agg(pl.col("value").sum()).iter_rows())
+        shard_bytes = sum(Path(p).stat().st_size for p in expand_input(str(pool / "*.tar")))
+        out[path.stem] = {"seconds": round(t["seconds"], 2),
+                          "tar_bytes_read_per_shard_byte": round(sums.get("bytes_read", 0) / shard_bytes, 2),
+                          "images_decoded_per_sample": round(sums.get("count:images_decoded", 0) / n, 3)}
+    return out
+
+
+def run() -> dict:
+    pool = bench_pool(10000, 10, seed=3)
+    n = int(pl.read_parquet(pool / "ground_truth.parquet").height)
+    res = {"basic_vs_datacomp": basic_vs_datacomp(pool, n), "per_recipe": per_recipe(pool, n)}
+    save("recipes", res)
+    print(json.dumps(res["basic_vs_datacomp"]))
+    return res
