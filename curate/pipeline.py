@@ -160,7 +160,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
         if unknown:
             raise ConfigError(f"--stages names {unknown}, not in pipeline {pipe.name} "
                              f"(stages: {', '.join(s.stage_id for s in stages)})")
-    preflight(stages, cfg, shard_paths, work)
+    preflight([st for st in stages if not only or st.stage_id in only], cfg, shard_paths, work)
     fps = stage_fingerprints(stages, shards, cfg.model_cache)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)

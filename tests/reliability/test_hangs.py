@@ -34,7 +34,7 @@ def test_hanging_decode_becomes_a_reason(tmp_path, record, hanging_format):
         img = HANG_MAGIC + b"\0" * 64 if i == 2 else jpeg_bytes((320, 240), (40 * i, 90, 200))
         members += [(f"{i:04d}.jpg", img), (f"{i:04d}.txt", f"a photo number {i} of a red bus".encode())]
     shard = write_tar(tmp_path / "hang.tar", members)
-    pipe = make_pipeline(("image", {"decode_timeout_s": 1.0, "min_side": None}))
+    pipe = make_pipeline(("image", {"decode_timeout_s": 1.0, "min_side": None, "measures": "all"}))
     t0 = time.perf_counter()
     s = run_pipeline(pipe, make_config(str(shard), tmp_path / "w"))
     elapsed = time.perf_counter() - t0
