@@ -241,11 +241,17 @@ class ImageStage(MapStage):
             vals.update(quality(rgb, wanted))
             if "phash" in wanted:
                 vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
+        return vals, self.first_failing(vals, len(data), info["n_frames"])
+
+    def first_failing(self, vals: dict[str, Any], n_bytes: int, n_frames: int | None) -> str | None:
+        """The first rule a measured image breaks, in a fixed order (None: kept)."""
+        p = self.params
+        w, h = vals["img_width"], vals["img_height"]
         checks = [
-            (p.min_bytes is not None and len(data) < p.min_bytes, "image:too_small_bytes"),
+            (p.min_bytes is not None and n_bytes < p.min_bytes, "image:too_small_bytes"),
             (p.min_side is not None and min(w, h) < p.min_side, "image:min_side"),
             (p.max_aspect is not None and vals["aspect"] > p.max_aspect, "image:aspect"),
-            (p.drop_animated and info["n_frames"] > 1, "image:animated"),
+            (p.drop_animated and (n_frames or 1) > 1, "image:animated"),
             (p.max_dominant_share is not None and vals["dominant_share"] > p.max_dominant_share, "image:uniform"),
             (p.min_entropy is not None and vals["entropy"] < p.min_entropy, "image:low_entropy"),
             (p.min_contrast is not None and vals["contrast"] < p.min_contrast, "image:low_contrast"),
@@ -253,9 +259,42 @@ class ImageStage(MapStage):
             (p.max_dark_share is not None and vals["dark_share"] > p.max_dark_share, "image:dark"),
             (p.max_bright_share is not None and vals["bright_share"] > p.max_bright_share, "image:bright"),
         ]
-        return vals, next((r for bad, r in checks if bad), None)
+        return next((r for bad, r in checks if bad), None)
+
+    def _from_index(self, ctx: ShardContext) -> dict[str, Any]:
+        """Size rules from what the index stage read from each header (and json): no tar read."""
+        p = self.params
+        t = ctx.index(["image_format", "image_bytes", "width", "height", "original_width", "original_height"])
+        rows = t.to_pylist()
+        n = len(rows)
+        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
+        reasons: list[str | None] = [None] * n
+        for i, (r, ev) in enumerate(zip(rows, ctx.evaluate)):
+            if not ev:
+                continue
+            w, h = r["width"], r["height"]
+            if not r["image_bytes"]:
+                reasons[i] = "image:missing"
+            elif r["image_bytes"] > p.max_bytes:
+                reasons[i] = "image:too_large_bytes"
+            elif r["image_format"] is None or not w or not h:
+                reasons[i] = "image:undecodable"
+            elif w * h > p.max_pixels:
+                reasons[i] = "image:too_many_pixels"
+            else:
+                if p.use_original_size and r["original_width"] and r["original_height"]:
+                    w, h = r["original_width"], r["original_height"]
+                vals = {"img_format": r["image_format"].lower(), "img_width": w, "img_height": h,
+                        "aspect": max(w, h) / max(1, min(w, h))}
+                for k, v in vals.items():
+                    cols[k][i] = v
+                reasons[i] = self.first_failing(vals, r["image_bytes"], None)
+        cols["__reasons__"] = reasons
+        return cols
 
     def process(self, ctx: ShardContext) -> dict[str, Any]:
+        if not self.pixel_measures and not self.params.drop_animated:
+            return self._from_index(ctx)
         index = ctx.index(["key", "original_width", "original_height"])
         keys = index.column("key").to_pylist()
         ow = index.column("original_width").to_pylist()

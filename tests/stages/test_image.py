@@ -159,3 +159,18 @@ def test_measures_follow_thresholds_later_stages_and_all():
     assert measures(("image", {"measures": "all"})) == ["blur_var", "entropy", "contrast", "dominant_share",
                                                         "dark_share", "bright_share", "phash"]
     assert measures(("image", {"measures": ["contrast"], "min_blur_var": 5.0})) == ["blur_var", "contrast"]
+
+
+def test_size_rules_from_the_index_equal_the_header_read(pool: Path, tmp_path: Path):
+    """Without pixel measures the stage decides from what the index read (no tar read); forcing the
+    tar path (drop_animated needs the frame count; the pool has no animated image) gives the same."""
+    rules = {"min_side": 200, "max_aspect": 3.0, "use_original_size": True}
+    out = {}
+    for name, extra in (("index", {}), ("tar", {"drop_animated": True})):
+        work = tmp_path / name
+        assert run_pipeline(make_pipeline(("image", rules | extra)), make_config(str(pool / "*.tar"), work)).ok
+        out[name] = pl.read_parquet(work / "image" / "*.parquet").select(
+            "uid", "reason_image", "img_width", "img_height", "aspect", "img_format").sort("uid")
+        out[name + "_bytes"] = _image_stats(work)["bytes_read"]
+    assert out["index"].equals(out["tar"])
+    assert out["index_bytes"] == 0 < out["tar_bytes"]
