@@ -163,3 +163,44 @@ def test_disk_full_mid_run_then_rerun(big_pool: Path, reference: Path, tmp_path:
     n_lost = lost(work, 1600)
     record("file writes fail (EFBIG) mid-run, then rerun", 1, n_lost, diff)
     assert diff == 0 and n_lost == 0
+
+
+def test_export_never_destroys_data(big_pool: Path, reference: Path, tmp_path: Path, record, monkeypatch):
+    """Export aimed at the input folder or at a user's folder is refused; an --overwrite that fails
+    half way leaves the earlier export whole. Inputs and the earlier export stay byte-identical."""
+    import curate.export as export_mod
+    from curate.io.parquet import WorkDirError
+
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    inputs = snapshot(big_pool)
+    out = tmp_path / "out"
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.pdf").write_bytes(b"%PDF irreplaceable")
+    with make_executor(make_config("x", reference)) as ex:
+        export(reference, out, ex, ExportSpec(shard_size=150))
+        earlier = snapshot(out)
+        refused = 0
+        for target in (big_pool, big_pool.parent, user):
+            try:
+                export(reference, target, ex, ExportSpec(shard_size=150, overwrite=True))
+            except WorkDirError:
+                refused += 1
+        calls = {"n": 0}
+        real = export_mod.write_output_shard
+
+        def dies_on_third(out_dir, job):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk went away")
+            return real(out_dir, job)
+
+        monkeypatch.setattr(export_mod, "write_output_shard", dies_on_third)
+        with pytest.raises(RuntimeError):
+            export(reference, out, ex, ExportSpec(shard_size=150, overwrite=True))
+    differ = int(snapshot(big_pool) != inputs) + int(snapshot(out) != earlier) + int(snapshot(user) != {"thesis.pdf": b"%PDF irreplaceable"})
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    record("export onto inputs / a user's folder / failing mid --overwrite", 1, 0, differ + len(leftovers))
+    assert refused == 3 and differ == 0 and leftovers == []
