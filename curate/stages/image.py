@@ -49,31 +49,31 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def header_info(data: bytes, ext: str | None, max_pixels: int) -> dict[str, Any]:
-    """Format, mode, frames and size from the image header alone (no pixel is decoded)."""
+def _open_checked(data: bytes, ext: str | None, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
+    """The opened image (pixels not decoded yet) and its header info; bombs and bad headers are reasons."""
     try:
         im = open_image(data, ext)
     except Exception as e:
         raise ImageRejected("image:undecodable") from e
-    with im:
-        info = {"format": (im.format or "").lower() or None, "mode": im.mode,
-                "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
-    if info["w"] * info["h"] > max_pixels:
+    info = {"format": (im.format or "").lower() or None, "mode": im.mode,
+            "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
+    if im.width * im.height > max_pixels:
+        im.close()
         raise ImageRejected("image:too_many_pixels")
+    return im, info
+
+
+def header_info(data: bytes, ext: str | None, max_pixels: int) -> dict[str, Any]:
+    """Format, mode, frames and size from the image header alone (no pixel is decoded)."""
+    im, info = _open_checked(data, ext, max_pixels)
+    im.close()
     return info
 
 
 def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
     """(RGB uint8 array at most ``thumb`` px a side, header info) without a full decode."""
-    try:
-        im = open_image(data, ext)
-    except Exception as e:
-        raise ImageRejected("image:undecodable") from e
+    im, info = _open_checked(data, ext, max_pixels)
     with im:
-        info = {"format": (im.format or "").lower() or None, "mode": im.mode,
-                "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
-        if im.width * im.height > max_pixels:
-            raise ImageRejected("image:too_many_pixels")
         try:
             if im.format == "JPEG":
                 # DCT scaling decodes at 1/2, 1/4 or 1/8 size; the request must keep the aspect
