@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -222,18 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 parents=[common], formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"curate {version('curate')}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    _add = sub.add_parser
+    add = functools.partial(sub.add_parser, parents=[common], formatter_class=_Help)
 
-    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], formatter_class=_Help, **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    sg = sub.add_parser("stages", help="list the stages, or one stage's parameters with types and defaults")
+    sg = add("stages", help="list the stages, or one stage's parameters with types and defaults")
     sg.add_argument("name", nargs="?", default=None)
     sg.set_defaults(fn=cmd_stages)
 
-    mo = sub.add_parser("models", help="stage model weights for machines without internet")
+    mo = add("models", help="stage model weights for machines without internet")
     mo_sub = mo.add_subparsers(dest="models_cmd", required=True)
     mf = mo_sub.add_parser("fetch", help="download an open_clip model's weights into a model cache",
                            parents=[common], formatter_class=_Help)
@@ -242,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--to", required=True, help="the model cache folder (set model_cache to it in the run config)")
     mf.set_defaults(fn=cmd_models_fetch)
 
-    s = sub.add_parser("synth", help="write a synthetic pool with injected defects and ground truth")
+    s = add("synth", help="write a synthetic pool with injected defects and ground truth")
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, default=5000)
     s.add_argument("--shards", type=int, default=10)
@@ -250,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clean", action="store_true", help="no injected defects (training / held-out sets)")
     s.set_defaults(fn=cmd_synth)
 
-    r = sub.add_parser("run", help="run a pipeline (YAML) with a run config")
+    r = add("run", help="run a pipeline (YAML) with a run config")
     r.add_argument("pipeline")
     r.add_argument("--config", default=None)
     r.add_argument("--input", default=None, help="path, glob, brace pattern or list file of shards")
@@ -260,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the pipeline up to and including this stage (id or kind); done stages are skipped")
     r.set_defaults(fn=cmd_run)
 
-    t = sub.add_parser("train", help="train an open_clip model on WebDataset shards (open_clip_train)")
+    t = add("train", help="train an open_clip model on WebDataset shards (open_clip_train)")
     t.add_argument("input", help="shards: path, glob, brace pattern or list file")
     t.add_argument("--out", required=True, help="folder for the checkpoint and logs")
     t.add_argument("--name", default="proxy")
@@ -272,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="zero-shot accuracy, retrieval R@1 and match AUC on a labelled set")
+    e = add("eval", help="zero-shot accuracy, retrieval R@1 and match AUC on a labelled set")
     e.add_argument("eval_dir", help="folder with shards and ground_truth.parquet (curate synth --clean)")
     e.add_argument("--model", default="curate-tiny")
     e.add_argument("--checkpoint", default=None)
@@ -280,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.set_defaults(fn=cmd_eval)
 
-    ig = sub.add_parser("ingest", help="URL + caption list (img2dataset) or image folder -> WebDataset shards")
+    ig = add("ingest", help="URL + caption list (img2dataset) or image folder -> WebDataset shards")
     ig.add_argument("source", help="Parquet/CSV/TSV of URLs and captions, or a folder of images + .txt")
     ig.add_argument("--out", required=True)
     ig.add_argument("--input-format", default=None, help="parquet, csv, tsv (default: from the suffix)")
@@ -292,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--timeout", type=int, default=10)
     ig.set_defaults(fn=cmd_ingest)
 
-    x = sub.add_parser("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
+    x = add("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
     x.add_argument("workdir")
     x.add_argument("--out", required=True)
     x.add_argument("--config", default=None, help="run config for the executor (default: LocalCluster)")
@@ -307,12 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 
-    rp = sub.add_parser("report", help="write WORK/report/index.html with plots and galleries; with two "
+    rp = add("report", help="write WORK/report/index.html with plots and galleries; with two "
                         "work dirs, WORK_A/report/compare.html (two runs side by side)")
     rp.add_argument("workdir", nargs="+")
     rp.set_defaults(fn=cmd_report)
 
-    st = sub.add_parser("stats", help="print the funnel read back from the stats Parquet")
+    st = add("stats", help="print the funnel read back from the stats Parquet")
     st.add_argument("workdir")
     st.add_argument("--json", action="store_true")
     st.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
