@@ -5,6 +5,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("distributed", "bokeh", "tornado", "PIL", "urllib3", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bokeh warns that the dashboard accepts any websocket origin; the embedded one listens on 127.0.0.1
+    logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
+
+
+def _quiet_shutdown() -> None:
+    """After an interrupt the user has been told what happened: a Dask cluster interrupted while it
+    starts would print tracebacks from its exit handlers and unfinished tasks. They still run, silently."""
+    logging.disable(logging.CRITICAL)
+    sys.stderr.flush()
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open until the process exits)
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -332,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        if not verbose:
+            _quiet_shutdown()
         return 130
 
 

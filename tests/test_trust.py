@@ -254,3 +254,22 @@ def test_export_with_datacomp_column_names(done_work: Path, tmp_path: Path):
     caps = {s["__key__"]: s["txt"] for s in wds.WebDataset(str(tmp_path / "out" / "shards" / "00000.tar"),
                                                             shardshuffle=False)}
     assert caps and all(c for c in caps.values())  # captions still reach the tars
+
+
+@pytest.mark.parametrize("delay", [2.0, 5.0])
+def test_ctrl_c_while_the_cluster_starts_is_one_message(small_pool: Path, tmp_path: Path, delay: float):
+    import signal
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("executor: {kind: local_cluster, n_workers: 2}\ndevice: cpu\n")
+    p = subprocess.Popen([*CLI, "run", str(ROOT / "pipelines" / "datacomp_basic.yaml"), "--config", str(cfg),
+                          "--input", str(small_pool / "*.tar"), "--workdir", str(tmp_path / "w")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env=os.environ | {"PYTHONPATH": str(ROOT)})
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the interrupt")
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "rerun the same command to resume" in err and len(err.strip().splitlines()) <= 12

@@ -92,7 +92,7 @@ def _make_local_cluster(cfg: RunConfig) -> Executor:
         dask.config.set({"distributed.worker.daemon": False})
     cluster = LocalCluster(n_workers=ex.n_workers, threads_per_worker=ex.threads_per_worker,
                            processes=True, memory_limit=ex.memory_limit,
-                           dashboard_address=":0" if ex.dashboard else None,
+                           dashboard_address="127.0.0.1:0" if ex.dashboard else None,
                            resources=resources or None, silence_logs=logging.WARNING)
     client = Client(cluster)
     return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)
