@@ -18,6 +18,7 @@ import yaml
 from curate.config import ConfigError, PipelineConfig, RunConfig, StageSpec, fingerprint
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
+from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes
 from curate.io.shards import expand_input, shard_name
 from curate.stages import execute
@@ -163,6 +164,13 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     preflight([st for st in stages if not only or st.stage_id in only], cfg, shard_paths, work)
     fps = stage_fingerprints(stages, shards, cfg.model_cache)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    with run_lease(work.root, run_id):
+        return _run(pipe, cfg, stages, fps, run_id, work, shard_paths, shards, only, executor)
+
+
+def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[str], run_id: str,
+         work: WorkDir, shard_paths: list[str], shards: list[str], only: list[str] | None,
+         executor: Executor | None) -> RunSummary:
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
                    model_cache=cfg.model_cache, seed=cfg.seed)
