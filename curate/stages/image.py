@@ -184,6 +184,7 @@ class ImageStage(MapStage):
         super().__init__(params, stage_id)
         self._limiter = TimeLimiter(self.params.decode_timeout_s, name=f"{self.stage_id}-decode")
         self._empty = dict.fromkeys(f.name for f in self.value_fields())  # copied per image
+        self.pixel_measures = self._pixel_measures()
 
     QUALITY = QUALITY
 
@@ -200,8 +201,9 @@ class ImageStage(MapStage):
         resolved = [m for m in PIXEL_MEASURES if m in wanted]
         return type(self)(p.model_copy(update={"measures": resolved}), self.stage_id)
 
-    @property
-    def pixel_measures(self) -> frozenset[str]:
+    def _pixel_measures(self) -> frozenset[str]:
+        """The pixel measures this stage computes (read once per image on the hot path: kept as
+        ``self.pixel_measures``)."""
         m = self.params.measures
         return frozenset(PIXEL_MEASURES if m == "all" else
                          [x for k, x in THRESHOLD_MEASURE.items() if getattr(self.params, k) is not None]
