@@ -60,7 +60,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(format_funnel(funnel(summary.workdir, summary.run_id), stale_stages(summary.workdir, summary.run_id)))
     glob = global_summaries(summary.workdir, summary.run_id)
     if glob:
-        print("\n" + format_globals(glob))
+        print("\n" + format_globals(glob, summary.workdir, summary.run_id))
     if not summary.ok:
         print("\nrun finished with problems:", file=sys.stderr)
         for p in summary.problems():
@@ -74,8 +74,7 @@ def pipeline_until(pipe, stage: str, source: str):
     """The pipeline cut after ``stage``: its id, or else the first stage of that kind. The kept
     stages keep the parameters they resolve to in the whole pipeline (e.g. the image measures that
     a later dedup reads), so the cut run's tables are the ones the whole run would reuse."""
-    from curate.config import StageSpec
-    from curate.stages.registry import build_stages
+    from curate.stages.registry import build_stages, spec_of
 
     stages = build_stages(pipe, source)
     pos = next((i for i, st in enumerate(stages) if st.stage_id == stage), None)
@@ -84,7 +83,7 @@ def pipeline_until(pipe, stage: str, source: str):
     if pos is None:
         raise ConfigError(f"{source}: no stage {stage!r} in pipeline {pipe.name} "
                           f"(stages: {', '.join(st.stage_id for st in stages)}); choose another PIPELINE")
-    specs = [StageSpec(name=st.name, params=st.params.model_dump(mode="json")) for st in stages[:pos + 1]]
+    specs = [spec_of(st) for st in stages[:pos + 1]]
     return pipe.model_copy(update={"stages": specs})
 
 
@@ -176,7 +175,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
     else:
         print(format_funnel(rows, stale))
         if glob:
-            print("\n" + format_globals(glob))
+            print("\n" + format_globals(glob, a.workdir, a.run))
     return 0
 
 
@@ -192,8 +191,6 @@ def cmd_stages(a: argparse.Namespace) -> int:
         return 0
     d = describe_stage(a.name)
     print(f"{d['name']} ({d['kind']} stage{', filter' if d['filters'] else ''}): {d['summary']}")
-    if d["needs"]:
-        print(f"reads: {', '.join(d['needs'])}")
     rows = [(r["name"], r["type"], json.dumps(r["default"]), r["description"]) for r in d["params"]]
     widths = [max(len(h), *(len(row[i]) for row in rows)) + 2 for i, h in enumerate(("parameter", "type", "default"))]
     print("\n" + "".join(h.ljust(w) for h, w in zip(("parameter", "type", "default"), widths)) + "description")

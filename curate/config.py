@@ -51,11 +51,13 @@ class RunConfig(Strict):
     executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache: str | None = Field(None, description="folder with local CLIP checkpoints")
-    seed: int = 0
 
 
 class StageSpec(Strict):
-    name: str
+    name: str = Field(..., description="the stage's kind (`curate stages` lists them)")
+    id: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+                           description="the stage's id in this pipeline (default: its kind); two stages "
+                           "of one kind need distinct ids")
     params: dict[str, Any] = Field(default_factory=dict)
 
 

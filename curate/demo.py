@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(defect_table(Path(summary.workdir), pool / "ground_truth.parquet"))
     glob = global_summaries(summary.workdir)
     if glob:
-        print("\n" + format_globals(glob))
+        print("\n" + format_globals(glob, summary.workdir))
     if not summary.ok:
         print("\n".join(summary.problems()), file=sys.stderr)
         return 1

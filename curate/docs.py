@@ -24,8 +24,6 @@ def stages_markdown() -> str:
         d = describe_stage(name)
         kind = f"{d['kind']} stage" + (", filter" if d["filters"] else "")
         lines += [f"## `{name}` ({kind})", "", d["summary"], ""]
-        if d["needs"]:
-            lines += [f"Reads the tables of: {', '.join(d['needs'])}.", ""]
         lines += ["| parameter | type | default | description |", "|---|---|---|---|"]
         lines += [f"| `{r['name']}` | {_cell(r['type'])} | `{_cell(json.dumps(r['default']))}` | {_cell(r['description'])} |"
                   for r in d["params"]]

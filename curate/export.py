@@ -105,7 +105,9 @@ def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame
         if sid == "index":
             continue
         t = pl.read_parquet(work.stage_table(sid, shard))
-        t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS or (c != "uid" and c in df.columns)])
+        t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS])
+        # a second stage of one kind (two clip_score stages): its columns are suffixed with its id
+        t = t.rename({c: f"{c}_{sid}" for c in t.columns if c != "uid" and c in df.columns})
         df = df.join(t, on="uid", how="left", maintain_order="left")
     filt = [s for s in stage_ids if f"keep_{s}" in df.columns]
     return df.with_columns(*decision_exprs(filt))

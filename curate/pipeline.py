@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from curate.config import ConfigError, PipelineConfig, RunConfig, StageSpec, fingerprint
+from curate.config import ConfigError, PipelineConfig, RunConfig, fingerprint
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
@@ -23,7 +23,7 @@ from curate.io.parquet import atomic_write_bytes
 from curate.io.shards import expand_input, shard_name
 from curate.stages import execute
 from curate.stages.base import RunInfo, Stage
-from curate.stages.registry import build_stages
+from curate.stages.registry import build_stages, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,17 @@ def stage_fingerprints(stages: list[Stage], shards: list[str], model_cache: str 
     Global stages also depend on the exact shard list, since their artifact spans the pool.
     """
     fps: list[str] = []
+    by_id: dict[str, str] = {}
     prev = ""
     pool = fingerprint(sorted(shards))
     for st in stages:
         obj: dict[str, Any] = {"name": st.name, "version": st.version,
                                "params": st.params.model_dump(mode="json"), "prev": prev,
-                               "extra": st.fingerprint_extra(model_cache)}
+                               "extra": st.fingerprint_extra(model_cache),
+                               "reads": {sid: by_id[sid] for sid in st.reads()}}
         if st.kind == "global":
             obj["pool"] = pool
-        prev = fingerprint(obj)
+        prev = by_id[st.stage_id] = fingerprint(obj)
         fps.append(prev)
     return fps
 
@@ -141,10 +143,12 @@ def _bad_shards_from_stats(work: WorkDir, stage_id: str, shards: list[str]) -> d
         p = work.stage_stats(stage_id, s)
         if not p.exists():
             continue
-        t = pq.read_table(p, columns=["metric"])
-        errs = [m for m in t.column("metric").to_pylist() if m.startswith("error:")]
-        if errs:
-            bad[s] = errs[0][len("error:"):]
+        t = pq.read_table(p)
+        if "detail" not in t.column_names:  # written before stats carried details
+            continue
+        for metric, detail in zip(t.column("metric").to_pylist(), t.column("detail").to_pylist()):
+            if metric == "shard_error":
+                bad[s] = detail or "read error"
     return bad
 
 
@@ -173,7 +177,7 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
          executor: Executor | None) -> RunSummary:
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
-                   model_cache=cfg.model_cache, seed=cfg.seed)
+                   model_cache=cfg.model_cache)
     log.info("run %s: pipeline %s, %d shard(s), work dir %s", run_id, pipe.name, len(shards), work.root)
     if only:
         _check_upstream_done(work, stages, fps, only, shards)
@@ -186,7 +190,7 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
             if only and st.stage_id not in only:
                 continue
             upstream = tuple(s.stage_id for s in stages[:i] if s.filters)
-            task = execute.StageTask(spec=_spec_of(st), stage_id=st.stage_id, upstream=upstream,
+            task = execute.StageTask(spec=spec_of(st), stage_id=st.stage_id, upstream=upstream,
                                      fingerprint=fp, run=info, shards=tuple(shards))
             res = StageResult(st.stage_id)
             res.blocked = sorted(set(shards) - {shard_name(p) for p in live})
@@ -240,10 +244,6 @@ def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], onl
         if later and not all(execute.is_done(work, st.stage_id, s, fp) for s in shards):
             raise ConfigError(f"stage(s) {later} need the outputs of {st.stage_id!r}, which are missing or "
                              f"were made with another config; add {st.stage_id} to --stages")
-
-
-def _spec_of(st: Stage) -> StageSpec:
-    return StageSpec(name=st.name, params=st.params.model_dump(mode="json"))
 
 
 def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,

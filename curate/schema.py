@@ -12,6 +12,7 @@ STATS_SCHEMA = pa.schema([
     pa.field("shard", pa.string()),
     pa.field("metric", pa.string()),
     pa.field("value", pa.float64()),
+    pa.field("detail", pa.string()),  # text that goes with a metric, e.g. a damaged shard's read error
 ])
 
 

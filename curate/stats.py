@@ -17,7 +17,7 @@ def load_stats(workdir: str | Path) -> pl.DataFrame:
     work = WorkDir.at(workdir)
     if not (work.root / "stats").exists():
         return load_stats_empty()
-    return pl.read_parquet(work.stats_glob())
+    return pl.read_parquet(work.stats_glob(), missing_columns="insert")  # detail: absent in old files
 
 
 def stage_order(workdir: str | Path, run_id: str | None = None) -> list[str]:
@@ -44,7 +44,7 @@ def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any
     for st in run["stages"]:
         paths = [work.stage_stats(st["id"], s) for s in shards]
         done = [str(p) for p in paths if p.exists() and (read_meta(p) or {}).get("fingerprint") == st["fingerprint"]]
-        d = pl.read_parquet(done) if done else load_stats_empty()
+        d = pl.read_parquet(done, missing_columns="insert") if done else load_stats_empty()
         sums = dict(d.group_by("metric").agg(pl.col("value").sum()).iter_rows())
         dropped = {m.split(":", 1)[1]: int(v) for m, v in sums.items() if m.startswith("dropped:")}
         rows.append({
@@ -71,7 +71,7 @@ def stale_stages(workdir: str | Path, run_id: str | None = None) -> list[str]:
 
 def load_stats_empty() -> pl.DataFrame:
     return pl.DataFrame(schema={"run_id": pl.String, "stage": pl.String, "shard": pl.String,
-                                "metric": pl.String, "value": pl.Float64})
+                                "metric": pl.String, "value": pl.Float64, "detail": pl.String})
 
 
 def format_funnel(rows: list[dict[str, Any]], stale: list[str] | None = None) -> str:
@@ -100,40 +100,35 @@ def format_funnel(rows: list[dict[str, Any]], stale: list[str] | None = None) ->
 
 
 def global_summaries(workdir: str | Path, run_id: str | None = None) -> dict[str, Any]:
-    """What each global stage of the run decided (thresholds, groups, concept head/tail), from WORK/global."""
+    """What each global stage of the run decided (thresholds, groups, concept head/tail): the
+    summary its combine step stored with its done marker, by stage id."""
+    from curate.decisions import run_record
+    from curate.stages.execute import global_marker
+
     work = WorkDir.at(workdir)
-    mine = set(stage_order(workdir, run_id))
     out: dict[str, Any] = {}
-    for p in sorted(work.global_dir().glob("*.json")) if work.global_dir().exists() else []:
-        if p.name.endswith(".done.json") or p.stem not in mine:
+    for st in run_record(workdir, run_id)["stages"]:
+        if st["kind"] != "global":
             continue
         try:
-            out[p.stem] = json.loads(p.read_text())
-        except ValueError:
+            marker = json.loads(global_marker(work, st["id"]).read_text())
+        except (OSError, ValueError):
             continue
+        if marker.get("fingerprint") == st["fingerprint"]:
+            out[st["id"]] = marker["summary"]
     return out
 
 
-def format_globals(summ: dict[str, Any]) -> str:
-    lines = []
-    for name, s in summ.items():
-        if name == "clip_rank":
-            lines.append(f"clip_rank: threshold {s.get('threshold')} over {s.get('n')} scores "
-                         f"({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})")
-            cal = s.get("calibration")
-            if cal:
-                lines.append(f"  calibrated ({cal['rule']}) on {cal['heldout_pairs']} held-out pairs: keeps "
-                             f"{cal['heldout_recall']:.1%} of matched and {cal['heldout_false_accept']:.1%} of "
-                             f"shuffled pairs (precision {cal['heldout_precision']}); median score matched "
-                             f"{cal['matched_median']}, shuffled {cal['shuffled_median']}")
-        elif name == "dedup":
-            lines.append(f"dedup: {s.get('groups')} duplicate groups, edges {s.get('edges')}, dropped {s.get('dropped')}")
-        elif name == "balance":
-            ht = s.get("head_tail", {})
-            lines.append(f"balance: t={s.get('t'):.4g}, kept {s.get('kept')} of {s.get('samples')}; "
-                         f"top 1% of concepts hold {ht.get('top1pct_share_before', 0):.1%} of matches before, "
-                         f"{ht.get('top1pct_share_after', 0):.1%} after; concepts present "
-                         f"{ht.get('concepts_present_before')} -> {ht.get('concepts_present_after')}")
-        else:
-            lines.append(f"{name}: {json.dumps(s)[:200]}")
+def format_globals(summ: dict[str, Any], workdir: str | Path, run_id: str | None = None) -> str:
+    """Each global stage formats its own summary (``Stage.format_summary``)."""
+    from curate.config import StageSpec
+    from curate.decisions import run_record
+    from curate.stages.registry import build_stage
+
+    specs = {s["id"]: s for s in run_record(workdir, run_id)["stages"]}
+    lines: list[str] = []
+    for sid, summary in summ.items():
+        spec = specs[sid]
+        stage = build_stage(StageSpec(name=spec["name"], id=sid, params=spec["params"]))
+        lines += stage.format_summary(summary)
     return "\n".join(lines)

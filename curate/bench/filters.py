@@ -24,6 +24,7 @@ from curate.io.shards import expand_input, iter_samples
 from curate.models.langid import load_langid, predict_languages
 from curate.pipeline import run_pipeline
 from curate.stages.image import ImageStage
+from curate.stages.row_filter import Measured
 from curate.stages.text import TextStage
 
 LAION = ROOT.parent / "shared" / "data" / "captions" / "laion400m_sample_10000.parquet"
@@ -42,7 +43,7 @@ def bench_text(pool: Path) -> dict:
     stage = TextStage(TextStage.Params(max_chars=2000, min_alpha_ratio=0.5, max_repeat_run=4))
     model = load_langid()
     lines = [c.replace("\n", " ") + "\n" for c in caps]
-    stage.measure(caps[:100])  # load models outside the timing
+    stage.measure_captions(caps[:100])  # load models outside the timing
     best = {"raw": 0.0, "raw_k2": 0.0, "langid": 0.0, "stage": 0.0}
     for _ in range(3):
         with timer() as t:
@@ -57,7 +58,7 @@ def bench_text(pool: Path) -> dict:
             predict_languages(model, caps, k=2)
         best["langid"] = max(best["langid"], len(caps) / t["seconds"])
         with timer() as t:
-            stage.reasons(stage.measure(caps))
+            stage.reasons(Measured(stage.measure_captions(caps)))
         best["stage"] = max(best["stage"], len(caps) / t["seconds"])
     return {"captions": len(caps), "source": source, "raw_fasttext_batch_captions_per_s": round(best["raw"]),
             "raw_fasttext_batch_k2_labels_only_captions_per_s": round(best["raw_k2"]),

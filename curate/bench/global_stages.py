@@ -53,7 +53,7 @@ def bench_matching() -> dict:
     import polars as pl
 
     from curate.bench.filters import LAION
-    from curate.concepts import get_matcher, spacing
+    from curate.algorithms.concepts import get_matcher, spacing
 
     m = get_matcher("imagenet21k", True)
     caps = pl.read_parquet(LAION)["TEXT"].to_list() if LAION.exists() else \

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from curate.vectors import train_centroids
+from curate.algorithms.vectors import train_centroids
 
 
 def _hwm_mb() -> float:
@@ -41,7 +41,7 @@ def exact(n: int) -> dict:
 
 
 def phash_banded(n: int, radius: int = 4) -> dict:
-    from curate.phash import near_pairs
+    from curate.algorithms.phash import near_pairs
 
     h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
     t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def phash_banded(n: int, radius: int = 4) -> dict:
 
 
 def phash_brute(n: int, radius: int = 4) -> dict:
-    from curate.phash import brute_force_pairs
+    from curate.algorithms.phash import brute_force_pairs
 
     h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
     t0 = time.perf_counter()

@@ -16,6 +16,10 @@ class WorkDir:
     def stage_table(self, stage: str, shard: str) -> Path:
         return self.root / stage / f"{shard}.parquet"
 
+    def stage_glob(self, stage: str) -> str:
+        """Every shard table of a stage, as a glob for polars/pyarrow."""
+        return str(self.root / stage / "*.parquet")
+
     def stage_stats(self, stage: str, shard: str) -> Path:
         return self.root / "stats" / stage / f"{shard}.parquet"
 

@@ -9,8 +9,6 @@ No upsampling: DataComp's appendix saw CLIP training diverge when balancing by r
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 from typing import Any, Literal
 
 import numpy as np
@@ -18,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.concepts import get_matcher, load_vocabulary
+from curate.algorithms.concepts import get_matcher, load_vocabulary
 from curate.config import Strict, require_exactly_one
 from curate.io.parquet import write_table
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
@@ -129,21 +127,16 @@ class BalanceStage(GlobalStage):
                                        "count_after": after[present].astype(np.int64),
                                        "p_entry": np.minimum(1.0, t / counts[present])})
         write_table(concept_counts.to_arrow(), ctx.work.global_artifact("concept_counts"))
-        gdir = ctx.work.global_dir() / ctx.stage_id
-        shutil.rmtree(gdir, ignore_errors=True)
-        for shard in ctx.shards:
-            part = df.filter(pl.col("shard") == shard).select("uid", "concepts", "p_keep", "reason")
-            write_table(part.to_arrow(), gdir / f"{shard}.parquet")
-        summary = {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
-                   "expected_kept": float(df["p_keep"].sum()),
-                   "head_tail": head_tail(counts, after)}
-        (ctx.work.global_dir() / f"{ctx.stage_id}.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        self.write_results(ctx, df.select("uid", "shard", "concepts", "p_keep", "reason"))
+        return {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
+                "expected_kept": float(df["p_keep"].sum()), "head_tail": head_tail(counts, after)}
 
-    def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        cols = ctx.lookup(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet",
-                          ["concepts", "p_keep", "reason"])
-        return {"concepts": cols["concepts"], "p_keep": cols["p_keep"], "__reasons__": cols["reason"]}
+    def format_summary(self, s: dict[str, Any]) -> list[str]:
+        ht = s.get("head_tail", {})
+        return [f"{self.stage_id}: t={s.get('t'):.4g}, kept {s.get('kept')} of {s.get('samples')}; "
+                f"top 1% of concepts hold {ht.get('top1pct_share_before', 0):.1%} of matches before, "
+                f"{ht.get('top1pct_share_after', 0):.1%} after; concepts present "
+                f"{ht.get('concepts_present_before')} -> {ht.get('concepts_present_after')}"]
 
 
 def head_tail(before: np.ndarray, after: np.ndarray) -> dict[str, float]:

@@ -1,23 +1,28 @@
 """Stage contracts (DESIGN.md "Two kinds of stage").
 
-A stage only computes: it returns columns for one shard. Counting stats, writing files, resume and
-scheduling live elsewhere (stages/execute.py, engine/), as in datatrove where a filter only says
-keep/drop and why.
+A stage only computes: for one shard it returns a ``StageOutput`` (value columns and, for a
+filter, one reason per row). Counting stats, writing files, resume and scheduling live elsewhere
+(stages/execute.py, engine/), as in datatrove where a filter only says keep/drop and why.
+
+Every read of another stage's table goes through the context (``ctx.read(stage_id, ...)``), and
+only stages the reader declares (``Stage.reads()``), its upstream filters and the index are
+readable: what a stage reads is part of its fingerprint.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from curate.config import Strict
 from curate.io.layout import WorkDir
-from curate.io.parquet import read_table
-from curate.io.shards import RawSample, ShardReadResult, iter_samples
+from curate.io.parquet import atomic_write_bytes, read_meta, read_table
+from curate.io.shards import RawSample, ShardReadResult, iter_indexed_samples, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,29 @@ class RunInfo:
     workdir: str
     device: str = "cpu"
     model_cache: str | None = None
-    seed: int = 0
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns for one shard.
+
+    ``columns``: every value column the stage declares, one entry per index row (None where the
+    stage did not evaluate the row). ``reasons``: for a filter, why each row is dropped (None:
+    kept); entries of rows the stage did not evaluate are ignored. A stage that creates the rows
+    (the index) also returns ``uid`` among its columns."""
+
+    columns: dict[str, Any]
+    reasons: Sequence[str | None] | None = None
+
+
+class UndeclaredRead(RuntimeError):
+    """A stage read another stage's table without declaring it (a bug in the stage)."""
+
+
+def _check_read(reader: str, stage_id: str, allowed: set[str]) -> None:
+    if stage_id not in allowed:
+        raise UndeclaredRead(f"stage {reader!r} reads stage {stage_id!r} but does not declare it "
+                             f"(declared: {', '.join(sorted(allowed))}); return it from reads()")
 
 
 @dataclass
@@ -43,10 +70,11 @@ class ShardContext:
     upstream: list[str]  # ids of earlier filter stages: their keep_ columns define survivors
     run: RunInfo
     evaluate_all: bool = False
+    reads: tuple[str, ...] = ()  # stage ids this stage declared it reads
     read_result: ShardReadResult = field(default_factory=ShardReadResult)
+    counters: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, pa.Table] = field(default_factory=dict)
     _evaluate: np.ndarray | None = None
-    counters: dict[str, float] = field(default_factory=dict)
 
     def count(self, name: str, n: float = 1) -> None:
         """Add to one of the stage's own counters (written to the shard's stats as ``count:<name>``)."""
@@ -56,20 +84,27 @@ class ShardContext:
     def work(self) -> WorkDir:
         return WorkDir.at(self.run.workdir)
 
+    def _table(self, stage_id: str, columns: list[str] | None) -> pa.Table:
+        return read_table(self.work.stage_table(stage_id, self.shard), columns)
+
     def read(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:
         """The table an earlier stage wrote for this shard (rows in index order)."""
+        _check_read(self.stage_id, stage_id, {"index", *self.upstream, *self.reads})
         ck = f"{stage_id}:{columns}"
         if ck not in self._cache:
-            self._cache[ck] = read_table(self.work.stage_table(stage_id, self.shard), columns)
+            self._cache[ck] = self._table(stage_id, columns)
         return self._cache[ck]
 
     def index(self, columns: list[str] | None = None) -> pa.Table:
         return self.read("index", columns)
 
+    @property
+    def n_rows(self) -> int:
+        return self.index(["uid"]).num_rows
+
     def survivors(self) -> np.ndarray:
         """Rows kept by every earlier filter stage (a null decision counts as dropped)."""
-        n = self.index(["uid"]).num_rows
-        mask = np.ones(n, dtype=bool)
+        mask = np.ones(self.n_rows, dtype=bool)
         for sid in self.upstream:
             col = self.read(sid, [f"keep_{sid}"]).column(0)
             mask &= col.fill_null(False).to_numpy(zero_copy_only=False)
@@ -79,11 +114,51 @@ class ShardContext:
     def evaluate(self) -> np.ndarray:
         """Rows this stage computes: survivors of earlier filters, or all rows when asked."""
         if self._evaluate is None:
-            if self.evaluate_all:
-                self._evaluate = np.ones(self.index(["uid"]).num_rows, dtype=bool)
-            else:
-                self._evaluate = self.survivors()
+            self._evaluate = np.ones(self.n_rows, dtype=bool) if self.evaluate_all else self.survivors()
         return self._evaluate
+
+    def rows(self) -> list[int]:
+        """Positions (in index order) of the rows this stage computes."""
+        return np.flatnonzero(self.evaluate).tolist()
+
+    def column(self, name: str, rows: list[int] | None = None, stage_id: str = "index") -> list:
+        """One column of an earlier stage's table as a list, for ``rows`` (default: every row)."""
+        values = self.read(stage_id, [name]).column(name).to_pylist()
+        return values if rows is None else [values[i] for i in rows]
+
+    def scatter(self, values: dict[str, Sequence], rows: list[int],
+                reasons: Sequence[str | None] | None = None) -> StageOutput:
+        """A ``StageOutput`` from columns computed for ``rows`` only: spread back to full length,
+        None in the rows not computed."""
+        n = self.n_rows
+        cols: dict[str, list] = {}
+        for name, vals in values.items():
+            full: list = [None] * n
+            for i, v in zip(rows, vals):
+                full[i] = v
+            cols[name] = full
+        full_reasons: list[str | None] | None = None
+        if reasons is not None:
+            full_reasons = [None] * n
+            for i, r in zip(rows, reasons):
+                full_reasons[i] = r
+        return StageOutput(cols, full_reasons)
+
+    def samples(self) -> Iterator[RawSample]:
+        """Stream the raw shard; read errors land in ``read_result`` (reported, not raised)."""
+        return iter_samples(self.shard_path, self.read_result)
+
+    def samples_at(self, rows: list[int]) -> Iterator[tuple[int, RawSample]]:
+        """(row, sample) for ``rows`` in tar order; the other members are skipped unread. A sample
+        whose key differs from the index (the shard changed since indexing) is an error."""
+        want = set(rows)
+        keys = self.column("key")
+        for i, s in iter_indexed_samples(self.shard_path, self.read_result, want=want.__contains__):
+            if i >= len(keys):
+                break
+            if s.key != keys[i]:
+                raise RuntimeError(f"shard {self.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
+            yield i, s
 
     def lookup(self, artifact: Path, columns: list[str]) -> dict[str, list]:
         """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
@@ -93,13 +168,9 @@ class ShardContext:
         art = pl.read_parquet(artifact, columns=["uid", *columns])
         by = {r[0]: r[1:] for r in art.iter_rows()}
         empty = (None,) * len(columns)
-        uids = self.index(["uid"]).column("uid").to_pylist()
+        uids = self.column("uid")
         rows = [by.get(u, empty) if e else empty for u, e in zip(uids, self.evaluate)]
         return {c: [r[i] for r in rows] for i, c in enumerate(columns)}
-
-    def samples(self) -> Iterator[RawSample]:
-        """Stream the raw shard; read errors land in ``read_result`` (reported, not raised)."""
-        return iter_samples(self.shard_path, self.read_result)
 
 
 @dataclass
@@ -107,6 +178,7 @@ class GlobalContext:
     stage_id: str
     shards: list[str]  # shard names, sorted
     run: RunInfo
+    reads: tuple[str, ...] = ()
 
     @property
     def work(self) -> WorkDir:
@@ -115,17 +187,43 @@ class GlobalContext:
     def partials(self) -> list[Path]:
         return [self.work.partial(self.stage_id, s) for s in self.shards]
 
+    def read(self, stage_id: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """The table a declared earlier stage wrote for one shard."""
+        _check_read(self.stage_id, stage_id, {"index", *self.reads})
+        return read_table(self.work.stage_table(stage_id, shard), columns)
+
+    def describe(self, stage_id: str) -> dict[str, Any]:
+        """What a declared earlier stage recorded about how it computed its values (model, ...)."""
+        _check_read(self.stage_id, stage_id, {"index", *self.reads})
+        for s in self.shards:
+            meta = read_meta(self.work.stage_table(stage_id, s))
+            if meta and meta.get("describe"):
+                return meta["describe"]
+        return {}
+
+    def unit_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict
+                        ) -> tuple[list[str], np.ndarray]:
+        """(uids, L2-normalised embeddings) of one shard's rows in ``keep`` that have an embedding."""
+        from curate.io.embeddings import unit_rows
+
+        return unit_rows(self.read(stage_id, shard, ["uid", column]), column, keep)
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """An artifact under WORK/global/, written atomically."""
+        path = self.work.global_artifact(name, ".json")
+        atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+        return path
+
     def pipeline_stage(self, stage_id: str) -> "Stage":
         """Another stage of this run's pipeline, rebuilt from the run record (e.g. the scorer
         whose model a global stage must use again)."""
-        import json
-
         from curate.config import StageSpec
         from curate.stages.registry import build_stage
 
+        _check_read(self.stage_id, stage_id, set(self.reads))
         run = json.loads((self.work.run_dir(self.run.run_id) / "run.json").read_text())
         spec = next(s for s in run["stages"] if s["id"] == stage_id)
-        return build_stage(StageSpec(name=spec["name"], params=spec["params"]))
+        return build_stage(StageSpec(name=spec["name"], id=stage_id, params=spec["params"]))
 
 
 class Stage:
@@ -138,14 +236,17 @@ class Stage:
     version: ClassVar[str] = "1"
     # Filters add keep_<id> / reason_<id>; pure annotators (embeddings, hashes) do not.
     filters: ClassVar[bool] = True
-    # Earlier stages whose tables this stage reads (besides index); checked when a pipeline loads.
-    needs: ClassVar[tuple[str, ...]] = ()
     # What each value column means: Parquet field metadata, `curate stages`, docs/columns.md.
     columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Strict, stage_id: str | None = None):
         self.params = params
         self.stage_id = stage_id or self.name
+
+    def reads(self) -> tuple[str, ...]:
+        """Ids of the earlier stages whose tables this stage reads (besides the index and the
+        decisions of earlier filters): checked when a pipeline loads, part of the fingerprint."""
+        return ()
 
     def value_fields(self) -> list[pa.Field]:
         """The columns this stage adds besides uid and its decision columns."""
@@ -163,19 +264,28 @@ class Stage:
         """Extra inputs to the fingerprint, such as a checkpoint hash or a vocabulary hash."""
         return {}
 
-    def reads_from(self, stage_name: str) -> set[str]:
-        """Columns this stage reads from an earlier stage of kind ``stage_name`` (e.g. dedup reads the
-        image stage's ``phash``): a stage that computes only what is needed computes these too."""
+    def reads_from(self, stage: "Stage") -> set[str]:
+        """Columns this stage reads from the earlier ``stage`` (e.g. dedup reads the image stage's
+        ``phash``): a stage that computes only what is needed computes these too."""
         return set()
 
     def with_later_reads(self, columns: set[str]) -> "Stage":
         """This stage, resolved for what later stages of the pipeline read from it (default: as is)."""
         return self
 
+    def with_earlier(self, earlier: list["Stage"]) -> "Stage":
+        """This stage, resolved for the stages before it in the pipeline (e.g. an optional input
+        that the pipeline lacks is switched off); default: as is."""
+        return self
+
     def preflight(self, model_cache: str | None = None) -> list[str]:
         """Problems that would fail every shard (weights not found, a reference set missing),
         found once in the driver before any work starts; each names what is missing and the fix."""
         return []
+
+    def format_summary(self, summary: dict[str, Any]) -> list[str]:
+        """Lines `curate stats` prints for what this (global) stage decided."""
+        return [f"{self.stage_id}: {json.dumps(summary, default=str)[:200]}"]
 
     @property
     def evaluate_all(self) -> bool:
@@ -186,12 +296,18 @@ class Stage:
 class MapStage(Stage):
     kind = "map"
 
-    def process(self, ctx: ShardContext) -> dict[str, Any]:
-        """Columns (name -> list/array, one entry per index row) for this shard."""
+    def process(self, ctx: ShardContext) -> StageOutput:
+        """Columns (one entry per index row) and reasons for this shard."""
         raise NotImplementedError
 
 
 class GlobalStage(Stage):
+    """summarize (per shard) -> combine (once, over every shard) -> apply (per shard).
+
+    The kit: ``write_results`` stores combine's per-sample decisions for ``apply`` to look up by
+    uid (the default ``apply``); the dict combine returns is stored with the stage's done marker
+    and printed by ``format_summary``."""
+
     kind = "global"
 
     def partial_fields(self) -> list[pa.Field]:
@@ -205,6 +321,33 @@ class GlobalStage(Stage):
         """Read every partial, write the artifact(s) under WORK/global/, return a small summary."""
         raise NotImplementedError
 
-    def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        """Per-shard columns from the artifact: a map step."""
-        raise NotImplementedError
+    def results_dir(self, work: WorkDir) -> Path:
+        return work.global_dir() / self.stage_id
+
+    def write_results(self, ctx: GlobalContext, results: "pl.DataFrame") -> None:
+        """Per-sample results of combine (``uid``, ``shard``, the stage's value columns and
+        ``reason``), one Parquet per shard, swapped in whole: a crash leaves the old set or none."""
+        import shutil
+        import secrets
+
+        import polars as pl
+
+        from curate.io.parquet import write_table
+
+        final = self.results_dir(ctx.work)
+        tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
+        for shard in ctx.shards:
+            part = results.filter(pl.col("shard") == shard).drop("shard")
+            write_table(part.to_arrow(), tmp / f"{shard}.parquet")
+        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def apply(self, ctx: ShardContext) -> StageOutput:
+        """Per-shard columns: the results combine wrote, looked up by uid."""
+        names = [f.name for f in self.value_fields()]
+        cols = ctx.lookup(self.results_dir(ctx.work) / f"{ctx.shard}.parquet", [*names, "reason"])
+        reasons = cols.pop("reason")
+        return StageOutput(cols, reasons if self.filters else None)

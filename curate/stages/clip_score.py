@@ -23,13 +23,14 @@ from pydantic import Field, model_validator
 
 from curate.background import in_background
 from curate.config import Strict, require_exactly_one
-from curate.io.parquet import atomic_write_bytes, write_table
+from curate.io.embeddings import fixed_list
+from curate.io.images import draft_short_side, open_checked, to_rgb
+from curate.io.parquet import write_table
 from curate.io.shards import expand_input, iter_indexed_samples
+from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
 from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
-from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext
-from curate.stages.image import ImageRejected, open_image, to_rgb
-from curate.timeouts import SampleTimeout, TimeLimiter
 from curate.stages.registry import register_stage
+from curate.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,12 @@ class _ShardImages:
     def _preprocess(self, data: bytes | None, ext: str | None):
         import torch
 
-        if not data:
-            raise ImageRejected("empty")
-        im = open_image(data, ext)
-        if im.width * im.height > self.max_pixels:
-            raise ImageRejected("too many pixels")
+        im, _ = open_checked(data, ext, self.max_pixels)
         if (self.raw_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L")
                 and im.width * im.height <= self.RAW_JPEG_MAX_PIXELS):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if im.format == "JPEG" and self.draft:
-            k = self.draft / min(im.width, im.height)
-            if k < 1:
-                im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
+        if self.draft:
+            draft_short_side(im, self.draft)
         return self.preprocess(to_rgb(im))
 
 
@@ -149,6 +144,7 @@ class ClipScoreStage(MapStage):
     def __init__(self, params: Strict, stage_id: str | None = None):
         super().__init__(params, stage_id)
         self._clip = None
+        self._info: dict[str, Any] = {}
 
     def value_fields(self) -> list[pa.Field]:
         from curate.models.clip import embed_dim
@@ -178,19 +174,24 @@ class ClipScoreStage(MapStage):
         return [f"{self.stage_id}: {problem}"] if problem else []
 
     def clip(self, device: str, model_cache: str | None):
+        """The loaded model (once per worker process), with what ``describe`` records about it."""
         if self._clip is None:
             from curate.models.clip import load_clip
 
             prec = self.params.precision
             if prec == "auto":
                 prec = "fp32"  # weights in fp32; autocast picks bf16 on CUDA below
-            self._clip = load_clip(self.params.model, self.params.pretrained, device=device,
-                                   precision=prec, model_cache=model_cache)
+            clip = load_clip(self.params.model, self.params.pretrained, device=device,
+                             precision=prec, model_cache=model_cache)
+            on_device = self.device_preprocess(clip, device) is not None
+            self._info = dict(clip.info, image_size=clip.info.get("image_size") or _image_size(clip.preprocess),
+                              decode="device (nvJPEG for JPEG)" if on_device else "PIL on the CPU")
+            self._clip = clip
         return self._clip
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._clip.info) if self._clip else {"model": self.params.model,
-                                                          "pretrained": self.params.pretrained}
+        return dict(self._info) if self._clip else {"model": self.params.model,
+                                                    "pretrained": self.params.pretrained}
 
     def _loader_workers(self, device: str) -> int:
         n = self.params.loader_workers
@@ -217,9 +218,8 @@ class ClipScoreStage(MapStage):
         import torch
 
         clip = self.clip(device, model_cache)
-        size = clip.info.get("image_size") or 224
+        size = self._info["image_size"]
         on_device = self.device_preprocess(clip, device)
-        clip.info["decode"] = "device (nvJPEG for JPEG)" if on_device else "PIL on the CPU"
         ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None)
@@ -320,29 +320,23 @@ class ClipScoreStage(MapStage):
             score = (fi * ft).sum(-1)
         return (score.cpu().numpy(), fi.cpu().numpy().astype(np.float16), ft.cpu().numpy().astype(np.float16))
 
-    def process(self, ctx: ShardContext) -> dict[str, Any]:
-        captions = ctx.index(["caption"]).column("caption").to_pylist()
-        rows = [i for i, ev in enumerate(ctx.evaluate) if ev]
+    def process(self, ctx: ShardContext) -> StageOutput:
+        captions = ctx.column("caption")
+        rows = ctx.rows()
         clip = self.clip(ctx.run.device, ctx.run.model_cache)
-        clip.info.setdefault("image_size", _image_size(clip.preprocess))
         res, failed = self.embed(ctx.shard_path, rows, captions, ctx.run.device, ctx.run.model_cache)
-        n = len(captions)
-        score: list[float | None] = [None] * n
-        reasons: list[str | None] = [None] * n
-        d = clip.info["embed_dim"]
-        img_emb = [None] * n
-        txt_emb = [None] * n
-        for i in rows:
-            if i in res:
-                score[i], ie, te = res[i]
-                img_emb[i], txt_emb[i] = ie, te
-            else:
-                reasons[i] = failed.get(i, "clip:missing_image")
-        cols: dict[str, Any] = {"clip_score": score, "__reasons__": reasons}
+        # a row without a result failed to decode, or the tar no longer holds it
+        reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
+        got = [res.get(i, (None, None, None)) for i in rows]
+        out = ctx.scatter({"clip_score": [g[0] for g in got], "image_emb": [g[1] for g in got],
+                           "text_emb": [g[2] for g in got]}, rows, reasons)
         if self.params.store_embeddings:
-            cols["image_emb"] = _fixed_list(img_emb, d)
-            cols["text_emb"] = _fixed_list(txt_emb, d)
-        return cols
+            d = self._info["embed_dim"]
+            out.columns["image_emb"] = fixed_list(out.columns["image_emb"], d)
+            out.columns["text_emb"] = fixed_list(out.columns["text_emb"], d)
+        else:
+            del out.columns["image_emb"], out.columns["text_emb"]
+        return out
 
 
 def _image_size(preprocess) -> int:
@@ -355,59 +349,6 @@ def _image_size(preprocess) -> int:
     return 224
 
 
-def _fixed_list(vecs: list, d: int) -> pa.FixedSizeListArray:
-    """float16 fixed-size list column with nulls where no embedding was computed."""
-    n = len(vecs)
-    flat = np.zeros((n, d), dtype=np.float16)
-    mask = np.ones(n, dtype=bool)
-    for i, v in enumerate(vecs):
-        if v is not None:
-            flat[i] = v
-            mask[i] = False
-    values = pa.array(flat.reshape(-1), type=pa.float16())
-    return pa.FixedSizeListArray.from_arrays(values, d, mask=pa.array(mask))
-
-
-def f16_to_f32(a: np.ndarray) -> np.ndarray:
-    """float16 -> float32. torch's conversion is vectorised (F16C): ~7x numpy's astype here."""
-    try:
-        import torch
-    except ImportError:  # torch is a dependency, but this path needs nothing else of it
-        return a.astype(np.float32)
-    import warnings
-
-    with warnings.catch_warnings():  # read-only Arrow buffers: torch only reads them here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
-
-
-def embeddings(table: pa.Table, column: str) -> np.ndarray:
-    """(rows, d) float32 array from a fixed-size list column (null rows become NaN)."""
-    col = table.column(column).combine_chunks()
-    d = col.type.list_size
-    if col.null_count == 0:  # the common case: one conversion, no mask
-        return f16_to_f32(col.values.to_numpy(zero_copy_only=False)).reshape(-1, d)
-    flat = f16_to_f32(col.flatten().to_numpy(zero_copy_only=False))
-    out = np.full((len(col), d), np.nan, dtype=np.float32)
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    out[valid] = flat.reshape(-1, d) if flat.size else flat.reshape(0, d)
-    return out
-
-
-def surviving_embeddings(work_root, shard: str, keep: set[str] | dict[str, Any]) -> tuple[list[str], np.ndarray]:
-    """(uids, L2-normalised float32 image embeddings) of one shard's samples in ``keep`` that have
-    an embedding: what the global stages (dedup, reference_filter) read from clip_score."""
-    from pathlib import Path
-
-    t = pq.read_table(Path(work_root) / "clip_score" / f"{shard}.parquet", columns=["uid", "image_emb"])
-    emb = embeddings(t, "image_emb")
-    uids = t.column("uid").to_pylist()
-    rows = [i for i, u in enumerate(uids) if u in keep and not np.isnan(emb[i, 0])]
-    e = emb[rows]
-    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return [uids[i] for i in rows], np.ascontiguousarray(e)
-
-
 @register_stage
 class ClipRankStage(GlobalStage):
     """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
@@ -417,9 +358,9 @@ class ClipRankStage(GlobalStage):
         "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
     }
     version = "1"
-    needs = ("clip_score",)
 
     class Params(Strict):
+        scores_from: str = Field("clip_score", description="id of the clip_score stage whose scores are ranked")
         top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
         min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
                                         "(tied to one scorer: prefer calibrate)")
@@ -436,6 +377,20 @@ class ClipRankStage(GlobalStage):
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("clip_rank_threshold", pa.float32())]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.scores_from,)
+
+    def format_summary(self, s: dict[str, Any]) -> list[str]:
+        lines = [f"{self.stage_id}: threshold {s.get('threshold')} over {s.get('n')} scores of "
+                 f"{self.params.scores_from} ({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})"]
+        cal = s.get("calibration")
+        if cal:
+            lines.append(f"  calibrated ({cal['rule']}) on {cal['heldout_pairs']} held-out pairs: keeps "
+                         f"{cal['heldout_recall']:.1%} of matched and {cal['heldout_false_accept']:.1%} of "
+                         f"shuffled pairs (precision {cal['heldout_precision']}); median score matched "
+                         f"{cal['matched_median']}, shuffled {cal['shuffled_median']}")
+        return lines
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         cal = self.params.calibrate
@@ -462,9 +417,8 @@ class ClipRankStage(GlobalStage):
                                        "usable pair(s); calibration needs at least 20"]
 
     def summarize(self, ctx: ShardContext) -> dict[str, Any]:
-        t = ctx.read("clip_score", ["clip_score"])
-        uids = ctx.index(["uid"]).column("uid").to_pylist()
-        scores = t.column("clip_score").to_pylist()
+        uids = ctx.column("uid")
+        scores = ctx.column("clip_score", stage_id=self.params.scores_from)
         ev = ctx.evaluate
         keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
         return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
@@ -483,7 +437,7 @@ class ClipRankStage(GlobalStage):
         if p.min_score is not None:
             art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
         elif p.calibrate is not None:
-            scorer = ctx.pipeline_stage(self.needs[0])
+            scorer = ctx.pipeline_stage(self.params.scores_from)
             matched, shuffled = heldout_scores(scorer, p.calibrate, ctx.run.device, ctx.run.model_cache)
             cal = choose_threshold(matched, shuffled, p.calibrate)
             art.update(threshold=cal["threshold"], tie_uid=None, k=None, exact=True, calibration=cal)
@@ -511,23 +465,23 @@ class ClipRankStage(GlobalStage):
                 art.update(threshold=float(edges[b]), tie_uid=None, exact=False,
                            score_error_bound=2.0 / p.hist_bins, count_error_bound=int(hist[b]))
         work = ctx.work
-        atomic_write_bytes(work.global_artifact(ctx.stage_id, ".json"), json.dumps(art, indent=2).encode())
+        ctx.write_json(ctx.stage_id, art)
         coarse = hist.reshape(-1, p.hist_bins // 256).sum(1) if p.hist_bins % 256 == 0 else hist
         cedges = np.linspace(-1.0, 1.0, len(coarse) + 1)
         write_table(pa.table({"bin_lo": cedges[:-1], "bin_hi": cedges[1:], "count": coarse}),
                     work.global_artifact(f"{ctx.stage_id}_histogram"))
         return art
 
-    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+    def apply(self, ctx: ShardContext) -> StageOutput:
         art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
         thr, tie = art["threshold"], art["tie_uid"]
-        uids = ctx.index(["uid"]).column("uid").to_pylist()
-        scores = ctx.read("clip_score", ["clip_score"]).column("clip_score").to_pylist()
+        uids = ctx.column("uid")
+        scores = ctx.column("clip_score", stage_id=self.params.scores_from)
         ev = ctx.evaluate
         reasons = [None if not e else "clip:no_score" if s is None else
                    None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
                    for u, s, e in zip(uids, scores, ev)]
-        return {"clip_rank_threshold": [thr] * len(uids), "__reasons__": reasons}
+        return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
 
 
 def ranks_in(score: float, uid: str, threshold: float | None, tie_uid: str | None) -> bool:

@@ -14,7 +14,6 @@ size at any pool size, so the search stays near-linear in the pool (see ``split_
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import shutil
@@ -27,14 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from curate.algorithms.phash import near_pairs
+from curate.algorithms.union_find import UnionFind
+from curate.algorithms.vectors import nearest, train_centroids
 from curate.config import Strict
-from curate.io.parquet import write_table
 from curate.io.shards import expand_input, iter_samples
-from curate.phash import near_pairs
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage
 from curate.stages.registry import register_stage
 from curate.stages.text import normalise
-from curate.vectors import nearest, train_centroids
 
 log = logging.getLogger(__name__)
 KIND_RANK = {"exact": 0, "phash": 1, "semantic": 2}
@@ -49,25 +48,6 @@ def key_hash(text: str | None) -> int | None:
 def caption_key(caption: str | None) -> str | None:
     """NFKC, case-folded, whitespace collapsed."""
     return normalise(caption).casefold() if caption else None
-
-
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, x: int) -> int:
-        p = self.parent
-        root = x
-        while p[root] != root:
-            root = p[root]
-        while p[x] != root:
-            p[x], x = root, p[x]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 @register_stage
@@ -94,13 +74,46 @@ class DedupStage(GlobalStage):
         eval_embeddings: str | None = Field(None, description=".npy of eval image embeddings (same model)")
         eval_min_cosine: float = Field(0.95, gt=0, le=1, description="image-embedding cosine at or above which a sample copies an evaluation image")
         seed: int = Field(0, description="seed of the k-means initialisation")
+        phash_from: str | None = Field("image", description="id of the image stage whose pHash the near-duplicate "
+                                       "search reads (null, or absent from the pipeline: no pHash)")
+        scores_from: str | None = Field("clip_score", description="id of the clip_score stage whose scores pick "
+                                        "the sample a group keeps (null, or absent: smallest uid)")
+        embeddings_from: str | None = Field("clip_score", description="id of the clip_score stage whose image "
+                                            "embeddings semantic dedup and eval_embeddings read")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("dup_group", pa.string()), pa.field("dup_of", pa.string())]
 
-    def reads_from(self, stage_name: str) -> set[str]:
-        return {"phash"} if stage_name == "image" and self.params.phash_radius is not None else set()
+    _INPUTS = ("phash_from", "scores_from", "embeddings_from")
+
+    def with_earlier(self, earlier: list[Stage]) -> "DedupStage":
+        """Inputs left at their default that the pipeline does not have are switched off (null);
+        an input named explicitly must exist (reads() then fails the pipeline check)."""
+        ids = {s.stage_id for s in earlier}
+        off = {k: None for k in self._INPUTS
+               if k not in self.params.model_fields_set and getattr(self.params, k) not in ids}
+        return type(self)(self.params.model_copy(update=off), self.stage_id) if off else self
+
+    def _phash_source(self) -> str | None:
+        return self.params.phash_from if self.params.phash_radius is not None else None
+
+    def _score_source(self) -> str | None:
+        return self.params.scores_from if self.params.keep == "clip_score" else None
+
+    def _embedding_source(self) -> str | None:
+        p = self.params
+        return p.embeddings_from if p.semantic_eps is not None or p.eval_embeddings else None
+
+    def reads(self) -> tuple[str, ...]:
+        found = (self._phash_source(), self._score_source(), self._embedding_source())
+        return tuple(sorted({s for s in found if s}))
+
+    def reads_from(self, stage: Stage) -> set[str]:
+        return {"phash"} if stage.stage_id == self._phash_source() else set()
+
+    def format_summary(self, s: dict[str, Any]) -> list[str]:
+        return [f"{self.stage_id}: {s.get('groups')} duplicate groups, edges {s.get('edges')}, dropped {s.get('dropped')}"]
 
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("sha256", pa.string()), pa.field("caption_h", pa.int64()),
@@ -120,12 +133,8 @@ class DedupStage(GlobalStage):
         idx = ctx.index(["uid", "sha256", "caption", "url"])
         ev = ctx.evaluate
         n = idx.num_rows
-        ph = [None] * n
-        if (ctx.work.root / "image" / f"{ctx.shard}.parquet").exists():
-            ph = ctx.read("image", ["phash"]).column("phash").to_pylist()
-        cs = [None] * n
-        if (ctx.work.root / "clip_score" / f"{ctx.shard}.parquet").exists():
-            cs = ctx.read("clip_score", ["clip_score"]).column("clip_score").to_pylist()
+        ph = ctx.column("phash", stage_id=self._phash_source()) if self._phash_source() else [None] * n
+        cs = ctx.column("clip_score", stage_id=self._score_source()) if self._score_source() else [None] * n
         rows = [i for i in range(n) if ev[i]]
         col = {k: idx.column(k).to_pylist() for k in ("uid", "sha256", "caption", "url")}
         return {"uid": [col["uid"][i] for i in rows], "sha256": [col["sha256"][i] for i in rows],
@@ -167,7 +176,7 @@ class DedupStage(GlobalStage):
         if p.semantic_eps is not None and n:
             add_edges(self._semantic_pairs(ctx, df), "semantic")
         eval_hit = self._eval_matches(ctx, df)
-        roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+        roots = uf.roots()
         rep = self._representatives(df, roots)
         uids = df["uid"].to_list()
         dup_group = [uids[rep[r]] for r in roots]
@@ -188,15 +197,10 @@ class DedupStage(GlobalStage):
         out = df.select("uid", "shard").with_columns(
             pl.Series("dup_group", [g if ig else None for g, ig in zip(dup_group, in_group)], dtype=pl.String),
             pl.Series("dup_of", dup_of, dtype=pl.String), pl.Series("reason", reason, dtype=pl.String))
-        gdir = ctx.work.global_dir() / ctx.stage_id
-        shutil.rmtree(gdir, ignore_errors=True)
-        for shard in ctx.shards:
-            write_table(out.filter(pl.col("shard") == shard).drop("shard").to_arrow(), gdir / f"{shard}.parquet")
+        self.write_results(ctx, out)
         dropped = out.filter(pl.col("reason").is_not_null())
-        summary = {"samples": n, "edges": counts, "groups": int(len(set(roots[in_group]))),
-                   "dropped": dict(dropped.group_by("reason").len().iter_rows())}
-        (ctx.work.global_dir() / f"{ctx.stage_id}.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        return {"samples": n, "edges": counts, "groups": int(len(set(roots[in_group]))),
+                "dropped": dict(dropped.group_by("reason").len().iter_rows())}
 
     def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> dict[int, int]:
         """Kept row per group: highest CLIP score (when configured and present), ties by smallest uid."""
@@ -211,15 +215,16 @@ class DedupStage(GlobalStage):
     def _semantic_pairs(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params
         row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
-        shards = [s for s in ctx.shards if (ctx.work.root / "clip_score" / f"{s}.parquet").exists()]
-        if not shards:
-            log.warning("semantic dedup: no clip_score tables (run clip_score first); skipped")
+        if self._embedding_source() is None:
+            log.warning("%s: semantic dedup needs image embeddings (a clip_score stage before it); skipped",
+                        self.stage_id)
             return np.zeros((0, 2), dtype=np.int64)
+        shards = ctx.shards
         # 1) train spherical k-means on a deterministic sample of embeddings
         sample = []
         per = max(1, p.kmeans_sample // len(shards))
         for s in shards:
-            rows, emb = _shard_embeddings(ctx, s, row_of)
+            rows, emb = self._shard_embeddings(ctx, s, row_of)
             if len(rows):
                 pick = np.random.default_rng([p.seed, len(rows)]).permutation(len(rows))[:per]
                 sample.append(emb[np.sort(pick)])
@@ -234,7 +239,7 @@ class DedupStage(GlobalStage):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for s in shards:
-            rows, emb = _shard_embeddings(ctx, s, row_of)
+            rows, emb = self._shard_embeddings(ctx, s, row_of)
             if not len(rows):
                 continue
             assign = nearest(cent, emb)
@@ -277,17 +282,18 @@ class DedupStage(GlobalStage):
             index = faiss.IndexFlatIP(ref.shape[1])
             index.add(ref)
             row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
-            for s in ctx.shards:
-                rows, emb = _shard_embeddings(ctx, s, row_of)
+            for s in ctx.shards if self._embedding_source() else []:
+                rows, emb = self._shard_embeddings(ctx, s, row_of)
                 if len(rows):
                     sim, _ = index.search(emb, 1)
                     hit[rows[sim[:, 0] >= p.eval_min_cosine]] = True
         return hit
 
-    def apply(self, ctx: ShardContext) -> dict[str, Any]:
-        cols = ctx.lookup(ctx.work.global_dir() / ctx.stage_id / f"{ctx.shard}.parquet",
-                          ["dup_group", "dup_of", "reason"])
-        return {"dup_group": cols["dup_group"], "dup_of": cols["dup_of"], "__reasons__": cols["reason"]}
+    def _shard_embeddings(self, ctx: GlobalContext, shard: str, row_of: dict[str, int]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(combine rows, unit image embeddings) of one shard's surviving samples."""
+        uids, emb = ctx.unit_embeddings(self._embedding_source(), "image_emb", shard, row_of)
+        return np.array([row_of[u] for u in uids], dtype=np.int64), emb
 
 
 def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
@@ -300,14 +306,6 @@ def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
         return np.zeros((0, 2), dtype=np.int64)
     e = g.select("first", "_r").explode("_r").filter(pl.col("_r") != pl.col("first"))
     return np.stack([e["first"].to_numpy(), e["_r"].to_numpy()], axis=1).astype(np.int64)
-
-
-def _shard_embeddings(ctx: GlobalContext, shard: str, row_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(combine rows, normalised image embeddings) of one shard's surviving samples."""
-    from curate.stages.clip_score import surviving_embeddings
-
-    uids, emb = surviving_embeddings(ctx.work.root, shard, row_of)
-    return np.array([row_of[u] for u in uids], dtype=np.int64), emb
 
 
 TOP_CLUSTER_ROWS = 200_000  # in-memory size of a top-level cluster: 400 MB of 512-d float32
@@ -371,8 +369,8 @@ def semantic_pairs_in_memory(x: np.ndarray, min_cos: float, max_cluster_size: in
 
 def load_eval_hashes(sources: list[str]) -> tuple[set[str], list[int]]:
     """sha256 and pHash of every evaluation image (a folder of images, or WebDataset shards)."""
-    from curate.stages.image import reduced_decode
-    from curate.phash import phash
+    from curate.algorithms.phash import phash
+    from curate.io.images import reduced_decode
 
     shas: set[str] = set()
     hashes: list[int] = []

@@ -21,7 +21,7 @@ from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.io.shards import shard_name
 from curate.schema import STATS_SCHEMA, stage_schema
-from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage
+from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage, StageOutput
 from curate.stages.registry import build_stage
 
 log = logging.getLogger(__name__)
@@ -82,19 +82,22 @@ def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
 def _context(task: StageTask, shard_path: str) -> ShardContext:
     st = task.stage()
     return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
-                        upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all)
+                        upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all,
+                        reads=tuple(st.reads()))
 
 
-def _finalize(stage: Stage, ctx: ShardContext, cols: dict[str, Any]) -> tuple[pa.Table, Counter, int, int]:
-    reasons = cols.pop("__reasons__", None)
-    evaluated = cols.pop("__evaluated__", None)
-    if stage.name != "index":
-        uids = ctx.index(["uid"]).column("uid")
-        cols["uid"] = uids
+def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Table, Counter, int, int]:
+    """The stage's table (declared schema, decision columns from its reasons) and its counts:
+    reasons, rows evaluated, rows kept. A stage that returns ``uid`` made the rows (the index):
+    every row is its own; any other stage's rows are the index's, evaluated as ``ctx.evaluate``."""
+    cols = dict(out.columns)
+    reasons = out.reasons
+    if "uid" in cols:
+        evaluated = np.ones(len(cols["uid"]), dtype=bool)
+    else:
+        cols["uid"] = ctx.index(["uid"]).column("uid")
+        evaluated = ctx.evaluate
     n = len(cols["uid"])
-    if evaluated is None:
-        evaluated = ctx.evaluate if stage.name != "index" else np.ones(n, dtype=bool)
-    evaluated = np.asarray(evaluated, dtype=bool)
     schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters, stage.columns)
     counts: Counter = Counter()
     n_kept = 0
@@ -134,14 +137,17 @@ def _finalize(stage: Stage, ctx: ShardContext, cols: dict[str, Any]) -> tuple[pa
     return pa.Table.from_arrays(arrays, schema=schema), counts, int(evaluated.sum()), n_kept
 
 
-def _stats_table(task: StageTask, shard: str, metrics: dict[str, float]) -> pa.Table:
+def _stats_table(task: StageTask, shard: str, metrics: dict[str, float],
+                 details: dict[str, str] | None = None) -> pa.Table:
     names = sorted(metrics)
+    details = details or {}
     return pa.table({
         "run_id": [task.run.run_id] * len(names),
         "stage": [task.stage_id] * len(names),
         "shard": [shard] * len(names),
         "metric": names,
         "value": [float(metrics[m]) for m in names],
+        "detail": [details.get(m) for m in names],
     }, schema=STATS_SCHEMA)
 
 
@@ -153,8 +159,7 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
     work = ctx.work
     if is_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}
-    cols = getattr(stage, phase)(ctx)
-    table, counts, n_in, n_kept = _finalize(stage, ctx, cols)
+    table, counts, n_in, n_kept = finalize(stage, ctx, getattr(stage, phase)(ctx))
     meta = _meta(task, ctx.shard) | {"describe": stage.describe()}
     write_table(table, work.stage_table(task.stage_id, ctx.shard), meta=meta)
     metrics: dict[str, float] = {"n_rows": table.num_rows, "n_in": n_in, "n_kept": n_kept,
@@ -164,11 +169,12 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
         metrics[f"dropped:{reason}"] = c
     for name, c in ctx.counters.items():
         metrics[f"count:{name}"] = c
+    details = {}
     if ctx.read_result.error:
         metrics["shard_error"] = 1
-        metrics[f"error:{ctx.read_result.error[:200]}"] = 1
+        details["shard_error"] = ctx.read_result.error
     # Stats last: their presence with this fingerprint marks the shard done.
-    write_table(_stats_table(task, ctx.shard, metrics), work.stage_stats(task.stage_id, ctx.shard),
+    write_table(_stats_table(task, ctx.shard, metrics, details), work.stage_stats(task.stage_id, ctx.shard),
                 meta=_meta(task, ctx.shard))
     return {"shard": ctx.shard, "skipped": False, "n_in": n_in, "n_kept": n_kept,
             "error": ctx.read_result.error}
@@ -189,7 +195,8 @@ def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
 
 def run_combine(task: StageTask) -> dict[str, Any]:
     stage = task.stage()
-    gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run)
+    gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run,
+                         reads=tuple(stage.reads()))
     work = gctx.work
     if is_global_done(work, task.stage_id, task.fingerprint):
         return json.loads(global_marker(work, task.stage_id).read_text())["summary"]

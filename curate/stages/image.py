@@ -6,87 +6,23 @@ oversized files become reasons, never crashes.
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Literal
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-from PIL import Image
 from pydantic import Field
 
 from curate.config import Strict
-from curate.phash import phash
-from curate.stages.base import MapStage, ShardContext
-from curate.stages.index import PIL_FORMATS
+from curate.io.images import ImageRejected, header_info, reduced_decode
+from curate.algorithms.phash import phash
+from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
+from curate.stages.row_filter import Measured, RowFilter, Rule
 from curate.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
-Image.MAX_IMAGE_PIXELS = None  # we check pixels ourselves from the header, before any decode
-
-
-class ImageRejected(Exception):
-    """A sample-level verdict reached before measuring (bomb, undecodable)."""
-
-
-def open_image(data: bytes, ext: str | None) -> Image.Image:
-    hint = PIL_FORMATS.get(ext or "")
-    if hint:
-        try:
-            return Image.open(io.BytesIO(data), formats=[hint])
-        except Exception:  # mislabelled extension: probe every format below
-            pass
-    return Image.open(io.BytesIO(data))
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB for any mode: 16-bit and float greyscale are scaled, not clipped; alpha dropped."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _open_checked(data: bytes, ext: str | None, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
-    """The opened image (pixels not decoded yet) and its header info; bombs and bad headers are reasons."""
-    try:
-        im = open_image(data, ext)
-    except Exception as e:
-        raise ImageRejected("image:undecodable") from e
-    info = {"format": (im.format or "").lower() or None, "mode": im.mode,
-            "n_frames": int(getattr(im, "n_frames", 1) or 1), "w": im.width, "h": im.height}
-    if im.width * im.height > max_pixels:
-        im.close()
-        raise ImageRejected("image:too_many_pixels")
-    return im, info
-
-
-def header_info(data: bytes, ext: str | None, max_pixels: int) -> dict[str, Any]:
-    """Format, mode, frames and size from the image header alone (no pixel is decoded)."""
-    im, info = _open_checked(data, ext, max_pixels)
-    im.close()
-    return info
-
-
-def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """(RGB uint8 array at most ``thumb`` px a side, header info) without a full decode."""
-    im, info = _open_checked(data, ext, max_pixels)
-    with im:
-        try:
-            if im.format == "JPEG":
-                # DCT scaling decodes at 1/2, 1/4 or 1/8 size; the request must keep the aspect
-                # ratio, or PIL picks a larger scale to satisfy the short side.
-                k = thumb / max(im.width, im.height)
-                im.draft("RGB", (max(1, int(im.width * k)), max(1, int(im.height * k))))
-            im.thumbnail((thumb, thumb), reducing_gap=2.0)
-            arr = np.asarray(to_rgb(im))
-        except Exception as e:  # truncated, corrupt, unsupported mode: a reason, not a crash
-            raise ImageRejected("image:undecodable") from e
-    if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ImageRejected("image:undecodable")
-    return arr, info
 
 
 QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
@@ -138,7 +74,7 @@ def quality(rgb: np.ndarray, wanted: frozenset[str] | set[str] = frozenset(QUALI
 
 
 @register_stage
-class ImageStage(MapStage):
+class ImageStage(RowFilter):
     """Image quality: size, aspect, format, blur, entropy, contrast, near-uniform share, pHash; bombs and decode time limits."""
 
     name = "image"
@@ -215,9 +151,10 @@ class ImageStage(MapStage):
                 pa.field("img_height", pa.int32()), pa.field("aspect", pa.float32()),
                 *[pa.field(q, pa.float32()) for q in self.QUALITY], pa.field("phash", pa.int64())]
 
-    def measure_one(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
-                    ) -> tuple[dict[str, Any], str | None]:
-        """Values and the first failing rule for one image."""
+    def measure_image(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
+                      ) -> tuple[dict[str, Any], str | None]:
+        """Values of one image, and the reason when it cannot be measured (missing, too large,
+        undecodable, a bomb, a decode past its time limit)."""
         p = self.params
         vals: dict[str, Any] = self._empty.copy()
         if not data:
@@ -243,83 +180,76 @@ class ImageStage(MapStage):
             vals.update(quality(rgb, wanted))
             if "phash" in wanted:
                 vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
-        return vals, self.first_failing(vals, len(data), info["n_frames"])
+        return vals, None
 
-    def first_failing(self, vals: dict[str, Any], n_bytes: int, n_frames: int | None) -> str | None:
-        """The first rule a measured image breaks, in a fixed order (None: kept)."""
+    def measure_one(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
+                    ) -> tuple[dict[str, Any], str | None]:
+        """Values and the first failing rule for one image."""
+        vals, failed = self.measure_image(data, ext, orig)
+        m = Measured({k: [v] for k, v in vals.items()}, [failed], {"n_bytes": [len(data or b"")]})
+        return vals, self.reasons(m)[0]
+
+    def rules(self) -> list[Rule]:
+        """The size, format and quality rules, in a fixed order."""
         p = self.params
-        w, h = vals["img_width"], vals["img_height"]
-        checks = [
-            (p.min_bytes is not None and n_bytes < p.min_bytes, "image:too_small_bytes"),
-            (p.min_side is not None and min(w, h) < p.min_side, "image:min_side"),
-            (p.max_aspect is not None and vals["aspect"] > p.max_aspect, "image:aspect"),
-            (p.drop_animated and (n_frames or 1) > 1, "image:animated"),
-            (p.max_dominant_share is not None and vals["dominant_share"] > p.max_dominant_share, "image:uniform"),
-            (p.min_entropy is not None and vals["entropy"] < p.min_entropy, "image:low_entropy"),
-            (p.min_contrast is not None and vals["contrast"] < p.min_contrast, "image:low_contrast"),
-            (p.min_blur_var is not None and vals["blur_var"] < p.min_blur_var, "image:blurry"),
-            (p.max_dark_share is not None and vals["dark_share"] > p.max_dark_share, "image:dark"),
-            (p.max_bright_share is not None and vals["bright_share"] > p.max_bright_share, "image:bright"),
+        col = pl.col
+        checks: list[tuple[Any, pl.Expr, str]] = [
+            (p.min_bytes, col("n_bytes") < (p.min_bytes or 0), "image:too_small_bytes"),
+            (p.min_side, pl.min_horizontal("img_width", "img_height") < (p.min_side or 0), "image:min_side"),
+            (p.max_aspect, col("aspect") > (p.max_aspect or 0), "image:aspect"),
+            (p.drop_animated or None, col("n_frames") > 1, "image:animated"),
+            (p.max_dominant_share, col("dominant_share") > (p.max_dominant_share or 0), "image:uniform"),
+            (p.min_entropy, col("entropy") < (p.min_entropy or 0), "image:low_entropy"),
+            (p.min_contrast, col("contrast") < (p.min_contrast or 0), "image:low_contrast"),
+            (p.min_blur_var, col("blur_var") < (p.min_blur_var or 0), "image:blurry"),
+            (p.max_dark_share, col("dark_share") > (p.max_dark_share or 0), "image:dark"),
+            (p.max_bright_share, col("bright_share") > (p.max_bright_share or 0), "image:bright"),
         ]
-        return next((r for bad, r in checks if bad), None)
+        return [(bad, why) for threshold, bad, why in checks if threshold is not None]
 
-    def _from_index(self, ctx: ShardContext) -> dict[str, Any]:
+    def _from_index(self, ctx: ShardContext, rows: list[int]) -> Measured:
         """Size rules from what the index stage read from each header (and json): no tar read."""
         p = self.params
         t = ctx.index(["image_format", "image_bytes", "width", "height", "original_width", "original_height"])
-        rows = t.to_pylist()
-        n = len(rows)
-        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
-        reasons: list[str | None] = [None] * n
-        for i, (r, ev) in enumerate(zip(rows, ctx.evaluate)):
-            if not ev:
-                continue
+        records = t.to_pylist()
+        values: dict[str, list] = {f.name: [] for f in self.value_fields()}
+        failed: list[str | None] = []
+        for i in rows:
+            r = records[i]
+            vals = self._empty.copy()
             w, h = r["width"], r["height"]
+            why = None
             if not r["image_bytes"]:
-                reasons[i] = "image:missing"
+                why = "image:missing"
             elif r["image_bytes"] > p.max_bytes:
-                reasons[i] = "image:too_large_bytes"
+                why = "image:too_large_bytes"
             elif r["image_format"] is None or not w or not h:
-                reasons[i] = "image:undecodable"
+                why = "image:undecodable"
             elif w * h > p.max_pixels:
-                reasons[i] = "image:too_many_pixels"
+                why = "image:too_many_pixels"
             else:
                 if p.use_original_size and r["original_width"] and r["original_height"]:
                     w, h = r["original_width"], r["original_height"]
-                vals = {"img_format": r["image_format"].lower(), "img_width": w, "img_height": h,
-                        "aspect": max(w, h) / max(1, min(w, h))}
-                for k, v in vals.items():
-                    cols[k][i] = v
-                reasons[i] = self.first_failing(vals, r["image_bytes"], None)
-        cols["__reasons__"] = reasons
-        return cols
+                vals.update(img_format=r["image_format"].lower(), img_width=w, img_height=h,
+                            aspect=max(w, h) / max(1, min(w, h)))
+            failed.append(why)
+            for k, v in vals.items():
+                values[k].append(v)
+        return Measured(values, failed, {"n_bytes": [records[i]["image_bytes"] for i in rows]})
 
-    def process(self, ctx: ShardContext) -> dict[str, Any]:
+    def measure(self, ctx: ShardContext, rows: list[int]) -> Measured:
         if not self.pixel_measures and not self.params.drop_animated:
-            return self._from_index(ctx)
-        index = ctx.index(["key", "original_width", "original_height"])
-        keys = index.column("key").to_pylist()
-        ow = index.column("original_width").to_pylist()
-        oh = index.column("original_height").to_pylist()
-        evaluate = ctx.evaluate
-        n = len(keys)
-        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
-        reasons: list[str | None] = [None] * n
-        # The index wrote one row per sample in tar order: stream the tar again and align by position.
-        for i, s in enumerate(ctx.samples()):
-            if i >= n:
-                break
-            if s.key != keys[i]:
-                raise RuntimeError(f"shard {ctx.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
-            if not evaluate[i]:
-                continue
-            vals, reasons[i] = self.measure_one(s.image(), s.image_ext(), (ow[i], oh[i]))
+            return self._from_index(ctx, rows)
+        ow, oh = ctx.column("original_width"), ctx.column("original_height")
+        got: dict[int, tuple[dict[str, Any], str | None, int]] = {}
+        for i, s in ctx.samples_at(rows):
+            data = s.image()
+            vals, why = self.measure_image(data, s.image_ext(), (ow[i], oh[i]))
             if self.pixel_measures and vals["img_format"] is not None:
                 ctx.count("images_decoded")
-            for k, v in vals.items():
-                cols[k][i] = v
-        for i in range(n):  # rows the tar no longer yields (changed shard) are judged, not lost
-            if evaluate[i] and reasons[i] is None and cols["img_format"][i] is None:
-                reasons[i] = "image:missing"
-        cols["__reasons__"] = reasons
-        return cols
+            got[i] = (vals, why, len(data or b""))
+        # rows the tar no longer yields (a changed shard) are judged, not lost
+        missing = (self._empty.copy(), "image:missing", 0)
+        measured = [got.get(i, missing) for i in rows]
+        values = {f.name: [m[0][f.name] for m in measured] for f in self.value_fields()}
+        return Measured(values, [m[1] for m in measured], {"n_bytes": [m[2] for m in measured]})

@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.config import Strict
-from curate.io.parquet import atomic_write_bytes, read_meta
+from curate.io.parquet import atomic_write_bytes
 from curate.io.shards import expand_input, iter_samples
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
 from curate.stages.registry import register_stage
-from curate.vectors import nearest, train_centroids
+from curate.algorithms.vectors import nearest, train_centroids
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -43,14 +43,6 @@ def model_identity(describe: dict[str, Any]) -> dict[str, Any]:
     """What must match between pool and reference embeddings."""
     return {"model": describe.get("model"), "checkpoint_sha256": describe.get("checkpoint_sha256"),
             "pretrained": None if describe.get("checkpoint_sha256") else describe.get("pretrained")}
-
-
-def pool_identity(work_root: Path, shards: list[str]) -> dict[str, Any]:
-    for s in shards:
-        meta = read_meta(work_root / "clip_score" / f"{s}.parquet")
-        if meta and meta.get("describe"):
-            return model_identity(meta["describe"])
-    raise ReferenceError("no clip_score outputs with model metadata: run clip_score before reference_filter")
 
 
 def embed_images(images: list[bytes], describe: dict[str, Any], batch: int = 128) -> np.ndarray:
@@ -147,7 +139,7 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     by_label = art.get("label_centroids")
     if not by_label:
         return None
-    assigned = pl.read_parquet(work.root / stage_id / "*.parquet", columns=["uid", "centroid"]).drop_nulls("centroid")
+    assigned = pl.read_parquet(work.stage_glob(stage_id), columns=["uid", "centroid"]).drop_nulls("centroid")
     final = decisions(work.root).select(["uid", "kept"])
     d = assigned.join(final, on="uid", how="left")
     n_kept = int(final["kept"].sum())
@@ -172,7 +164,7 @@ def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget:
     are converted to float32 just before their product so the work stays in cache. The similarity
     is recomputed row by row for the winning centroid, so its bits do not depend on how rows were
     chunked (a BLAS product's rounding can)."""
-    from curate.stages.clip_score import f16_to_f32
+    from curate.io.embeddings import f16_to_f32
 
     cent = np.ascontiguousarray(centroids, dtype=np.float32)
     d = col.type.list_size
@@ -205,9 +197,9 @@ class ReferenceFilterStage(GlobalStage):
         "centroid_sim": "inner product of the image embedding with that centroid",
     }
     version = "1"
-    needs = ("clip_score",)
 
     class Params(Strict):
+        embeddings_from: str = Field("clip_score", description="id of the clip_score stage whose image embeddings are clustered")
         reference: str = Field(..., description="folder of images, shards, or .npy (+ .json sidecar)")
         n_centroids: int | None = Field(None, ge=2, description="null: about sqrt(pool)/2, at least 8")
         centroids: str | None = Field(None, description="reuse centroids (.npy) from an earlier run")
@@ -219,6 +211,9 @@ class ReferenceFilterStage(GlobalStage):
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("centroid", pa.int32()), pa.field("centroid_sim", pa.float32())]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.embeddings_from,)
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         from curate.io.shards import expand_input
@@ -241,19 +236,19 @@ class ReferenceFilterStage(GlobalStage):
         return {"uid": [u for u, e in zip(uids, ctx.evaluate) if e]}
 
     def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> np.ndarray:
-        from curate.stages.clip_score import surviving_embeddings
-
         keep = set(pq.read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
-        return surviving_embeddings(ctx.work.root, shard, keep)[1]
+        return ctx.unit_embeddings(self.params.embeddings_from, "image_emb", shard, keep)[1]
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         import faiss
 
         p = self.params
         work = ctx.work
-        ident = pool_identity(work.root, ctx.shards)
-        describe = next(read_meta(work.root / "clip_score" / f"{s}.parquet")["describe"] for s in ctx.shards
-                        if read_meta(work.root / "clip_score" / f"{s}.parquet"))
+        describe = ctx.describe(p.embeddings_from)
+        if not describe:
+            raise ReferenceError(f"no {p.embeddings_from} outputs with model metadata: the pool's embeddings "
+                                 "cannot be matched to a model")
+        ident = model_identity(describe)
         ref, labels = load_reference(p.reference, describe)
         if p.centroids:
             cent = np.load(p.centroids).astype(np.float32)
@@ -298,12 +293,12 @@ class ReferenceFilterStage(GlobalStage):
         return ({k: v for k, v in art.items() if k not in ("reference_centroids", "label_centroids", "label_counts")}
                 | {"n_reference_centroids": len(chosen), "reference_labels": len(label_centroids)})
 
-    def apply(self, ctx: ShardContext) -> dict[str, Any]:
+    def apply(self, ctx: ShardContext) -> StageOutput:
         gdir = ctx.work.global_dir()
         art = json.loads((gdir / f"{ctx.stage_id}.json").read_text())
         chosen = set(art["reference_centroids"])
         cent = np.load(gdir / f"{ctx.stage_id}_centroids.npy")
-        col = ctx.read("clip_score", ["image_emb"]).column("image_emb").combine_chunks()
+        col = ctx.read(self.params.embeddings_from, ["image_emb"]).column("image_emb").combine_chunks()
         ev = ctx.evaluate
         n = len(col)
         rows = np.flatnonzero(ev[:n])
@@ -319,4 +314,4 @@ class ReferenceFilterStage(GlobalStage):
         for i in range(n):
             if ev[i] and cid[i] is None:
                 reasons[i] = "reference:no_embedding"
-        return {"centroid": cid, "centroid_sim": sim, "__reasons__": reasons}
+        return StageOutput({"centroid": cid, "centroid_sim": sim}, reasons)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 from typing import Any, TypeVar
 
@@ -10,16 +11,6 @@ from pydantic import BaseModel, ValidationError
 from curate.config import ConfigError, PipelineConfig, StageSpec
 
 _REGISTRY: dict[str, type] = {}
-# Modules that register stages; imported lazily so `import curate` stays light.
-_STAGE_MODULES = (
-    "curate.stages.index",
-    "curate.stages.text",
-    "curate.stages.image",
-    "curate.stages.clip_score",
-    "curate.stages.dedup",
-    "curate.stages.balance",
-    "curate.stages.reference",
-)
 
 T = TypeVar("T")
 
@@ -33,8 +24,12 @@ def register_stage(cls: T) -> T:
 
 
 def _load_all() -> None:
-    for mod in _STAGE_MODULES:
-        importlib.import_module(mod)
+    """Import every module of curate.stages (lazily, so `import curate` stays light): a stage
+    registers itself with @register_stage in its own module, nowhere else."""
+    import curate.stages as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
 def available_stages() -> list[str]:
@@ -64,7 +59,12 @@ def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0):
                 msg += f" (allowed: {allowed})"
             lines.append(f"  params.{loc}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    return cls(params)
+    return cls(params, spec.id)
+
+
+def spec_of(stage) -> StageSpec:
+    """The validated spec a stage was built from (params resolved): what workers rebuild it from."""
+    return StageSpec(name=stage.name, id=stage.stage_id, params=stage.params.model_dump(mode="json"))
 
 
 def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
@@ -73,18 +73,24 @@ def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
     if not specs or specs[0].name != "index":
         specs.insert(0, StageSpec(name="index"))
     stages = [build_stage(s, source, i) for i, s in enumerate(specs)]
-    # A stage that computes only what is needed learns what the stages after it read from it.
-    stages = [st.with_later_reads(set().union(*(later.reads_from(st.name) for later in stages[i + 1:])))
-              for i, st in enumerate(stages)]
     seen: set[str] = set()
-    for i, st in enumerate(stages):
+    for st in stages:
         if st.stage_id in seen:
-            raise ConfigError(f"{source}: stage {st.stage_id!r} appears twice")
-        for need in st.needs:
-            if need not in seen:
-                raise ConfigError(
-                    f"{source}: stage {st.stage_id!r} needs stage {need!r} earlier in the pipeline")
+            hint = "" if st.stage_id != st.name else f" (give each {st.name} stage its own `id:`)"
+            raise ConfigError(f"{source}: stage id {st.stage_id!r} appears twice{hint}")
         seen.add(st.stage_id)
+    # Optional inputs the pipeline lacks are switched off, then each stage learns what the stages
+    # after it read from it (a stage that computes only what is needed computes those too).
+    stages = [st.with_earlier(stages[:i]) for i, st in enumerate(stages)]
+    stages = [st.with_later_reads(set().union(*(later.reads_from(st) for later in stages[i + 1:])))
+              for i, st in enumerate(stages)]
+    for i, st in enumerate(stages):
+        earlier = {s.stage_id for s in stages[:i]}
+        for need in st.reads():
+            if need not in earlier:
+                raise ConfigError(
+                    f"{source}: stage {st.stage_id!r} reads stage {need!r}, which is not earlier in the "
+                    f"pipeline (earlier: {', '.join(sorted(earlier)) or 'none'})")
     return stages
 
 
@@ -114,4 +120,4 @@ def describe_stage(name: str) -> dict[str, Any]:
     cls = get_stage_class(name)
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, "kind": cls.kind, "summary": doc[0] if doc else "", "filters": cls.filters,
-            "needs": list(cls.needs), "params": param_rows(cls.Params)}
+            "params": param_rows(cls.Params)}

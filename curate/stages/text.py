@@ -16,11 +16,12 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from curate.concepts import get_matcher
+from curate.algorithms.concepts import get_matcher
 from curate.config import Strict
 from curate.models.langid import load_langid, predict_languages
-from curate.stages.base import MapStage, ShardContext
+from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
+from curate.stages.row_filter import Measured, RowFilter, Rule
 
 _IMG_EXT = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|avif)"
 # Junk caption patterns: name -> regex on the normalised, stripped caption. Order is priority.
@@ -75,7 +76,7 @@ def max_repeat_run(words: list[str]) -> int:
 
 
 @register_stage
-class TextStage(MapStage):
+class TextStage(RowFilter):
     """Caption filters: fastText language, length, word statistics, junk patterns, concept words."""
 
     name = "text"
@@ -125,7 +126,10 @@ class TextStage(MapStage):
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         return {"vocabulary": self.params.concept_vocabulary}
 
-    def measure(self, captions: list[str | None]) -> dict[str, list]:
+    def measure(self, ctx: ShardContext, rows: list[int]) -> Measured:
+        return Measured(self.measure_captions(ctx.column("caption", rows)))
+
+    def measure_captions(self, captions: list[str | None]) -> dict[str, list]:
         """Value columns for a list of captions (None allowed)."""
         p = self.params
         model = load_langid(p.langid_model)
@@ -151,16 +155,14 @@ class TextStage(MapStage):
             "junk": [junk_kind(n, lo) if c is not None else "empty" for c, n, lo in zip(captions, norms, lowers)],
         }
 
-    def reasons(self, vals: dict[str, list]) -> list[str | None]:
-        """First failing rule per row, in a fixed order (vectorised over the value columns)."""
+    def rules(self) -> list[Rule]:
         p = self.params
-        df = pl.DataFrame(vals, schema={f.name: pl.from_arrow(pa.array([], f.type)).dtype for f in self.value_fields()})
         col = pl.col
-        rules: list[tuple[pl.Expr, pl.Expr]] = []
+        rules: list[Rule] = []
         if p.languages is not None:
             rules.append((~col("lang").is_in(p.languages).fill_null(False),
                           pl.lit("lang:") + col("lang").fill_null("None")))
-        rules.append((col("lang_prob") < p.min_lang_prob, pl.lit("lang:low_prob")))
+        rules.append((col("lang_prob") < p.min_lang_prob, "lang:low_prob"))
         if p.drop_junk:
             rules.append((col("junk").is_not_null(), pl.lit("caption:junk_") + col("junk")))
         for value, column, op, reason in [
@@ -173,24 +175,5 @@ class TextStage(MapStage):
             (p.min_concepts, "n_concepts", operator.lt, "caption:no_concept"),
         ]:
             if value is not None:  # a null threshold is not applied
-                rules.append((op(col(column), value), pl.lit(reason)))
-        first = pl.coalesce([pl.when(bad.fill_null(False)).then(why) for bad, why in rules])
-        return df.select(first.alias("reason"))["reason"].to_list()
-
-    def process(self, ctx: ShardContext) -> dict[str, Any]:
-        captions = ctx.index(["caption"]).column("caption").to_pylist()
-        idx = [i for i, ev in enumerate(ctx.evaluate) if ev]
-        vals = self.measure([captions[i] for i in idx])
-        why = self.reasons(vals)
-        n = len(captions)
-        cols: dict[str, list] = {}
-        for k, v in vals.items():
-            full = [None] * n
-            for j, i in enumerate(idx):
-                full[i] = v[j]
-            cols[k] = full
-        reasons: list[str | None] = [None] * n
-        for j, i in enumerate(idx):
-            reasons[i] = why[j]
-        cols["__reasons__"] = reasons
-        return cols
+                rules.append((op(col(column), value), reason))
+        return rules

@@ -7,9 +7,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.concepts import ConceptMatcher, Vocabulary, get_matcher, spacing
+from curate.algorithms.concepts import ConceptMatcher, Vocabulary, get_matcher, spacing
 from curate.io.shards import make_uid
 from curate.pipeline import run_pipeline
+from curate.stats import global_summaries
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, shared_data, write_tar
 
 IMG = jpeg_bytes()
@@ -80,7 +81,7 @@ def test_realised_keep_rate_within_binomial_bound(vocab_file: Path, tmp_path: Pa
     assert cc.filter(pl.col("entry") == "dog")["count_after"][0] == 60  # the tail is kept whole
     d = pl.read_parquet(tmp_path / "w" / "balance" / "*.parquet")
     assert d.filter(pl.col("reason_balance") == "balance:no_concept").height == 40
-    summary = json.loads((tmp_path / "w" / "global" / "balance.json").read_text())
+    summary = global_summaries(tmp_path / "w")["balance"]
     assert summary["head_tail"]["top1pct_share_after"] < summary["head_tail"]["top1pct_share_before"]
 
 

@@ -16,7 +16,8 @@ from curate.io.shards import iter_samples
 from curate.models.clip import ModelError, load_clip
 from curate.pipeline import run_pipeline
 from curate.stages.base import GlobalContext, RunInfo
-from curate.stages.clip_score import ClipRankStage, embeddings, ranks_in
+from curate.io.embeddings import embeddings
+from curate.stages.clip_score import ClipRankStage, ranks_in
 from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, tables_equal_dir, write_tar
 
 TINY = {"model": "curate-tiny", "pretrained": None}

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance
 
 from curate.io.parquet import write_table
 from curate.io.shards import iter_samples
-from curate.phash import brute_force_pairs, near_pairs
+from curate.algorithms.phash import brute_force_pairs, near_pairs
 from curate.pipeline import run_pipeline
 from curate.synth import synthesize
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
@@ -135,11 +135,12 @@ def test_semantic_dedup_on_stored_embeddings(pool: Path, tmp_path: Path):
     run = RunInfo(run_id="t", workdir=str(work))
     shards = ["00000", "00001", "00002", "00003"]
     for s in shards:
-        ctx = ShardContext(shard_path=str(pool / f"{s}.tar"), shard=s, stage_id="dedup", upstream=[], run=run)
+        ctx = ShardContext(shard_path=str(pool / f"{s}.tar"), shard=s, stage_id="dedup", upstream=[], run=run,
+                           reads=st.reads())
         cols = st.summarize(ctx)
         p = work / "partials" / "dedup" / f"{s}.parquet"
         write_table(pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in st.partial_fields()}), p)
-    summary = st.combine(GlobalContext(stage_id="dedup", shards=shards, run=run))
+    summary = st.combine(GlobalContext(stage_id="dedup", shards=shards, run=run, reads=st.reads()))
     art = pl.read_parquet(work / "global" / "dedup" / "*.parquet")
     dropped = art.filter(pl.col("reason") == "dedup:semantic")
     print(summary)

@@ -8,6 +8,7 @@ import pytest
 
 from curate.config import load_pipeline
 from curate.pipeline import run_pipeline
+from curate.stages.row_filter import Measured
 from curate.stages.text import TextStage, junk_kind, normalise
 from tests.conftest import ROOT, make_config, shared_data
 
@@ -23,7 +24,7 @@ def test_language_agrees_with_lingua_labels_on_20_common_languages():
     df = pl.read_csv(shared_data("langid/lingua_sample_600.tsv"), separator="\t", quote_char=None)
     sents = df.filter((pl.col("kind") == "sentences") & pl.col("lang").is_in(COMMON_20))
     assert sents["lang"].n_unique() == 20
-    vals = _stage().measure(sents["text"].to_list())
+    vals = _stage().measure_captions(sents["text"].to_list())
     got = pl.DataFrame({"lang": sents["lang"], "pred": vals["lang"]})
     per_lang = got.group_by("lang").agg((pl.col("lang") == pl.col("pred")).mean().alias("acc")).sort("acc")
     print(per_lang)
@@ -34,7 +35,7 @@ def test_language_agrees_with_lingua_labels_on_20_common_languages():
 
 def test_real_laion_captions_are_mostly_english():
     df = pl.read_parquet(shared_data("captions/laion400m_sample_10000.parquet")).head(3000)
-    vals = _stage().measure(df["TEXT"].to_list())
+    vals = _stage().measure_captions(df["TEXT"].to_list())
     langs = Counter(vals["lang"])
     print("top languages:", langs.most_common(8))
     assert langs["en"] / len(df) > 0.8
@@ -68,8 +69,8 @@ def test_caption_is_never_altered_but_scored_normalised(tmp_path: Path, pool: Pa
 def test_broken_captions_get_reasons_not_crashes():
     st = _stage(max_chars=2000, min_alpha_ratio=0.5)
     caps = ["", "word " * 10_000, "caf\ufffd au lait is here", "😀😀😀😀", None, "a b", "\x00\x01 nul bytes here"]
-    vals = st.measure(caps)
-    reasons = st.reasons(vals)
+    vals = st.measure_captions(caps)
+    reasons = st.reasons(Measured(vals))
     print(reasons)
     assert reasons[0] is not None and reasons[1] == "caption:too_many_chars"
     assert reasons[3] is not None and reasons[4] is not None and reasons[5] is not None

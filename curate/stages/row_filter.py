@@ -1,0 +1,69 @@
+"""The per-row filter: measure a batch of rows, then derive reasons from the value columns and
+thresholds (datatrove's filter shape, vectorised).
+
+A subclass implements ``measure`` (value columns for the rows it computes, plus a reason for rows
+that could not be measured at all) and ``rules`` (an ordered list of "drop when" expressions over
+those columns, each with its reason); the first failing rule is the row's reason. Rules read the
+values as the table stores them, so re-thresholding the written Parquet gives the same decisions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import polars as pl
+import pyarrow as pa
+
+from curate.stages.base import MapStage, ShardContext, StageOutput
+
+# (drop when, reason): the reason is a string or an expression (e.g. "lang:" + the language).
+Rule = tuple[pl.Expr, "pl.Expr | str"]
+
+
+@dataclass
+class Measured:
+    """Value columns for the measured rows (one entry per row, in order), a reason per row that
+    failed before any rule could apply (None: measured), and extra per-row inputs the rules read
+    that the table does not keep (e.g. the byte size of an image)."""
+
+    values: dict[str, list]
+    failed: Sequence[str | None] | None = None
+    inputs: dict[str, list] = field(default_factory=dict)
+
+
+def first_failing(frame: pl.DataFrame, rules: list[Rule], failed: Sequence[str | None] | None = None
+                  ) -> list[str | None]:
+    """Per row: the failure, else the reason of the first rule whose condition holds, else None.
+    A rule over a null value does not fire."""
+    exprs = [pl.lit(pl.Series("failed", list(failed), dtype=pl.String))] if failed is not None else []
+    exprs += [pl.when(bad.fill_null(False)).then(why if isinstance(why, pl.Expr) else pl.lit(why))
+              for bad, why in rules]
+    if not exprs or frame.height == 0:
+        return [None] * frame.height if failed is None else list(failed)
+    return frame.select(pl.coalesce(exprs).alias("reason"))["reason"].to_list()
+
+
+class RowFilter(MapStage):
+    """A map filter whose decision for a row depends on that row's measures alone."""
+
+    def measure(self, ctx: ShardContext, rows: list[int]) -> Measured:
+        """Measure ``rows`` (positions in the index) of the shard."""
+        raise NotImplementedError
+
+    def rules(self) -> list[Rule]:
+        """Drop conditions over the value columns (and ``Measured.inputs``), in priority order."""
+        raise NotImplementedError
+
+    def frame(self, m: Measured) -> pl.DataFrame:
+        """The measured values typed as the table stores them, with the extra inputs."""
+        schema = {f.name: pl.from_arrow(pa.array([], f.type)).dtype for f in self.value_fields()}
+        df = pl.DataFrame({k: m.values[k] for k in schema}, schema=schema)
+        return df.with_columns(pl.Series(k, v) for k, v in m.inputs.items()) if m.inputs else df
+
+    def reasons(self, m: Measured) -> list[str | None]:
+        return first_failing(self.frame(m), self.rules(), m.failed)
+
+    def process(self, ctx: ShardContext) -> StageOutput:
+        rows = ctx.rows()
+        m = self.measure(ctx, rows)
+        return ctx.scatter(m.values, rows, self.reasons(m))
