@@ -55,10 +55,24 @@ def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any
             "n_in": int(sums.get("n_in", 0)),
             "n_kept": int(sums.get("n_kept", 0)),
             "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "seconds": round(float(sums.get("seconds", 0.0)), 3),
+            "seconds": round(float(sums.get("seconds", 0.0) + sums.get("summarize_seconds", 0.0))
+                             + _combine_seconds(work, st), 3),
             "damaged_shards": int(sums.get("shard_error", 0)),
         })
     return rows
+
+
+def _combine_seconds(work: WorkDir, stage: dict[str, Any]) -> float:
+    """Seconds of a global stage's combine step, from its done marker (0 for a map stage)."""
+    from curate.stages.execute import global_marker
+
+    if stage.get("kind") != "global":
+        return 0.0
+    try:
+        marker = json.loads(global_marker(work, stage["id"]).read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return float(marker.get("seconds", 0.0)) if marker.get("fingerprint") == stage["fingerprint"] else 0.0
 
 
 def stale_stages(workdir: str | Path, run_id: str | None = None) -> list[str]:

@@ -17,7 +17,7 @@ from curate.stages.base import RunInfo, ShardContext, UndeclaredRead
 from curate.stages.memory import run_in_memory
 from curate.stages.registry import build_stages
 from curate.stages.text import TextStage
-from curate.stats import format_globals, global_summaries
+from curate.stats import format_globals, funnel, global_summaries, load_stats
 from tests.conftest import jpeg_bytes, make_config
 
 
@@ -91,6 +91,10 @@ def test_a_stale_table_of_another_run_is_not_read(pool: Path, tmp_path: Path):
     assert run_pipeline(_pipe({"name": "dedup", "params": {"phash_radius": 16}}), cfg).ok
     second = pl.read_parquet(work / "dedup" / "*.parquet")
     assert (second["reason_dedup"] == "dedup:phash").sum() == 0
+    # a global stage's stats include its summarize step; its combine time is in the funnel
+    stats = load_stats(work).filter(pl.col("stage") == "dedup")
+    assert stats.filter(pl.col("metric") == "summarize_seconds").height == 2
+    assert [r for r in funnel(work) if r["stage"] == "dedup"][0]["seconds"] > 0
 
 
 def test_an_undeclared_read_is_refused(tmp_path: Path):

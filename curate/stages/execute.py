@@ -167,7 +167,13 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
                                  "bytes_read": ctx.read_result.n_bytes}
     for reason, c in counts.items():
         metrics[f"dropped:{reason}"] = c
-    for name, c in ctx.counters.items():
+    counters = dict(ctx.counters)
+    if phase == "apply":  # the stage's summarize step on this shard counted too
+        earlier = read_meta(work.partial(task.stage_id, ctx.shard)) or {}
+        metrics["summarize_seconds"] = earlier.get("seconds", 0.0)
+        for name, c in earlier.get("counters", {}).items():
+            counters[name] = counters.get(name, 0) + c
+    for name, c in counters.items():
         metrics[f"count:{name}"] = c
     details = {}
     if ctx.read_result.error:
@@ -181,6 +187,9 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
 
 
 def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
+    """A global stage's summarize step on one shard: the partial, with the step's seconds and
+    counters in its metadata (apply adds them to the shard's stats)."""
+    t0 = time.perf_counter()
     stage = task.stage()
     ctx = _context(task, shard_path)
     work = ctx.work
@@ -189,11 +198,14 @@ def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
     cols = stage.summarize(ctx)
     schema = pa.schema(stage.partial_fields())
     table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
-    write_table(table, work.partial(task.stage_id, ctx.shard), meta=_meta(task, ctx.shard))
+    meta = _meta(task, ctx.shard) | {"seconds": time.perf_counter() - t0, "counters": ctx.counters}
+    write_table(table, work.partial(task.stage_id, ctx.shard), meta=meta)
     return {"shard": ctx.shard, "skipped": False, "rows": table.num_rows}
 
 
 def run_combine(task: StageTask) -> dict[str, Any]:
+    """A global stage's combine step; its summary and seconds are stored with the done marker."""
+    t0 = time.perf_counter()
     stage = task.stage()
     gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run,
                          reads=tuple(stage.reads()))
@@ -202,6 +214,6 @@ def run_combine(task: StageTask) -> dict[str, Any]:
         return json.loads(global_marker(work, task.stage_id).read_text())["summary"]
     summary = stage.combine(gctx)
     atomic_write_bytes(global_marker(work, task.stage_id),
-                       json.dumps({"fingerprint": task.fingerprint, "summary": summary},
-                                  sort_keys=True, default=str).encode())
+                       json.dumps({"fingerprint": task.fingerprint, "summary": summary,
+                                   "seconds": time.perf_counter() - t0}, sort_keys=True, default=str).encode())
     return summary
