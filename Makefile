@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
-	$(BIN)/python -m curate.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
+	$(BIN)/python -m curate.tools.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
 test: install browser ## run the test suite (offline, minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -84,7 +84,7 @@ ingest: install ## URL + caption list (img2dataset) or image folder SOURCE -> We
 	$(BIN)/curate ingest $(SOURCE) --out $(INGEST_OUT) $(ARGS)
 
 compare: install ## train the same tiny CLIP on each recipe's output and compare (demo/report/compare.md)
-	$(BIN)/python -m curate.compare $(ARGS)
+	$(BIN)/python -m curate.tools.compare $(ARGS)
 
 cluster-up: install ## a dask scheduler on 127.0.0.1:8786 and 2 workers (configs/cluster.yaml uses them)
 	mkdir -p work/cluster

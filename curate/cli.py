@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
 from curate.io.parquet import WorkDirError
 
 log = logging.getLogger("curate")
@@ -33,7 +33,7 @@ def _quiet_shutdown() -> None:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from curate.synth import synthesize
+    from curate.tools.synth import synthesize
 
     paths = synthesize(a.out, samples=a.samples, shards=a.shards, seed=a.seed, fractions={} if a.clean else None)
     print(f"wrote {len(paths)} shard(s) and ground_truth.parquet to {a.out}")
@@ -41,10 +41,10 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from curate.config import load_pipeline, load_run_config
+    from curate.core.config import load_pipeline, load_run_config
     from curate.io.shards import InputError
-    from curate.pipeline import run_pipeline
-    from curate.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
+    from curate.core.pipeline import run_pipeline
+    from curate.core.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
     pipe = load_pipeline(a.pipeline)
     overrides = {"workdir": a.workdir, "input": a.input}
@@ -88,7 +88,7 @@ def pipeline_until(pipe, stage: str, source: str):
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from curate.training import TrainSpec, train_clip
+    from curate.tools.training import TrainSpec, train_clip
 
     spec = TrainSpec(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      device=a.device)
@@ -97,7 +97,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from curate.evaluation import evaluate_clip
+    from curate.tools.evaluation import evaluate_clip
 
     res = evaluate_clip(a.model, a.checkpoint, a.eval_dir, max_samples=a.max_samples)
     text = json.dumps(res, indent=2)
@@ -108,15 +108,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _executor_for(config: str | None):
-    from curate.config import load_run_config
+    from curate.core.config import load_run_config
     from curate.engine import make_executor
 
     return make_executor(load_run_config(config))
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from curate.decisions import run_record
-    from curate.export import ExportSpec, check_output, export
+    from curate.core.decisions import run_record
+    from curate.core.export import ExportSpec, check_output, export
 
     run = run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
     check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)  # before any worker starts
@@ -132,7 +132,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from curate.decisions import run_record
+    from curate.core.decisions import run_record
     from curate.report.html import write_comparison, write_report
 
     for w in a.workdir:  # before anything is written: a clear error for a folder that is not a work dir
@@ -147,7 +147,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from curate.ingest import IngestSpec, ingest_folder, ingest_urls
+    from curate.tools.ingest import IngestSpec, ingest_folder, ingest_urls
 
     src = Path(a.source)
     if not src.exists():
@@ -165,7 +165,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    from curate.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
+    from curate.core.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
     rows = funnel(a.workdir, a.run)
     glob = global_summaries(a.workdir, a.run)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import ImageFile
 
-from curate.config import PipelineConfig, RunConfig, StageSpec
-from curate.synth import synthesize
+from curate.core.config import PipelineConfig, RunConfig, StageSpec
+from curate.tools.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

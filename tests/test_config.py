@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curate.config import ConfigError, load_pipeline, load_run_config
-from curate.pipeline import run_pipeline
+from curate.core.config import ConfigError, load_pipeline, load_run_config
+from curate.core.pipeline import run_pipeline
 from tests.conftest import ROOT, make_config, make_pipeline
 
 
@@ -81,7 +81,7 @@ def test_resolved_config_versions_and_fingerprints_saved(pool: Path, tmp_path: P
 
 
 def test_demo_pipeline_names_the_scorer_the_demo_trains():
-    from curate.demo import SCORER
+    from curate.tools.demo import SCORER
 
     pipe = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     assert next(s.params["pretrained"] for s in pipe.stages if s.name == "clip_score") == SCORER

@@ -1,4 +1,4 @@
-"""The demo checks itself: a smaller demo pool through `python -m curate.demo` must pass the same
+"""The demo checks itself: a smaller demo pool through `python -m curate.tools.demo` must pass the same
 bounds as `make demo` (clean kept >= 90 %, each non-duplicate defect removed >= 95 %, at most one
 sample kept per duplicate group). The scorer is the demo's own (deterministic training), trained
 into demo/models once and reused by `make demo` afterwards, as `make demo` would."""
@@ -13,14 +13,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.demo import Bounds, format_checks, self_check
+from curate.tools.demo import Bounds, format_checks, self_check
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> tuple[str, Path]:
     out_dir = tmp_path_factory.mktemp("demo")
-    r = subprocess.run([sys.executable, "-m", "curate.demo", "--samples", "1500", "--shards", "3",
+    r = subprocess.run([sys.executable, "-m", "curate.tools.demo", "--samples", "1500", "--shards", "3",
                         "--dir", str(out_dir), "--models", str(ROOT / "demo" / "models")],
                        capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -55,7 +55,7 @@ def test_small_demo_keeps_one_sample_per_duplicate_group(small_demo):
 
 def test_self_check_fails_when_curation_does_not_work(pool: Path, tmp_path: Path):
     """The check can fail: a pipeline without a CLIP rule keeps every mismatched caption."""
-    from curate.pipeline import run_pipeline
+    from curate.core.pipeline import run_pipeline
     from tests.conftest import make_config, make_pipeline
 
     work = tmp_path / "w"

@@ -15,11 +15,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.config import RunConfig
+from curate.core.config import RunConfig
 from curate.engine import make_executor
-from curate.export import ExportSpec, export
+from curate.core.export import ExportSpec, export
 from curate.io.shards import iter_samples
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.report.html import write_report
 from tests.conftest import make_config, make_pipeline
 

@@ -33,7 +33,7 @@ def test_every_stage_has_a_target_and_help_lists_it():
 
 
 def test_make_text_then_make_dedup(tmp_path: Path):
-    from curate.synth import synthesize
+    from curate.tools.synth import synthesize
 
     synthesize(tmp_path / "pool", samples=90, shards=2, seed=4)
     pipe = tmp_path / "p.yaml"

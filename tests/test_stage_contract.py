@@ -10,14 +10,14 @@ import polars as pl
 import pytest
 import torch
 
-from curate.config import ConfigError, PipelineConfig, StageSpec
+from curate.core.config import ConfigError, PipelineConfig, StageSpec
 from curate.models.clip import load_clip
-from curate.pipeline import run_pipeline, stage_fingerprints
+from curate.core.pipeline import run_pipeline, stage_fingerprints
 from curate.stages.base import RunInfo, ShardContext, UndeclaredRead
 from curate.stages.memory import run_in_memory
 from curate.stages.registry import build_stages
 from curate.stages.text import TextStage
-from curate.stats import format_globals, funnel, global_summaries, load_stats
+from curate.core.stats import format_globals, funnel, global_summaries, load_stats
 from tests.conftest import jpeg_bytes, make_config
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from curate.timeouts import SampleTimeout, TimeLimiter
+from curate.engine.timeouts import SampleTimeout, TimeLimiter
 
 
 def test_results_errors_and_hangs():

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from curate.evaluation import EvalSetError, balanced_accuracy, evaluate_clip, roc_auc
-from curate.synth import synthesize
-from curate.training import TrainSpec, train_clip
+from curate.tools.evaluation import EvalSetError, balanced_accuracy, evaluate_clip, roc_auc
+from curate.tools.synth import synthesize
+from curate.tools.training import TrainSpec, train_clip
 from tests.conftest import write_tar
 
 SPEC = TrainSpec(epochs=1, batch_size=64, warmup=2, threads=1)
@@ -44,7 +44,7 @@ def test_training_is_reproducible(clean, tmp_path: Path):
     training, whose webdataset shuffle would otherwise seed itself from the clock."""
     import json
 
-    from curate.training import file_sha256
+    from curate.tools.training import file_sha256
 
     train, _ = clean
     spec = TrainSpec(epochs=1, batch_size=64, warmup=2, threads=1, samples_per_epoch=192, seed=4)
@@ -80,7 +80,7 @@ def test_metrics():
 
 
 def test_compare_decides_only_when_the_paired_interval_excludes_zero():
-    from curate.compare import interval, verdicts
+    from curate.tools.compare import interval, verdicts
 
     mean, lo, hi = interval([0.2, 0.3, 0.25])
     assert mean == pytest.approx(0.25) and lo < 0.2 and hi > 0.3  # t with 2 degrees of freedom is wide

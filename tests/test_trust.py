@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
 from curate.engine import make_executor
-from curate.export import MARKER, ExportSpec, export
+from curate.core.export import MARKER, ExportSpec, export
 from curate.io.parquet import WorkDirError
-from curate.pipeline import run_pipeline
-from curate.stats import format_funnel, funnel, stale_stages
+from curate.core.pipeline import run_pipeline
+from curate.core.stats import format_funnel, funnel, stale_stages
 from tests.conftest import ROOT, make_config, make_pipeline
 
 CLI = [sys.executable, "-m", "curate.cli"]
@@ -33,7 +33,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def small_pool(tmp_path_factory) -> Path:
-    from curate.synth import synthesize
+    from curate.tools.synth import synthesize
 
     root = tmp_path_factory.mktemp("data")
     synthesize(root / "shards", samples=120, shards=2, seed=3)
@@ -184,13 +184,13 @@ def test_stages_version_and_verbose_anywhere():
 
 @pytest.mark.parametrize("page", ["stages.md", "columns.md"])
 def test_docs_are_current(page: str):
-    from curate.docs import PAGES
+    from curate.tools.docs import PAGES
 
-    assert (ROOT / "docs" / page).read_text() == PAGES[page](), f"docs/{page} is stale: run `python -m curate.docs`"
+    assert (ROOT / "docs" / page).read_text() == PAGES[page](), f"docs/{page} is stale: run `python -m curate.tools.docs`"
 
 
 def test_every_parameter_and_column_is_described():
-    from curate.docs import stage_columns
+    from curate.tools.docs import stage_columns
     from curate.stages.registry import available_stages, describe_stage
 
     for name in available_stages():

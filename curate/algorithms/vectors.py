@@ -26,7 +26,7 @@ def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_pe
     k = max(1, min(k, len(x)))
     work = min(len(x), points_per_centroid * k) * k
     # Small problems on one OpenMP thread: faiss's idle OpenMP threads spin after each call and
-    # starve the numpy BLAS work between calls (measured: SemDeDup at 1M, 31 s -> 14 s).
+    # starve the numpy BLAS work between calls (`make bench` SemDeDup rows show the effect).
     with faiss_threads(1 if work < 50_000_000 else faiss.omp_get_max_threads()):
         km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
                           max_points_per_centroid=points_per_centroid)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from curate.synth import synthesize
+from curate.tools.synth import synthesize
 
 log = logging.getLogger("curate.bench")
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,11 +18,11 @@ from PIL import Image
 
 from curate.bench import probe
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
-from curate.config import PipelineConfig, RunConfig, StageSpec
+from curate.core.config import PipelineConfig, RunConfig, StageSpec
 from curate.engine import make_executor
 from curate.io.shards import expand_input, iter_samples
 from curate.models.langid import load_langid, predict_languages
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.stages.image import ImageStage
 from curate.stages.row_filter import Measured
 from curate.stages.text import TextStage
@@ -97,7 +97,7 @@ def caption_pool(n_shards: int = 8, per_shard: int = 10_000) -> Path:
     import webdataset as wds
 
     from curate.io.shards import make_uid
-    from curate.synth import encode_jpeg
+    from curate.tools.synth import encode_jpeg
 
     caps = _captions(bench_pool(4000, 4))[1]
     img = encode_jpeg(Image.new("RGB", (8, 8), (120, 40, 40)))

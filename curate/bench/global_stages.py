@@ -79,11 +79,11 @@ def bench_reference() -> dict:
 
 
 def bench_export() -> dict:
-    from curate.config import RunConfig
+    from curate.core.config import RunConfig
     from curate.engine import make_executor
-    from curate.export import ExportSpec, export
-    from curate.pipeline import run_pipeline
-    from curate.config import PipelineConfig, StageSpec
+    from curate.core.export import ExportSpec, export
+    from curate.core.pipeline import run_pipeline
+    from curate.core.config import PipelineConfig, StageSpec
 
     pool = bench_pool(4000, 4)
     work = BENCH_DIR / "export-work"

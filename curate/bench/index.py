@@ -6,7 +6,7 @@ import shutil
 import tarfile
 
 from curate.bench.common import BENCH_DIR, bench_pool, save, timer
-from curate.config import StageSpec
+from curate.core.config import StageSpec
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import RunInfo
 from curate.stages.execute import StageTask, run_shard

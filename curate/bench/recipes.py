@@ -18,9 +18,9 @@ import numpy as np
 import polars as pl
 
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
-from curate.config import RunConfig, load_pipeline
+from curate.core.config import RunConfig, load_pipeline
 from curate.io.shards import expand_input, iter_samples
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 
 NEEDS_WEIGHTS = ("clip_score", "reference_filter")  # recipes with these stages need CLIP weights
 
@@ -74,7 +74,7 @@ def basic_vs_datacomp(pool: Path, n: int) -> dict:
     with timer() as tc:
         s = run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"), _config(pool, work))
     assert s.ok, s.problems()
-    from curate.decisions import decisions
+    from curate.core.decisions import decisions
 
     kept = int(decisions(work)["kept"].sum())
     dc_rate, cu_rate = n / td["seconds"], n / tc["seconds"]

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from curate.config import RunConfig, scheduler_address
+from curate.core.config import RunConfig, scheduler_address
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import uuid
 from typing import Callable
 
-from curate.config import RunConfig, scheduler_address
+from curate.core.config import RunConfig, scheduler_address
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
 from curate.engine.progress import Progress
 from curate.engine.watchdog import run_with_deadline

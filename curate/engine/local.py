@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from curate.config import RunConfig
+from curate.core.config import RunConfig
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
 from curate.engine.progress import Progress
 

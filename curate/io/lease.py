@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 LEASE = ".curate-run.lease"

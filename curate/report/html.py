@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.decisions import run_record
+from curate.core.decisions import run_record
 from curate.io.layout import WorkDir
 from curate.io.shards import iter_samples
-from curate.stats import funnel
+from curate.core.stats import funnel
 
 log = logging.getLogger(__name__)
 GALLERY_PER_REASON = 6
@@ -138,7 +138,7 @@ def plot_concepts(cc: pl.DataFrame, out: Path) -> str | None:
 
 def _tile_details(work: WorkDir, run: dict) -> pl.DataFrame:
     """uid, kept, reason, clip_score and dup_of (where those stages ran) for every sample."""
-    from curate.decisions import decisions
+    from curate.core.decisions import decisions
 
     d = decisions(work.root, run_id=run["run_id"])
     for stage, col in (("clip_score", "clip_score"), ("dedup", "dup_of")):
@@ -314,7 +314,7 @@ def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
 def write_comparison(work_a: str | Path, work_b: str | Path) -> Path:
     """Two runs side by side (``curate report A B``): each funnel, and how their kept sets overlap.
     Written to ``A/report/compare.html``."""
-    from curate.decisions import decisions
+    from curate.core.decisions import decisions
 
     a, b = WorkDir.at(work_a), WorkDir.at(work_b)
     runs = [run_record(w.root) for w in (a, b)]

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.algorithms.concepts import get_matcher, load_vocabulary
-from curate.config import Strict, require_exactly_one
+from curate.core.config import Strict, require_exactly_one
 from curate.io.parquet import write_table
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage

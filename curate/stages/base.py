@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, read_table
 from curate.io.shards import RawSample, ShardReadResult, iter_indexed_samples, iter_samples
@@ -217,7 +217,7 @@ class GlobalContext:
     def pipeline_stage(self, stage_id: str) -> "Stage":
         """Another stage of this run's pipeline, rebuilt from the run record (e.g. the scorer
         whose model a global stage must use again)."""
-        from curate.config import StageSpec
+        from curate.core.config import StageSpec
         from curate.stages.registry import build_stage
 
         _check_read(self.stage_id, stage_id, set(self.reads))

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.shards import expand_input, iter_samples
 
 log = logging.getLogger(__name__)

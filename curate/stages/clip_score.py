@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from curate.background import in_background
-from curate.config import Strict, require_exactly_one
+from curate.engine.background import in_background
+from curate.core.config import Strict, require_exactly_one
 from curate.io.embeddings import fixed_list
 from curate.io.images import draft_short_side, open_checked, to_rgb
 from curate.io.parquet import write_table
@@ -30,7 +30,7 @@ from curate.io.shards import expand_input, iter_indexed_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
 from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
 from curate.stages.registry import register_stage
-from curate.timeouts import SampleTimeout, TimeLimiter
+from curate.engine.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from curate.algorithms.phash import near_pairs
 from curate.algorithms.union_find import UnionFind
 from curate.algorithms.vectors import nearest, train_centroids
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage
 from curate.stages.registry import register_stage

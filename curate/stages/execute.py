@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curate.config import StageSpec
+from curate.core.config import StageSpec
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.io.shards import shard_name
-from curate.schema import STATS_SCHEMA, stage_schema
+from curate.core.schema import STATS_SCHEMA, stage_schema
 from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage, StageOutput
 from curate.stages.registry import build_stage
 

@@ -14,13 +14,13 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.images import ImageRejected, header_info, reduced_decode
 from curate.algorithms.phash import phash
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
 from curate.stages.row_filter import Measured, RowFilter, Rule
-from curate.timeouts import SampleTimeout, TimeLimiter
+from curate.engine.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ THRESHOLD_MEASURE = {"min_blur_var": "blur_var", "min_entropy": "entropy", "min_
 
 
 def _median_u8(counts: np.ndarray, n: int) -> int:
-    """np.median of n uint8 values from their histogram, truncated to an integer as before."""
+    """np.median of n uint8 values from their histogram, truncated to an integer."""
     cum = np.cumsum(counts)
     hi = int(np.searchsorted(cum, n // 2 + 1))  # the value at rank n // 2
     if n % 2:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.images import image_header
 from curate.io.shards import sample_uid
 from curate.stages.base import MapStage, ShardContext, StageOutput

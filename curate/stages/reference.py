@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.io.parquet import atomic_write_bytes
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
@@ -128,7 +128,7 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     counts for both."""
     import polars as pl
 
-    from curate.decisions import decisions
+    from curate.core.decisions import decisions
     from curate.io.layout import WorkDir
 
     work = WorkDir.at(workdir)

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from curate.config import ConfigError, PipelineConfig, StageSpec
+from curate.core.config import ConfigError, PipelineConfig, StageSpec
 
 _REGISTRY: dict[str, type] = {}
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.algorithms.concepts import get_matcher
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.models.langid import load_langid, predict_languages
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage

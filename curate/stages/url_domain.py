@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from curate.config import Strict
+from curate.core.config import Strict
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
 from curate.stages.row_filter import Measured, RowFilter, Rule

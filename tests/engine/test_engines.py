@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.pipeline import run_pipeline
-from curate.stats import funnel
+from curate.core.pipeline import run_pipeline
+from curate.core.stats import funnel
 from tests.conftest import ROOT, make_config, make_pipeline, tables_equal_dir
 
 BIN = Path(sys.executable).parent
@@ -71,7 +71,7 @@ def _stats_files(work: Path) -> list[Path]:
 
 
 def test_driver_killed_then_rerun_completes_identically(tmp_path: Path):
-    from curate.synth import synthesize
+    from curate.tools.synth import synthesize
 
     pool = tmp_path / "pool"
     synthesize(pool, samples=1200, shards=12, seed=3)

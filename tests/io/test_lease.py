@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
 from curate.io.lease import LEASE
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 from tests.conftest import ROOT, make_config, make_pipeline
 
 PIPE = make_pipeline(("text", {}))

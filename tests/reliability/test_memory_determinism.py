@@ -11,8 +11,8 @@ import torch
 
 from curate.io.shards import make_uid
 from curate.models.clip import load_clip
-from curate.pipeline import run_pipeline
-from curate.synth import synthesize
+from curate.core.pipeline import run_pipeline
+from curate.tools.synth import synthesize
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, write_tar
 
 RSS_BOUND_MB = 400
@@ -36,8 +36,8 @@ def _caption_shards(d: Path, n_shards: int, per: int = 10_000) -> Path:
 # A bare interpreter (no test helpers, which import torch through webdataset): what a worker holds.
 _RUN = """
 import sys
-from curate.config import PipelineConfig, RunConfig, StageSpec
-from curate.pipeline import run_pipeline
+from curate.core.config import PipelineConfig, RunConfig, StageSpec
+from curate.core.pipeline import run_pipeline
 pipe = PipelineConfig(name="mem", stages=[StageSpec(name="text"), StageSpec(name="image", params={"min_side": None})])
 cfg = RunConfig.model_validate({"input": sys.argv[1], "workdir": sys.argv[2], "executor": {"kind": "inprocess"},
                                "device": "cpu"})

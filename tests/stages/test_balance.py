@@ -9,8 +9,8 @@ import pytest
 
 from curate.algorithms.concepts import ConceptMatcher, Vocabulary, get_matcher, spacing
 from curate.io.shards import make_uid
-from curate.pipeline import run_pipeline
-from curate.stats import global_summaries
+from curate.core.pipeline import run_pipeline
+from curate.core.stats import global_summaries
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, shared_data, write_tar
 
 IMG = jpeg_bytes()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from curate.io.shards import iter_samples
 from curate.models.clip import ModelError, load_clip
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.stages.base import GlobalContext, RunInfo
 from curate.io.embeddings import embeddings
 from curate.stages.clip_score import ClipRankStage, ranks_in

@@ -12,8 +12,8 @@ from PIL import Image, ImageEnhance
 from curate.io.parquet import write_table
 from curate.io.shards import iter_samples
 from curate.algorithms.phash import brute_force_pairs, near_pairs
-from curate.pipeline import run_pipeline
-from curate.synth import synthesize
+from curate.core.pipeline import run_pipeline
+from curate.tools.synth import synthesize
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
 
 IMAGE = ("image", {"max_dominant_share": 0.97, "min_blur_var": 20.0})

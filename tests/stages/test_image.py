@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curate.config import load_pipeline
-from curate.pipeline import run_pipeline
+from curate.core.config import load_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.stages.image import ImageStage
 from tests.conftest import ROOT, make_config, make_pipeline, shared_data
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from curate.io.parquet import write_table
-from curate.pipeline import run_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.stages.reference import ReferenceError, concept_coverage, save_reference
-from curate.synth import SHAPES
+from curate.tools.synth import SHAPES
 from tests.conftest import make_config, make_pipeline
 
 DESCRIBE = {"model": "fake-embedder", "pretrained": None, "checkpoint_sha256": "ab" * 32}
@@ -53,7 +53,7 @@ def _reference(tmp: Path, describe: dict, dim: int = 16) -> Path:
 
 def _run(pool: Path, work: Path, ref: Path):
     """Index for real, clip_score faked (done), and the pipeline to run reference_filter on top."""
-    from curate.pipeline import stage_fingerprints
+    from curate.core.pipeline import stage_fingerprints
     from curate.stages.registry import build_stages
 
     pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": None}),

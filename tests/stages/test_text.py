@@ -6,8 +6,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.config import load_pipeline
-from curate.pipeline import run_pipeline
+from curate.core.config import load_pipeline
+from curate.core.pipeline import run_pipeline
 from curate.stages.row_filter import Measured
 from curate.stages.text import TextStage, junk_kind, normalise
 from tests.conftest import ROOT, make_config, shared_data

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from curate.config import ConfigError
-from curate.pipeline import preflight
+from curate.core.config import ConfigError
+from curate.core.pipeline import preflight
 from curate.io.layout import WorkDir
 from curate.stages.memory import run_in_memory
 from curate.stages.url_domain import UrlDomainStage, url_domain
-from curate.config import RunConfig
+from curate.core.config import RunConfig
 from tests.conftest import jpeg_bytes
 
 

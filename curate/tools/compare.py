@@ -1,7 +1,7 @@
 """`make compare`: DataComp's test of a curation, at the size this machine allows.
 
 The same tiny CLIP, the same number of training steps and seed, trained on the output of each
-recipe over the demo pool, evaluated on the held-out clean split (curate.evaluation): zero-shot
+recipe over the demo pool, evaluated on the held-out clean split (curate.tools.evaluation): zero-shot
 balanced accuracy on four tasks, retrieval R@1, match AUC. Writes ``demo/report/compare.md`` (a table like DataComp's Table 3).
 """
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from curate.cli import _setup_logging
-from curate.config import PipelineConfig, StageSpec, load_pipeline, load_run_config
-from curate.demo import ROOT, ensure_scorer, with_heldout
+from curate.core.config import PipelineConfig, StageSpec, load_pipeline, load_run_config
+from curate.tools.demo import ROOT, ensure_scorer, with_heldout
 from curate.engine import make_executor
-from curate.export import ExportSpec, export
-from curate.pipeline import run_pipeline
-from curate.synth import SYNTH_VERSION, synthesize
-from curate.evaluation import evaluate_clip
-from curate.training import TrainSpec, train_clip
+from curate.core.export import ExportSpec, export
+from curate.core.pipeline import run_pipeline
+from curate.tools.synth import SYNTH_VERSION, synthesize
+from curate.tools.evaluation import evaluate_clip
+from curate.tools.training import TrainSpec, train_clip
 
-log = logging.getLogger("curate.compare")
+log = logging.getLogger("curate.tools.compare")
 
 
 def recipes(heldout: Path) -> dict[str, PipelineConfig]:
@@ -120,7 +120,7 @@ def _cuda_available() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="curate.compare")
+    ap = argparse.ArgumentParser(prog="curate.tools.compare")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the pool is seed 0)")
     ap.add_argument("--epochs", type=int, default=None, help="default: 3 on CPU, 10 on a GPU")
     ap.add_argument("--samples-per-epoch", type=int, default=None, help="default: 4096 on CPU, 16384 on a GPU")

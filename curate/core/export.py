@@ -32,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.decisions import decision_exprs, run_record
+from curate.core.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table

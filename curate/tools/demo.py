@@ -11,18 +11,18 @@ from pathlib import Path
 import polars as pl
 
 from curate.cli import _setup_logging
-from curate.config import PipelineConfig, load_pipeline, load_run_config
-from curate.decisions import decisions
-from curate.pipeline import run_pipeline
+from curate.core.config import PipelineConfig, load_pipeline, load_run_config
+from curate.core.decisions import decisions
+from curate.core.pipeline import run_pipeline
 from curate.engine import make_executor
-from curate.export import ExportSpec, export
+from curate.core.export import ExportSpec, export
 from curate.report.html import write_report
-from curate.stats import format_funnel, format_globals, funnel, global_summaries
-from curate.synth import SYNTH_VERSION, synthesize
-from curate.training import file_sha256
+from curate.core.stats import format_funnel, format_globals, funnel, global_summaries
+from curate.tools.synth import SYNTH_VERSION, synthesize
+from curate.tools.training import file_sha256
 
-log = logging.getLogger("curate.demo")
-ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("curate.tools.demo")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def defect_table(workdir: Path, truth_path: Path) -> pl.DataFrame:
@@ -89,7 +89,7 @@ SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
 def _scorer_spec():
     """Batch 64: at a budget of a few minutes on 2 cores the tiny model gains more from the number
     of contrastive steps than from more negatives per batch."""
-    from curate.training import TrainSpec
+    from curate.tools.training import TrainSpec
 
     return TrainSpec(epochs=6, batch_size=64, warmup=50)
 
@@ -98,8 +98,8 @@ def ensure_scorer(models: Path, seed: int = 0) -> Path:
     """The tiny CLIP the demo scores with, trained on clean synthetic pairs. Training is
     deterministic (curate.models.train_entry): every machine gets the same checkpoint bytes, and a
     checkpoint made by the same spec from the same data is reused."""
-    from curate.evaluation import evaluate_clip
-    from curate.training import file_sha256, train_clip
+    from curate.tools.evaluation import evaluate_clip
+    from curate.tools.training import file_sha256, train_clip
 
     train_dir, heldout = demo_sets(seed)
     path = train_clip(str(train_dir / "*.tar"), models, replace(_scorer_spec(), seed=seed), name=Path(SCORER).stem)
@@ -139,7 +139,7 @@ def with_heldout(pipe: PipelineConfig, heldout: Path) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="curate.demo")
+    ap = argparse.ArgumentParser(prog="curate.tools.demo")
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "demo.yaml"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from curate.config import ConfigError, PipelineConfig, RunConfig, fingerprint
+from curate.core.config import ConfigError, PipelineConfig, RunConfig, fingerprint
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease

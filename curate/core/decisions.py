@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.config import ConfigError
+from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
 
 

@@ -31,7 +31,7 @@ class ZeroShotTask:
 
 
 def zero_shot_tasks() -> dict[str, ZeroShotTask]:
-    from curate.synth import COLORS, COUNTS, POSITIONS, SHAPES
+    from curate.tools.synth import COLORS, COUNTS, POSITIONS, SHAPES
 
     return {
         "shape": ZeroShotTask("shape", {s: s for s in SHAPES},

@@ -1,7 +1,7 @@
 """Proxy CLIP training with open_clip's own training code (open_clip_train).
 
 ``train_clip`` runs open_clip_train on WebDataset shards and leaves one checkpoint (state_dict
-only, loadable with ``torch.load(weights_only=True)``) in the output folder; curate.evaluation
+only, loadable with ``torch.load(weights_only=True)``) in the output folder; curate.tools.evaluation
 measures it.
 """
 from __future__ import annotations

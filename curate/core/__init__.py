@@ -1,0 +1,1 @@
+"""The core: typed configs, the pipeline runner, table schemas, decisions, stats, export."""
