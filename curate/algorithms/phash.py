@@ -113,3 +113,46 @@ def brute_force_pairs(hashes: np.ndarray, radius: int, block: int = 2048) -> np.
         keep = i < j
         out.append(np.stack([i[keep], j[keep]], axis=1))
     return np.unique(np.concatenate(out), axis=0) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+# A near duplicate is often the same picture cropped by a few percent and rescaled: its pHash then
+# lies 6-8 bits from its source's, as far as unrelated images with the same layout. Hashing centre
+# crops brings the two back together (the copy's full frame ~ the source's centre crop).
+CROP_SCALES = (0.98, 0.96, 0.94)
+
+
+def centre_crop(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """The centre of an image keeping ``scale`` of its width and height."""
+    h, w = rgb.shape[:2]
+    ch, cw = max(2, int(round(h * scale))), max(2, int(round(w * scale)))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(rgb[y:y + ch, x:x + cw])
+
+
+def crop_phashes(rgb: np.ndarray, scales: tuple[float, ...] = CROP_SCALES) -> list[int]:
+    """pHash of the centre crop at each scale."""
+    return [phash(centre_crop(rgb, s)) for s in scales]
+
+
+COLOR_CELLS = 4 * 4 * 3
+
+
+def color_signature(rgb: np.ndarray, grid: int = 4) -> list[int]:
+    """Mean colour of each cell of a ``grid`` x ``grid`` split (RGB, row-major): a check that two
+    images with close pHashes (which see only luminance) also agree in colour."""
+    im = Image.fromarray(rgb).resize((grid, grid), Image.BOX)
+    return np.asarray(im, dtype=np.uint8).ravel().tolist()
+
+
+def crop_color_signatures(rgb: np.ndarray, scales: tuple[float, ...] = CROP_SCALES) -> list[int]:
+    """The colour signature of the whole image, then of each centre crop (``COLOR_CELLS`` values
+    each): a crop match is confirmed against the crop that matched."""
+    out = color_signature(rgb)
+    for s in scales:
+        out += color_signature(centre_crop(rgb, s))
+    return out
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute difference (0-255) between rows of two colour-signature arrays."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=-1)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.algorithms.phash import near_pairs
+from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
 from curate.algorithms.union_find import UnionFind
 from curate.algorithms.vectors import nearest, train_centroids
 from curate.core.config import Strict
@@ -36,7 +36,7 @@ from curate.stages.registry import register_stage
 from curate.stages.text import normalise
 
 log = logging.getLogger(__name__)
-KIND_RANK = {"exact": 0, "phash": 1, "semantic": 2}
+KIND_RANK = {"exact": 0, "phash": 1, "crop": 2, "semantic": 3}
 
 
 def key_hash(text: str | None) -> int | None:
@@ -59,12 +59,16 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
             ["image"], description="keys that define an exact duplicate (image: sha256 of the bytes)")
         phash_radius: int | None = Field(4, ge=0, le=16, description="Hamming radius; null: off")
+        crop_radius: int | None = Field(None, ge=0, le=16, description="crop-tolerant near duplicates: Hamming "
+                                        "radius between one image's pHash and another's centre-crop pHashes; null: off")
+        crop_max_color_diff: float = Field(4.0, ge=0, le=255, description="a crop match counts only when the 4x4 "
+                                           "colour signatures differ by at most this (mean absolute, 0-255)")
         semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")
         n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: pool / 200k (each fits in memory)")
         max_cluster_size: int = Field(1000, ge=2, description="larger clusters are split by k-means, recursively")
@@ -96,7 +100,8 @@ class DedupStage(GlobalStage):
         return type(self)(self.params.model_copy(update=off), self.stage_id) if off else self
 
     def _phash_source(self) -> str | None:
-        return self.params.phash_from if self.params.phash_radius is not None else None
+        p = self.params
+        return p.phash_from if p.phash_radius is not None or p.crop_radius is not None else None
 
     def _score_source(self) -> str | None:
         return self.params.scores_from if self.params.keep == "clip_score" else None
@@ -110,14 +115,17 @@ class DedupStage(GlobalStage):
         return tuple(sorted({s for s in found if s}))
 
     def reads_from(self, stage: Stage) -> set[str]:
-        return {"phash"} if stage.stage_id == self._phash_source() else set()
+        if stage.stage_id != self._phash_source():
+            return set()
+        return {"phash"} | ({"phash_crops", "color_sig"} if self.params.crop_radius is not None else set())
 
     def format_summary(self, s: dict[str, Any]) -> list[str]:
         return [f"{self.stage_id}: {s.get('groups')} duplicate groups, edges {s.get('edges')}, dropped {s.get('dropped')}"]
 
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("sha256", pa.string()), pa.field("caption_h", pa.int64()),
-                pa.field("url_h", pa.int64()), pa.field("phash", pa.int64()), pa.field("clip_score", pa.float32())]
+                pa.field("url_h", pa.int64()), pa.field("phash", pa.int64()), pa.field("clip_score", pa.float32()),
+                pa.field("phash_crops", pa.list_(pa.int64())), pa.field("color_sig", pa.list_(pa.uint8()))]
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         files = []
@@ -135,12 +143,17 @@ class DedupStage(GlobalStage):
         n = idx.num_rows
         ph = ctx.column("phash", stage_id=self._phash_source()) if self._phash_source() else [None] * n
         cs = ctx.column("clip_score", stage_id=self._score_source()) if self._score_source() else [None] * n
+        crops = sig = [None] * n
+        if self._phash_source() and self.params.crop_radius is not None:
+            crops = ctx.column("phash_crops", stage_id=self._phash_source())
+            sig = ctx.column("color_sig", stage_id=self._phash_source())
         rows = [i for i in range(n) if ev[i]]
         col = {k: idx.column(k).to_pylist() for k in ("uid", "sha256", "caption", "url")}
         return {"uid": [col["uid"][i] for i in rows], "sha256": [col["sha256"][i] for i in rows],
                 "caption_h": [key_hash(caption_key(col["caption"][i])) for i in rows],
                 "url_h": [key_hash(col["url"][i]) for i in rows], "phash": [ph[i] for i in rows],
-                "clip_score": [cs[i] for i in rows]}
+                "clip_score": [cs[i] for i in rows], "phash_crops": [crops[i] for i in rows],
+                "color_sig": [sig[i] for i in rows]}
 
     # -- combine -----------------------------------------------------------------------------
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
@@ -153,7 +166,7 @@ class DedupStage(GlobalStage):
         n = df.height
         uf = UnionFind(n)
         kind = np.full(n, 99, dtype=np.int64)  # best edge kind that touched each row
-        counts = {"exact": 0, "phash": 0, "semantic": 0}
+        counts = dict.fromkeys(KIND_RANK, 0)
 
         def add_edges(pairs: np.ndarray, k: str) -> None:
             counts[k] += len(pairs)
@@ -173,6 +186,8 @@ class DedupStage(GlobalStage):
             valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
             pairs = near_pairs(ph[valid], p.phash_radius)
             add_edges(valid[pairs] if len(pairs) else pairs, "phash")
+        if p.crop_radius is not None and n:
+            add_edges(self._crop_pairs(df), "crop")
         if p.semantic_eps is not None and n:
             add_edges(self._semantic_pairs(ctx, df), "semantic")
         eval_hit = self._eval_matches(ctx, df)
@@ -211,6 +226,28 @@ class DedupStage(GlobalStage):
         for i in order:
             rep.setdefault(int(roots[i]), int(i))
         return rep
+
+    def _crop_pairs(self, df: pl.DataFrame) -> np.ndarray:
+        """(row, row) pairs where one image's pHash is within ``crop_radius`` of a centre-crop pHash
+        of the other, confirmed by their colour signatures."""
+        p = self.params
+        ok = ~(df["phash"].is_null() | df["phash_crops"].is_null() | df["color_sig"].is_null()).to_numpy()
+        rows = np.flatnonzero(ok)
+        if len(rows) < 2:
+            return np.zeros((0, 2), dtype=np.int64)
+        full = df["phash"].to_numpy()[rows]
+        crops = np.array(df["phash_crops"].filter(ok).to_list(), dtype=np.int64)
+        # colour signatures: the whole image, then each centre crop
+        sig = np.array(df["color_sig"].filter(ok).to_list(), dtype=np.uint8).reshape(len(rows), -1, COLOR_CELLS)
+        found = []
+        for k in range(crops.shape[1]):
+            pr = near_pairs(full, p.crop_radius, other=crops[:, k])
+            pr = pr[pr[:, 0] != pr[:, 1]]
+            found.append(pr[color_distance(sig[pr[:, 0], 0], sig[pr[:, 1], k + 1]) <= p.crop_max_color_diff])
+        pairs = rows[np.concatenate(found)] if found else np.zeros((0, 2), dtype=np.int64)
+        if not len(pairs):
+            return np.zeros((0, 2), dtype=np.int64)
+        return np.unique(np.sort(pairs, axis=1), axis=0).astype(np.int64)
 
     def _semantic_pairs(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params

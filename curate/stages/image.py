@@ -16,7 +16,7 @@ from pydantic import Field
 
 from curate.core.config import Strict
 from curate.io.images import ImageRejected, header_info, reduced_decode
-from curate.algorithms.phash import phash
+from curate.algorithms.phash import crop_color_signatures, crop_phashes, phash
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
 from curate.stages.row_filter import Measured, RowFilter, Rule
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 QUALITY = ("blur_var", "entropy", "contrast", "dominant_share", "dark_share", "bright_share")
-PIXEL_MEASURES = (*QUALITY, "phash")  # need a (reduced) decode; sizes, format and mode need only the header
+PIXEL_MEASURES = (*QUALITY, "phash", "phash_crops", "color_sig")  # need a (reduced) decode; sizes, format and mode need only the header
 # The measure each threshold reads.
 THRESHOLD_MEASURE = {"min_blur_var": "blur_var", "min_entropy": "entropy", "min_contrast": "contrast",
                      "max_dominant_share": "dominant_share", "max_dark_share": "dark_share",
@@ -92,8 +92,10 @@ class ImageStage(RowFilter):
         "dark_share": "share of near-black pixels",
         "bright_share": "share of near-white pixels",
         "phash": "64-bit perceptual hash (DCT of the 32x32 grey image), as a signed integer",
+        "phash_crops": "pHash of the centre crops keeping 98, 96 and 94 % of each side (crop-tolerant near duplicates)",
+        "color_sig": "mean RGB of each cell of a 4x4 grid (48 values) of the image, then of each centre crop: confirms crop matches in colour",
     }
-    version = "3"
+    version = "4"
 
     class Params(Strict):
         min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")
@@ -149,7 +151,8 @@ class ImageStage(RowFilter):
         return [pa.field("img_format", pa.string()), pa.field("img_mode", pa.string()),
                 pa.field("n_frames", pa.int32()), pa.field("img_width", pa.int32()),
                 pa.field("img_height", pa.int32()), pa.field("aspect", pa.float32()),
-                *[pa.field(q, pa.float32()) for q in self.QUALITY], pa.field("phash", pa.int64())]
+                *[pa.field(q, pa.float32()) for q in self.QUALITY], pa.field("phash", pa.int64()),
+                pa.field("phash_crops", pa.list_(pa.int64())), pa.field("color_sig", pa.list_(pa.uint8()))]
 
     def measure_image(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
                       ) -> tuple[dict[str, Any], str | None]:
@@ -178,8 +181,13 @@ class ImageStage(RowFilter):
                     img_width=w, img_height=h, aspect=max(w, h) / max(1, min(w, h)))
         if rgb is not None:
             vals.update(quality(rgb, wanted))
+            # hashes from the same reduced decode, for near-duplicate search
             if "phash" in wanted:
-                vals["phash"] = phash(rgb)  # from the same reduced decode, for near-duplicate search
+                vals["phash"] = phash(rgb)
+            if "phash_crops" in wanted:
+                vals["phash_crops"] = crop_phashes(rgb)
+            if "color_sig" in wanted:
+                vals["color_sig"] = crop_color_signatures(rgb)
         return vals, None
 
     def measure_one(self, data: bytes | None, ext: str | None, orig: tuple[int | None, int | None]
