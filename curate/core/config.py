@@ -51,6 +51,9 @@ class RunConfig(Strict):
     executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache: str | None = Field(None, description="folder with local CLIP checkpoints")
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="fsspec options per protocol for input shards on object storage, "
+        "e.g. {s3: {endpoint_url: http://minio:9000}}; credentials from the environment (never saved)")
 
 
 class StageSpec(Strict):

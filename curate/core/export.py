@@ -37,6 +37,7 @@ from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
 from curate.io.shards import iter_samples, shard_name
+from curate.io.storage import call_with_options, is_url, set_storage_options
 
 log = logging.getLogger(__name__)
 ROW_GROUP = 16_384
@@ -79,7 +80,7 @@ def check_output(out: Path, workdir: Path, inputs: list[str], overwrite: bool) -
 
     if overlaps(out, workdir):
         raise WorkDirError(f"--out {out} overlaps the work dir {workdir}: choose a folder outside it")
-    folders = {Path(p).resolve().parent for p in inputs}
+    folders = {Path(p).resolve().parent for p in inputs if not is_url(p)}
     hit = next((f for f in sorted(folders) if overlaps(out, f)), None)
     if hit is not None:
         raise WorkDirError(f"--out {out} overlaps the folder of the input shards ({hit}): choose a folder "
@@ -229,8 +230,23 @@ def _swap_in(staging: Path, final: Path) -> None:
         os.rename(staging, final)
 
 
+def run_storage_options(workdir: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """The storage options the run used for its inputs, as saved (credentials were never saved:
+    they come from the environment again)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((WorkDir.at(workdir).run_dir(run_id) / "config.yaml").read_text()) or {}
+    except OSError:
+        return {}
+    return {proto: {k: v for k, v in opts.items() if v != "***"}
+            for proto, opts in (saved.get("storage_options") or {}).items()}
+
+
 def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSpec) -> dict:
     all_ids = [s["id"] for s in run["stages"]]
+    options = run_storage_options(workdir, run["run_id"])
+    set_storage_options(options)
     shards = run["shards"]
     missing = [shard_name(p) for p in shards if not WorkDir.at(workdir).stage_table(all_ids[-1], shard_name(p)).exists()]
     if missing:
@@ -247,7 +263,7 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
         raise RuntimeError(f"export failed on {len(failed)} shard(s): {failed[0].item}: {failed[0].error}")
     counts = [r.value for r in res]  # in `order`: the output numbering follows it
     plans = plan_output(counts, spec.shard_size)
-    outs = ex.map(functools.partial(write_output_shard, out), list(enumerate(plans)),
+    outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out), list(enumerate(plans)),
                   label="export:shards") if plans else []
     failed = [r for r in outs if not r.ok]
     if failed:

@@ -21,6 +21,7 @@ from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes
 from curate.io.shards import expand_input, shard_name
+from curate.io.storage import is_url, redacted, set_storage_options
 from curate.stages import execute
 from curate.stages.base import RunInfo, Stage
 from curate.stages.registry import build_stages, spec_of
@@ -98,7 +99,8 @@ def _save_run_record(work: WorkDir, run_id: str, pipe: PipelineConfig, cfg: RunC
                      stages: list[Stage], fps: list[str], shards: list[str]) -> None:
     d = work.run_dir(run_id)
     atomic_write_bytes(d / "pipeline.yaml", yaml.safe_dump(pipe.model_dump(mode="json"), sort_keys=False).encode())
-    atomic_write_bytes(d / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    saved = cfg.model_dump(mode="json") | {"storage_options": redacted(cfg.storage_options)}
+    atomic_write_bytes(d / "config.yaml", yaml.safe_dump(saved, sort_keys=False).encode())
     record = {"run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
               "versions": package_versions(), "shards": shards,
               "stages": [{"id": s.stage_id, "name": s.name, "kind": s.kind, "fingerprint": fp,
@@ -156,6 +158,10 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
                  executor: Executor | None = None) -> RunSummary:
     if cfg.input is None:
         raise ConfigError("no input shards: set `input` in the config or pass --input")
+    if is_url(cfg.workdir):
+        raise ConfigError(f"work dir {cfg.workdir}: a URL work dir is not supported yet; give a local or "
+                          "mounted path (input shards may be URLs)")
+    set_storage_options(cfg.storage_options)
     shard_paths = expand_input(cfg.input)
     shards = [shard_name(p) for p in shard_paths]
     work = WorkDir.at(cfg.workdir)
@@ -177,7 +183,7 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
          executor: Executor | None) -> RunSummary:
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
-                   model_cache=cfg.model_cache)
+                   model_cache=cfg.model_cache, storage_options=cfg.storage_options)
     log.info("run %s: pipeline %s, %d shard(s), work dir %s", run_id, pipe.name, len(shards), work.root)
     if only:
         _check_upstream_done(work, stages, fps, only, shards)
@@ -219,7 +225,7 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
     """Check the whole run once in the driver, before any shard: inputs readable, work dir writable,
     every stage's weights and reference sets present. All problems are reported together."""
     problems = [f"input shard {p} cannot be read" for p in shard_paths
-                if not (os.path.isfile(p) and os.access(p, os.R_OK))][:5]
+                if not is_url(p) and not (os.path.isfile(p) and os.access(p, os.R_OK))][:5]
     try:
         work.root.mkdir(parents=True, exist_ok=True)
         probe = work.root / f".write-probe-{secrets.token_hex(4)}"

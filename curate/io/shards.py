@@ -49,21 +49,50 @@ def shard_name(path: str | Path) -> str:
     return name
 
 
-def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
-    """Resolve a path, glob, brace pattern, list file (``.txt``/``.list``) or list of those.
+def _expand_url(spec: str) -> list[str]:
+    """A URL: a list file, or braces then globs, a folder, or one shard (checked to exist)."""
+    from curate.io import storage
 
-    Returns absolute paths, sorted and de-duplicated, so every run sees the shards in one order.
+    if spec.endswith((".txt", ".list")) and storage.is_file(spec):
+        lines = [ln.strip() for ln in storage.read_text(spec).splitlines() if ln.strip() and not ln.startswith("#")]
+        return expand_input([storage.join_relative(spec, ln) for ln in lines])
+    out: list[str] = []
+    for pat in braceexpand(spec):
+        if any(ch in pat for ch in "*?["):
+            out.extend(storage.glob(pat))
+        elif storage.is_dir(pat):
+            out.extend(p for p in storage.listdir(pat) if p.endswith(SHARD_SUFFIXES))
+        elif storage.is_file(pat):
+            out.append(pat)
+        else:
+            raise InputError(f"input shard(s) not found: {pat}")
+    return out
+
+
+def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
+    """Resolve a path or URL, glob, brace pattern, list file (``.txt``/``.list``) or list of those.
+
+    Returns absolute paths (URLs as given), sorted and de-duplicated, so every run sees the shards
+    in one order.
     """
+    from curate.io import storage
+
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
+    urls: list[str] = []
     for s in specs:
+        if storage.is_url(str(s)):
+            urls.extend(_expand_url(str(s)))
+            continue
         s = os.path.expanduser(str(s))
         if base is not None and not os.path.isabs(s):
             s = str(base / s)
         if s.endswith((".txt", ".list")) and os.path.isfile(s):
             with open(s) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-            out.extend(expand_input(lines, base=Path(s).parent))
+            found = expand_input(lines, base=Path(s).parent)
+            urls.extend(p for p in found if storage.is_url(p))
+            out.extend(p for p in found if not storage.is_url(p))
             continue
         for pat in braceexpand(s):
             if any(ch in pat for ch in "*?["):
@@ -77,9 +106,9 @@ def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise InputError(f"input shard(s) not found: {shown}")
-    if not out:
+    if not out and not urls:
         raise InputError(f"input {spec!r} matches no shard")
-    paths = sorted({os.path.abspath(p) for p in out})
+    paths = sorted({os.path.abspath(p) for p in out} | set(urls))
     names = [shard_name(p) for p in paths]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -153,8 +182,10 @@ def iter_indexed_samples(path: str | Path, result: ShardReadResult | None = None
     result = result if result is not None else ShardReadResult()
     current: RawSample | None = None
     row = -1
+    from curate.io.storage import open_read
+
     try:
-        f = open(path, "rb")
+        f = open_read(str(path))
     except OSError as e:
         result.error = f"unreadable: {e.strerror or e}"
         return

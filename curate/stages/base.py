@@ -35,6 +35,7 @@ class RunInfo:
     workdir: str
     device: str = "cpu"
     model_cache: str | None = None
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from curate.core.config import Strict, require_exactly_one
 from curate.io.embeddings import fixed_list
 from curate.io.images import draft_short_side, open_checked, to_rgb
 from curate.io.parquet import write_table
+from curate.io import storage
 from curate.io.shards import expand_input, iter_indexed_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
 from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
@@ -400,7 +401,7 @@ class ClipRankStage(GlobalStage):
             shards = expand_input(cal.heldout)
         except Exception:  # reported by preflight and by combine
             shards = []
-        return {"heldout": [(p, os.path.getsize(p) if os.path.exists(p) else None) for p in shards]}
+        return {"heldout": [(p, storage.size(p)) for p in shards]}
 
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float32())]

@@ -20,6 +20,7 @@ from curate.core.config import StageSpec
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.io.shards import shard_name
+from curate.io.storage import set_storage_options
 from curate.core.schema import STATS_SCHEMA, stage_schema
 from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage, StageOutput
 from curate.stages.registry import build_stage
@@ -80,6 +81,7 @@ def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
 
 
 def _context(task: StageTask, shard_path: str) -> ShardContext:
+    set_storage_options(task.run.storage_options)
     st = task.stage()
     return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
                         upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all,
@@ -206,6 +208,7 @@ def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
 def run_combine(task: StageTask) -> dict[str, Any]:
     """A global stage's combine step; its summary and seconds are stored with the done marker."""
     t0 = time.perf_counter()
+    set_storage_options(task.run.storage_options)
     stage = task.stage()
     gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run,
                          reads=tuple(stage.reads()))
