@@ -31,13 +31,15 @@ def require_exactly_one(model: BaseModel, *names: str) -> None:
 
 
 class ExecutorConfig(Strict):
-    kind: Literal["local_cluster", "address", "inprocess"] = Field(
+    kind: Literal["local_cluster", "local_cuda_cluster", "address", "inprocess"] = Field(
         "local_cluster",
-        description="local_cluster: embedded Dask LocalCluster; address: connect to a running "
-        "scheduler; inprocess: no Dask, for tests and debugging",
+        description="local_cluster: embedded Dask LocalCluster; local_cuda_cluster: one worker pinned to "
+        "each GPU of this node plus n_workers CPU workers; address: connect to a running scheduler; "
+        "inprocess: no Dask, for tests and debugging",
     )
     address: str | None = Field(None, description="tcp://host:8786 (or DASK_SCHEDULER_ADDRESS)")
-    n_workers: int = Field(2, ge=1)
+    n_workers: int = Field(2, ge=1, description="worker processes (local_cuda_cluster: CPU workers beside the GPU ones)")
+    gpus: list[int] | None = Field(None, description="local_cuda_cluster: the GPU ids to use (null: every visible GPU)")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "4GiB"
     retries: int = Field(2, ge=0)

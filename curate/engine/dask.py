@@ -98,6 +98,43 @@ def _make_local_cluster(cfg: RunConfig) -> Executor:
     return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)
 
 
+def cuda_worker_specs(gpus: list[int], cpu_workers: int, threads: int, memory_limit: str) -> dict[str, dict]:
+    """SpecCluster workers for one GPU node: one single-threaded worker per GPU, pinned with
+    ``CUDA_VISIBLE_DEVICES`` (its model sees that GPU as cuda:0) and offering the ``GPU`` resource
+    the GPU stages ask for; plus CPU workers without it, so CPU stages use the rest of the node."""
+    from distributed import Nanny
+
+    specs = {f"gpu-{g}": {"cls": Nanny, "options": {
+        "nthreads": 1, "memory_limit": memory_limit, "resources": {"GPU": 1},
+        "env": {"CUDA_VISIBLE_DEVICES": str(g)}}} for g in gpus}
+    specs |= {f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "memory_limit": memory_limit,
+                                                       "env": {"CUDA_VISIBLE_DEVICES": ""}}}
+              for i in range(cpu_workers)}
+    return specs
+
+
+@register_executor("local_cuda_cluster")
+def _make_local_cuda_cluster(cfg: RunConfig) -> Executor:
+    import dask
+    from distributed import Client, Scheduler, SpecCluster
+
+    from curate.core.config import ConfigError
+
+    _quiet_dask_logs()
+    ex = cfg.executor
+    gpus = ex.gpus if ex.gpus is not None else list(range(_has_cuda()))
+    if not gpus:
+        raise ConfigError("executor.kind local_cuda_cluster: no CUDA device is visible; set executor.gpus, "
+                          "or use kind local_cluster with device: cpu")
+    dask.config.set({"distributed.worker.daemon": False})  # the CLIP loader starts processes
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0" if ex.dashboard else None}}
+    cluster = SpecCluster(workers=cuda_worker_specs(gpus, ex.n_workers, ex.threads_per_worker, ex.memory_limit),
+                          scheduler=scheduler, silence_logs=logging.WARNING)
+    client = Client(cluster)
+    log.info("local_cuda_cluster: %d GPU worker(s) (%s), %d CPU worker(s)", len(gpus), gpus, ex.n_workers)
+    return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)
+
+
 @register_executor("address")
 def _make_remote(cfg: RunConfig) -> Executor:
     from distributed import Client
