@@ -112,3 +112,31 @@ def run() -> dict:
     save("recipes", res)
     print(json.dumps(res["basic_vs_datacomp"]))
     return res
+
+
+def datacomp_basic_uids(metadata: Path) -> set[str]:
+    """The uids DataComp's basic filter keeps, computed its way (the oracle of the parity test)."""
+    import pandas as pd
+
+    from curate.models.langid import load_langid
+
+    model = load_langid()
+    df = pd.read_parquet(metadata)
+    lang = df.text.apply(lambda t: model.predict(t.replace("\n", " "))[0][0].split("__label__")[1])
+    words = df.text.apply(lambda t: len(t.split()))
+    chars = df.text.apply(len)
+    w, h = df.original_width, df.original_height
+    aspect = np.maximum(w, h) / np.minimum(w, h)
+    mask = (lang == "en") & (words > 2) & (chars > 5) & (np.minimum(w, h) >= 200) & (aspect <= 3.0)
+    return set(df.uid[mask])
+
+
+def datacomp_clip_score_uids(metadata: Path, column: str, fraction: float) -> set[str]:
+    """The uids DataComp's CLIP-score baseline keeps: the score at index floor(n * f) of the scores
+    sorted descending is the threshold, every score >= it is kept."""
+    import pandas as pd
+
+    df = pd.read_parquet(metadata)
+    scores = df[column].to_numpy()
+    threshold = -np.sort(-scores)[int(np.floor(len(scores) * fraction))]
+    return set(df.uid[scores >= threshold])

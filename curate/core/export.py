@@ -36,7 +36,7 @@ from curate.core.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
-from curate.io.shards import iter_samples, shard_name
+from curate.io.shards import is_metadata_shard, iter_samples, shard_name
 from curate.io.storage import call_with_options, is_url, set_storage_options
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     if failed:
         raise RuntimeError(f"export failed on {len(failed)} shard(s): {failed[0].item}: {failed[0].error}")
     counts = [r.value for r in res]  # in `order`: the output numbering follows it
-    plans = plan_output(counts, spec.shard_size)
+    # a metadata pool has no images to copy: its export is the metadata, the pool table and uids.npy
+    plans = [] if any(is_metadata_shard(p) for p in shards) else plan_output(counts, spec.shard_size)
     outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out), list(enumerate(plans)),
                   label="export:shards") if plans else []
     failed = [r for r in outs if not r.ok]

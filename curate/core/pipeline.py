@@ -20,7 +20,7 @@ from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes
-from curate.io.shards import expand_input, shard_name
+from curate.io.shards import expand_input, is_metadata_shard, shard_name
 from curate.io.storage import is_url, redacted, set_storage_options
 from curate.stages import execute
 from curate.stages.base import RunInfo, Stage
@@ -233,8 +233,13 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
         probe.unlink()
     except OSError as e:
         problems.append(f"work dir {work.root} is not writable: {e.strerror or e}")
+    metadata = [p for p in shard_paths if is_metadata_shard(p)]
     for st in stages:
         problems += st.preflight(cfg.model_cache)
+        if metadata and st.needs_pixels():
+            problems.append(f"stage {st.stage_id} needs image pixels, but the input is a metadata pool without "
+                            f"images ({shard_name(metadata[0])}.parquet...): download the images first "
+                            "(curate ingest) or remove the stage")
     if problems:
         raise ConfigError(f"preflight: {len(problems)} problem(s), nothing was run:\n"
                           + "\n".join(f"  - {p}" for p in problems))

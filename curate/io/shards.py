@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
 JSON_EXT = "json"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+# A metadata shard (DataComp's pool metadata: uid, url, text, original sizes, scores) has no images.
+METADATA_SUFFIXES = (".parquet",)
+
+
+def is_metadata_shard(path: str | Path) -> bool:
+    return str(path).endswith(METADATA_SUFFIXES)
 # A single member larger than this is not read into memory: it becomes a row-level reason.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")

@@ -279,6 +279,10 @@ class Stage:
         that the pipeline lacks is switched off); default: as is."""
         return self
 
+    def needs_pixels(self) -> bool:
+        """Whether the stage reads image bytes (a metadata pool, without images, cannot feed it)."""
+        return False
+
     def preflight(self, model_cache: str | None = None) -> list[str]:
         """Problems that would fail every shard (weights not found, a reference set missing),
         found once in the driver before any work starts; each names what is missing and the fix."""

@@ -159,6 +159,9 @@ class ClipScoreStage(MapStage):
     def resources(self, device: str = "cpu") -> dict[str, float] | None:
         return {"GPU": 1} if device == "cuda" else None
 
+    def needs_pixels(self) -> bool:
+        return True
+
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         from curate.models.clip import file_sha256, resolve_checkpoint
 
@@ -361,7 +364,13 @@ class ClipRankStage(GlobalStage):
     version = "1"
 
     class Params(Strict):
-        scores_from: str = Field("clip_score", description="id of the clip_score stage whose scores are ranked")
+        scores_from: str = Field("clip_score", description="id of the stage whose scores are ranked (a clip_score "
+                                 "stage; or index, for the scores a metadata pool carries)")
+        score_column: str = Field("clip_score", description="the column of that stage to rank, e.g. "
+                                  "clip_l14_similarity_score of a DataComp metadata pool")
+        datacomp_parity: bool = Field(False, description="top_fraction as DataComp computes it: the threshold is "
+                                      "the score at index floor(n * f) of the scores sorted descending, "
+                                      "ties kept (default: exactly ceil(n * f) kept, ties broken by uid)")
         top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
         min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
                                         "(tied to one scorer: prefer calibrate)")
@@ -404,7 +413,7 @@ class ClipRankStage(GlobalStage):
         return {"heldout": [(p, storage.size(p)) for p in shards]}
 
     def partial_fields(self) -> list[pa.Field]:
-        return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float32())]
+        return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float64())]
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         cal = self.params.calibrate
@@ -419,7 +428,7 @@ class ClipRankStage(GlobalStage):
 
     def summarize(self, ctx: ShardContext) -> dict[str, Any]:
         uids = ctx.column("uid")
-        scores = ctx.column("clip_score", stage_id=self.params.scores_from)
+        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
         ev = ctx.evaluate
         keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
         return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
@@ -445,6 +454,11 @@ class ClipRankStage(GlobalStage):
             log.info("clip_rank calibrated on %d held-out pairs: %s", cal["heldout_pairs"], cal)
         elif n == 0:
             art.update(threshold=None, tie_uid=None, k=0, exact=True)
+        elif p.datacomp_parity:
+            s = np.sort(np.concatenate([pq.read_table(x, columns=["clip_score"]).column(0).to_numpy()
+                                        for x in ctx.partials()]))[::-1]
+            art.update(threshold=float(s[min(n - 1, math.floor(n * p.top_fraction))]), tie_uid=None,
+                       k=None, exact=True, rule="datacomp_top_fraction")
         else:
             k = max(1, math.ceil(p.top_fraction * n))
             art["k"] = k
@@ -477,7 +491,7 @@ class ClipRankStage(GlobalStage):
         art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
         thr, tie = art["threshold"], art["tie_uid"]
         uids = ctx.column("uid")
-        scores = ctx.column("clip_score", stage_id=self.params.scores_from)
+        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
         ev = ctx.evaluate
         reasons = [None if not e else "clip:no_score" if s is None else
                    None if ranks_in(s, u, thr, tie) else "clip:below_threshold"

@@ -139,6 +139,9 @@ class ImageStage(RowFilter):
         resolved = [m for m in PIXEL_MEASURES if m in wanted]
         return type(self)(p.model_copy(update={"measures": resolved}), self.stage_id)
 
+    def needs_pixels(self) -> bool:
+        return bool(self.pixel_measures) or self.params.drop_animated
+
     def _pixel_measures(self) -> frozenset[str]:
         """The pixel measures this stage computes (read once per image on the hot path: kept as
         ``self.pixel_measures``)."""
@@ -227,18 +230,23 @@ class ImageStage(RowFilter):
             vals = self._empty.copy()
             w, h = r["width"], r["height"]
             why = None
-            if not r["image_bytes"]:
+            if r["image_bytes"] is None and r["image_format"] is None:
+                # a metadata pool: no image yet, the size rules read the original sizes alone
+                w = h = 0
+                if not (r["original_width"] and r["original_height"]):
+                    why = "image:no_size"
+            elif not r["image_bytes"]:
                 why = "image:missing"
             elif r["image_bytes"] > p.max_bytes:
                 why = "image:too_large_bytes"
-            elif r["image_format"] is None or not w or not h:
+            elif r["image_format"] is None or not (w and h):
                 why = "image:undecodable"
             elif w * h > p.max_pixels:
                 why = "image:too_many_pixels"
-            else:
-                if p.use_original_size and r["original_width"] and r["original_height"]:
+            if why is None:
+                if (p.use_original_size or not w) and r["original_width"] and r["original_height"]:
                     w, h = r["original_width"], r["original_height"]
-                vals.update(img_format=r["image_format"].lower(), img_width=w, img_height=h,
+                vals.update(img_format=(r["image_format"] or "").lower() or None, img_width=w, img_height=h,
                             aspect=max(w, h) / max(1, min(w, h)))
             failed.append(why)
             for k, v in vals.items():

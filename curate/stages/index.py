@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from curate.core.config import Strict
 from curate.io.images import image_header
-from curate.io.shards import sample_uid
+from curate.io.shards import is_metadata_shard, make_uid, sample_uid
 from curate.stages.base import MapStage, ShardContext, StageOutput
 from curate.stages.registry import register_stage
 
@@ -59,6 +59,8 @@ class IndexStage(MapStage):
         "height": "image height in pixels, from the file header",
         "original_width": "width before img2dataset resized it (json original_width), when present",
         "original_height": "height before img2dataset resized it (json original_height), when present",
+        "clip_b32_similarity_score": "DataComp metadata: the pool's ViT-B/32 CLIP score (metadata pools only)",
+        "clip_l14_similarity_score": "DataComp metadata: the pool's ViT-L/14 CLIP score (metadata pools only)",
         "status": "ok, or the structural problem of the sample (missing or empty member, bad caption, unsafe name, truncated tar)",
         "error": "detail of a structural problem (null when status is ok)",
     }
@@ -81,11 +83,15 @@ class IndexStage(MapStage):
             pa.field("height", pa.int32()),
             pa.field("original_width", pa.int32()),
             pa.field("original_height", pa.int32()),
+            pa.field("clip_b32_similarity_score", pa.float64()),
+            pa.field("clip_l14_similarity_score", pa.float64()),
             pa.field("status", pa.string()),
             pa.field("error", pa.string()),
         ]
 
     def process(self, ctx: ShardContext) -> StageOutput:
+        if is_metadata_shard(ctx.shard_path):
+            return self._from_metadata(ctx)
         cols: dict[str, list] = {f.name: [] for f in self.value_fields()}
         cols["uid"] = []
         reasons: list[str | None] = []
@@ -126,9 +132,49 @@ class IndexStage(MapStage):
             cols["height"].append(h)
             cols["original_width"].append(_int_or_none(meta.get("original_width")))
             cols["original_height"].append(_int_or_none(meta.get("original_height")))
+            cols["clip_b32_similarity_score"].append(None)
+            cols["clip_l14_similarity_score"].append(None)
             # Structural problems stop the sample; json/size notes alone do not.
             blocking = [p for p in problems if not p.startswith(("json:", "member:duplicate"))]
             cols["status"].append(blocking[0] if blocking else "ok")
             cols["error"].append(";".join(problems) if problems else None)
             reasons.append(f"index:{blocking[0]}" if blocking else None)
         return StageOutput(cols, reasons)
+
+    def _from_metadata(self, ctx: ShardContext) -> StageOutput:
+        """Rows of a metadata shard (DataComp's pool metadata: ``uid``, ``text`` or ``caption``,
+        ``url``, ``original_width``/``original_height``, ``sha256``, CLIP scores): no image is read,
+        the image columns stay null. A missing or empty caption is noted in ``status`` but drops
+        nothing here: metadata rows are judged by the stages a recipe has (DataComp's CLIP-score
+        baseline ranks every row, whatever its caption)."""
+        import pyarrow.parquet as pq
+
+        from curate.io.storage import open_read
+
+        try:
+            with open_read(ctx.shard_path) as f:
+                t = pq.read_table(f)
+        except Exception as e:  # unreadable or not Parquet: the shard is damaged, no row
+            ctx.read_result.error = f"not a metadata Parquet: {e}"
+            t = pa.table({})
+        ctx.read_result.n_bytes = t.nbytes
+        n = t.num_rows
+
+        def col(*names: str) -> list:
+            name = next((c for c in names if c in t.column_names), None)
+            return t.column(name).to_pylist() if name else [None] * n
+
+        uids, captions = col("uid"), col("text", "caption")
+        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
+        cols.update(key=col("key") if "key" in t.column_names else [str(i) for i in range(n)],
+                    shard=[ctx.shard] * n, url=col("url"), caption=captions, sha256=col("sha256"),
+                    original_width=[_int_or_none(v) for v in col("original_width")],
+                    original_height=[_int_or_none(v) for v in col("original_height")],
+                    clip_b32_similarity_score=col("clip_b32_similarity_score"),
+                    clip_l14_similarity_score=col("clip_l14_similarity_score"))
+        cols["uid"] = [str(u) if u is not None else make_uid(ctx.shard, k) for u, k in zip(uids, cols["key"])]
+        problems = ["missing_caption" if c is None else "empty_caption" if not str(c).strip() else None
+                    for c in captions]
+        cols["status"] = [p or "ok" for p in problems]
+        cols["error"] = problems
+        return StageOutput(cols, [None] * n)

@@ -108,6 +108,8 @@ class TextStage(RowFilter):
         min_concepts: int | None = Field(None, ge=0, description="text-based baseline: 1")
         concept_vocabulary: str = Field("imagenet21k", description="vocabulary of the concept-word count: imagenet21k, imagenet1k or a file")
         drop_junk: bool = Field(True, description="drop captions that are file names, URLs, 'untitled' or placeholders")
+        normalise: bool = Field(True, description="score the HTML-unescaped, NFKC, whitespace-collapsed caption; "
+                                "false: DataComp parity (the raw caption, newlines as spaces)")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def value_fields(self) -> list[pa.Field]:
@@ -134,7 +136,10 @@ class TextStage(RowFilter):
         p = self.params
         model = load_langid(p.langid_model)
         matcher = get_matcher(p.concept_vocabulary, False, 3)
-        norms = [normalise(c) if c else "" for c in captions]
+        if p.normalise:
+            norms = [normalise(c) if c else "" for c in captions]
+        else:  # DataComp: fastText on the caption with newlines as spaces; counts on the raw text
+            norms = [c.replace("\n", " ") if c else "" for c in captions]
         preds = predict_languages(model, norms, k=2)
         lowers = [n.lower() for n in norms]
         words = [lo.split() for lo in lowers]

@@ -157,7 +157,9 @@ def test_measures_follow_thresholds_later_stages_and_all():
     assert measures(("image", {}), ("dedup", {"phash_radius": 4})) == ["phash"]
     assert measures(("image", {}), ("dedup", {"phash_radius": None})) == []
     assert measures(("image", {"measures": "all"})) == ["blur_var", "entropy", "contrast", "dominant_share",
-                                                        "dark_share", "bright_share", "phash"]
+                                                        "dark_share", "bright_share", "phash", "phash_crops",
+                                                        "color_sig"]
+    assert measures(("image", {}), ("dedup", {"crop_radius": 6})) == ["phash", "phash_crops", "color_sig"]
     assert measures(("image", {"measures": ["contrast"], "min_blur_var": 5.0})) == ["blur_var", "contrast"]
 
 

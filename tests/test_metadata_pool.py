@@ -1,0 +1,99 @@
+"""Metadata pools (DataComp's Parquet metadata, no images): DataComp's basic and CLIP-score baselines
+give exactly the uids DataComp's own way of computing them gives; pixel stages are refused up front."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from curate.bench.recipes import datacomp_basic_uids, datacomp_clip_score_uids
+from curate.core.config import ConfigError, load_pipeline
+from curate.core.decisions import decisions
+from curate.core.export import ExportSpec, export
+from curate.core.pipeline import run_pipeline
+from curate.engine import make_executor
+from tests.conftest import ROOT, make_config, make_pipeline
+
+EDGE = [  # (text, width, height)
+    ("a photo of a dog on the beach", 200, 300), ("a photo of a dog on the beach", 199, 300),
+    ("a photo of a dog on the beach", 201, 603), ("a photo of a cat on a sofa", 300, 900),
+    ("a photo of a cat on a sofa", 300, 901), ("two words", 400, 400), ("three short words", 400, 400),
+    ("ab cd", 400, 400), ("ab cd e", 400, 400), ("a b c", 400, 400), ("Flowers in a garden, dog,", 500, 400),
+    ("a&nbsp;photo&nbsp;of&nbsp;a&nbsp;tree", 500, 400), ("a\u00a0photo\u00a0of a red car", 500, 400),
+    ("ａ ｐｈｏｔｏ ｏｆ ａ ｃａｔ", 500, 400), ("a photo of\na mountain lake", 500, 400),
+    ("ein Foto von einem Hund am Strand", 500, 400), ("une photo d'un chat sur le canapé", 500, 400),
+    ("A BOY WITH A BLUE SHIRT DOING A TRICK", 500, 400), ("a photo of a boat", None, 400),
+    ("a photo of a boat", 0, 400), ("      ", 500, 400), ("a photo of a bridge at night", 640, 480),
+]
+
+
+@pytest.fixture(scope="module")
+def metadata_pool(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("meta")
+    rng = np.random.default_rng(3)
+    words = "a the photo of dog cat red blue car tree house on in with at beach park street".split()
+    rows = [(t, w, h) for t, w, h in EDGE]
+    rows += [(" ".join(rng.choice(words, size=int(rng.integers(1, 9)))), int(rng.integers(150, 900)),
+              int(rng.integers(150, 900))) for _ in range(300)]
+    scores = np.round(rng.uniform(0.1, 0.4, size=len(rows)), 3)  # rounded: many ties
+    df = pl.DataFrame({"uid": [f"{i:032x}" for i in range(len(rows))], "url": [f"http://x/{i}.jpg" for i in range(len(rows))],
+                       "text": [r[0] for r in rows], "original_width": [r[1] for r in rows],
+                       "original_height": [r[2] for r in rows], "clip_l14_similarity_score": scores,
+                       "clip_b32_similarity_score": scores[::-1].copy()},
+                      schema_overrides={"original_width": pl.Int64, "original_height": pl.Int64})
+    df.write_parquet(out / "all.parquet")  # the oracle reads one table
+    pool = out / "pool"
+    pool.mkdir()
+    df.slice(0, 150).write_parquet(pool / "00000.parquet")
+    df.slice(150).write_parquet(pool / "00001.parquet")
+    return out
+
+
+def _kept(work: Path) -> set[str]:
+    return set(decisions(work).filter(pl.col("kept"))["uid"])
+
+
+def test_datacomp_basic_on_a_metadata_pool_matches_datacomp(metadata_pool: Path, tmp_path: Path):
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml")
+    summary = run_pipeline(pipe, make_config(str(metadata_pool / "pool" / "*.parquet"), tmp_path / "w"))
+    assert summary.ok, summary.problems()
+    expect = datacomp_basic_uids(metadata_pool / "all.parquet")
+    assert 50 < len(expect) < 300
+    assert _kept(tmp_path / "w") == expect
+    reasons = decisions(tmp_path / "w")["reason"].value_counts()
+    assert "image:no_size" in reasons["reason"].to_list()  # the row without a width
+    with make_executor(make_config("x", tmp_path)) as ex:
+        manifest = export(tmp_path / "w", tmp_path / "out", ex, ExportSpec())
+    assert manifest["samples_kept"] == len(expect) and manifest["output_shards"] == 0
+    saved = np.load(tmp_path / "out" / "uids.npy")
+    assert {f"{hi:016x}{lo:016x}" for hi, lo in saved.tolist()} == expect
+
+
+def test_datacomp_clip_score_on_a_metadata_pool_matches_datacomp(metadata_pool: Path, tmp_path: Path):
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_clip_score_metadata.yaml")
+    assert run_pipeline(pipe, make_config(str(metadata_pool / "pool" / "*.parquet"), tmp_path / "w")).ok
+    expect = datacomp_clip_score_uids(metadata_pool / "all.parquet", "clip_l14_similarity_score", 0.3)
+    assert len(expect) > 0.3 * 322  # ties at the threshold are kept
+    assert _kept(tmp_path / "w") == expect
+
+
+def test_a_pixel_stage_on_a_metadata_pool_is_refused_before_any_work(metadata_pool: Path, tmp_path: Path):
+    pipe = make_pipeline(("text", {}), ("image", {"min_blur_var": 20.0}),
+                         ("clip_score", {"model": "curate-tiny", "pretrained": None}))
+    with pytest.raises(ConfigError) as e:
+        run_pipeline(pipe, make_config(str(metadata_pool / "pool" / "*.parquet"), tmp_path / "w"))
+    assert "stage image needs image pixels" in str(e.value) and "stage clip_score needs image pixels" in str(e.value)
+    assert not (tmp_path / "w" / "index").exists()
+
+
+def test_a_broken_metadata_shard_is_reported_not_fatal(metadata_pool: Path, tmp_path: Path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "00000.parquet").write_bytes((metadata_pool / "pool" / "00000.parquet").read_bytes())
+    (pool / "00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    summary = run_pipeline(make_pipeline(("text", {})), make_config(str(pool / "*.parquet"), tmp_path / "w"))
+    assert not summary.ok
+    assert any("00001" in p and "not a metadata Parquet" in p for p in summary.problems())
+    assert decisions(tmp_path / "w").height == 150
