@@ -13,6 +13,7 @@ BENCHMARKS = {
     "clip": "curate.bench.clip",
     "global": "curate.bench.global_stages",
     "recipes": "curate.bench.recipes",
+    "langid": "curate.bench.langid",
 }
 
 

@@ -10,7 +10,7 @@ import html
 import operator
 import re
 import unicodedata
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
@@ -18,6 +18,7 @@ from pydantic import Field
 
 from curate.algorithms.concepts import get_matcher
 from curate.core.config import Strict
+from curate.models.caption_language import decide
 from curate.models.langid import load_langid, predict_languages
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
@@ -85,6 +86,10 @@ class TextStage(RowFilter):
         "lang_prob": "probability of the top-1 language",
         "lang2": "fastText runner-up language",
         "lang2_prob": "probability of the runner-up language",
+        "lang_final": "the language the languages rule reads: fastText top-1, or corrected by lang_rule",
+        "lang_rule": "what decided lang_final: fasttext, uppercase (re-predicted in lower case), script "
+                     "(top-1 in another script than the caption's), function_words (unsure, mostly English "
+                     "function words)",
         "n_chars": "characters in the caption",
         "n_words": "whitespace-separated words in the caption",
         "unique_word_ratio": "distinct words / words",
@@ -96,7 +101,10 @@ class TextStage(RowFilter):
     version = "1"
 
     class Params(Strict):
-        languages: list[str] | None = Field(["en"], description="allowed top-1 languages; null: any")
+        languages: list[str] | None = Field(["en"], description="allowed languages (of lang_final); null: any")
+        language_decision: Literal["robust", "top1"] = Field(
+            "robust", description="robust: fastText corrected for capitals, script and unsure English "
+            "(models/caption_language.py); top1: fastText's top-1 alone (DataComp parity)")
         min_lang_prob: float = Field(0.0, ge=0, le=1, description="DataComp uses 0 (top-1 only)")
         langid_model: str | None = Field(None, description="path to lid.176.bin/.ftz; default: bundled .ftz")
         min_words: int | None = Field(3, ge=0, description="DataComp: more than 2 words")
@@ -115,6 +123,7 @@ class TextStage(RowFilter):
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32()),
                 pa.field("lang2", pa.string()), pa.field("lang2_prob", pa.float32()),
+                pa.field("lang_final", pa.string()), pa.field("lang_rule", pa.string()),
                 pa.field("n_chars", pa.int32()), pa.field("n_words", pa.int32()),
                 pa.field("unique_word_ratio", pa.float32()), pa.field("alpha_ratio", pa.float32()),
                 pa.field("max_repeat_run", pa.int32()), pa.field("n_concepts", pa.int32()),
@@ -140,7 +149,12 @@ class TextStage(RowFilter):
             norms = [normalise(c) if c else "" for c in captions]
         else:  # DataComp: fastText on the caption with newlines as spaces; counts on the raw text
             norms = [c.replace("\n", " ") if c else "" for c in captions]
-        preds = predict_languages(model, norms, k=2)
+        # five candidates: the script rule looks past a top-3 that fastText fills with Latin languages
+        preds = predict_languages(model, norms, k=5)
+        if p.language_decision == "robust":
+            decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0]) for n, pr in zip(norms, preds)]
+        else:
+            decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
         lowers = [n.lower() for n in norms]
         words = [lo.split() for lo in lowers]
         n_unique = [len(set(w)) for w in words]
@@ -150,6 +164,8 @@ class TextStage(RowFilter):
             "lang_prob": [pr[0][1] if pr else None for pr in preds],
             "lang2": [pr[1][0] if len(pr) > 1 else None for pr in preds],
             "lang2_prob": [pr[1][1] if len(pr) > 1 else None for pr in preds],
+            "lang_final": [d[0] for d in decided],
+            "lang_rule": [d[1] for d in decided],
             "n_chars": [len(n) for n in norms],
             "n_words": [len(w) for w in words],
             "unique_word_ratio": [u / len(w) if w else 0.0 for u, w in zip(n_unique, words)],
@@ -165,8 +181,8 @@ class TextStage(RowFilter):
         col = pl.col
         rules: list[Rule] = []
         if p.languages is not None:
-            rules.append((~col("lang").is_in(p.languages).fill_null(False),
-                          pl.lit("lang:") + col("lang").fill_null("None")))
+            rules.append((~col("lang_final").is_in(p.languages).fill_null(False),
+                          pl.lit("lang:") + col("lang_final").fill_null("None")))
         rules.append((col("lang_prob") < p.min_lang_prob, "lang:low_prob"))
         if p.drop_junk:
             rules.append((col("junk").is_not_null(), pl.lit("caption:junk_") + col("junk")))

@@ -92,3 +92,35 @@ def test_synthetic_defects_confusion(pool: Path, tmp_path: Path):
     assert recall >= 0.95 and precision >= 0.95
     nonen = d.filter(pl.col("label") == "non_english")
     assert (nonen["lang"] == nonen["language"]).mean() >= 0.8  # the right language, not just "not en"
+
+
+CAPTION_LANGUAGES = [  # (caption, language the robust decision must give, rule)
+    ("A BOY WITH A BLUE SHIRT AND JEAN PANTS DOING A TRICK WITH HIS SKATEBOARD", "en", "uppercase"),
+    ("A woman on skis stands on a flat snowy surface.", "en", "function_words"),
+    ("THERE ARE TWO PEOPLE RIDING HORESES ON THE BEACH SHORE", "en", None),
+    ("UN CHIEN SUR LA PLAGE", "fr", "uppercase"),
+    ("犬と猫", "ja", "script"),
+    ("狗和猫", "zh", "script"),
+    ("a photo of a dog on the beach", "en", "fasttext"),
+    ("ein Hund spielt im Park mit einem Ball", "de", "fasttext"),
+    ("Собака играет в парке", "ru", None),
+]
+
+
+def test_the_robust_language_decision_keeps_english_captions_fasttext_misreads():
+    st = TextStage(TextStage.Params())
+    vals = st.measure_captions([c for c, _, _ in CAPTION_LANGUAGES])
+    for (cap, lang, rule), got, how in zip(CAPTION_LANGUAGES, vals["lang_final"], vals["lang_rule"]):
+        assert got == lang, (cap, got, how)
+        assert rule is None or how == rule, (cap, how)
+    # the first two are the COCO captions fastText's top-1 calls ja and pl
+    assert vals["lang"][:2] == ["ja", "pl"]
+    reasons = st.reasons(Measured(vals))
+    assert reasons[0] is None and reasons[1] is None and reasons[3] == "lang:fr"
+
+
+def test_top1_keeps_datacomps_rule():
+    st = TextStage(TextStage.Params(language_decision="top1"))
+    vals = st.measure_captions([c for c, _, _ in CAPTION_LANGUAGES[:2]])
+    assert vals["lang_final"] == ["ja", "pl"] and vals["lang_rule"] == ["fasttext", "fasttext"]
+    assert st.reasons(Measured(vals)) == ["lang:ja", "lang:pl"]

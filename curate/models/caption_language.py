@@ -1,0 +1,115 @@
+"""A language decision for captions that uses more than fastText's top-1.
+
+Captions are short, often upper-case, often a brand or place name in English words; fastText's
+top-1 alone misreads many of them. On top of fastText (kept as the value columns), in order:
+
+1. ``uppercase``: a caption mostly in capitals is predicted again in lower case (fastText learned
+   from running text, where capitals are rare); the lower-case answer wins when it is surer.
+2. ``script``: a language whose script the caption does not use is impossible (a caption in Latin
+   letters cannot be ``ja``): the best candidate whose script matches wins.
+3. ``function_words``: when fastText is unsure (top-1 below ``unsure_below``) and English is among
+   its candidates, a caption made largely of English function words ("a", "on", "with", "the") is
+   English.
+
+Otherwise the rule is ``fasttext`` (its top-1). The decision is deterministic and costs a second
+prediction only for upper-case captions.
+"""
+from __future__ import annotations
+
+import unicodedata
+from functools import lru_cache
+
+# Languages of lid.176 written in a script other than Latin (others default to Latin).
+SCRIPT_OF = {
+    **dict.fromkeys(["ru", "uk", "be", "bg", "mk", "sr", "kk", "ky", "mn", "tg", "tt", "ba", "ce", "cv",
+                     "os", "sah", "mhr", "mrj", "udm", "kv", "xal", "myv", "bxr"], "CYRILLIC"),
+    **dict.fromkeys(["ar", "fa", "ur", "ps", "ckb", "sd", "ug", "arz", "azb", "pnb", "mzn", "glk"], "ARABIC"),
+    **dict.fromkeys(["he", "yi"], "HEBREW"), "el": "GREEK", "hy": "ARMENIAN", "ka": "GEORGIAN",
+    **dict.fromkeys(["hi", "mr", "ne", "sa", "bh", "new", "mai", "gom", "bpy"], "DEVANAGARI"),
+    "bn": "BENGALI", "as": "BENGALI", "pa": "GURMUKHI", "gu": "GUJARATI", "or": "ORIYA", "ta": "TAMIL",
+    "te": "TELUGU", "kn": "KANNADA", "ml": "MALAYALAM", "si": "SINHALA", "th": "THAI", "lo": "LAO",
+    "bo": "TIBETAN", "my": "MYANMAR", "km": "KHMER", "am": "ETHIOPIC", "dv": "THAANA",
+    "ja": "CJK", "zh": "CJK", "wuu": "CJK", "yue": "CJK", "ko": "HANGUL",
+}
+# Script words as they start Unicode character names; kana counts as CJK (Japanese).
+_NAME_SCRIPTS = ("LATIN", "CYRILLIC", "ARABIC", "HEBREW", "GREEK", "ARMENIAN", "GEORGIAN", "DEVANAGARI",
+                 "BENGALI", "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM",
+                 "SINHALA", "THAI", "LAO", "TIBETAN", "MYANMAR", "KHMER", "ETHIOPIC", "THAANA", "HANGUL")
+# The commonest language of each script, for a caption whose script none of fastText's candidates
+# uses (very short non-Latin text gets fastText's no-information answer, which starts with "en").
+SCRIPT_DEFAULT = {"CYRILLIC": "ru", "ARABIC": "ar", "HEBREW": "he", "GREEK": "el", "ARMENIAN": "hy",
+                  "GEORGIAN": "ka", "DEVANAGARI": "hi", "BENGALI": "bn", "GURMUKHI": "pa", "GUJARATI": "gu",
+                  "ORIYA": "or", "TAMIL": "ta", "TELUGU": "te", "KANNADA": "kn", "MALAYALAM": "ml",
+                  "SINHALA": "si", "THAI": "th", "LAO": "lo", "TIBETAN": "bo", "MYANMAR": "my", "KHMER": "km",
+                  "ETHIOPIC": "am", "THAANA": "dv", "HANGUL": "ko", "CJK": "zh"}
+ENGLISH_FUNCTION_WORDS = frozenset(
+    "a an the and or but of in on at to for from with without by as into onto over under near behind "
+    "up down out off about above below between through during before after while is are was were be "
+    "been being has have had do does did this that these those it its his her their our my your "
+    "he she they we you i me him them us who which what where when there here some two three one "
+    "very not no".split())
+
+
+@lru_cache(maxsize=4096)
+def _char_script(ch: str) -> str | None:
+    name = unicodedata.name(ch, "")
+    if name.startswith(("CJK", "HIRAGANA", "KATAKANA")):
+        return "CJK"
+    return next((s for s in _NAME_SCRIPTS if name.startswith(s)), None)
+
+
+def _is_kana(ch: str) -> bool:
+    return unicodedata.name(ch, "").startswith(("HIRAGANA", "KATAKANA"))
+
+
+def dominant_script(text: str) -> str | None:
+    """The script of most letters of ``text`` (None without letters)."""
+    if text.isascii():  # the common case, without a look at each character's name
+        return "LATIN" if any(ch.isalpha() for ch in text) else None
+    counts: dict[str, int] = {}
+    for ch in text:
+        if ch.isalpha():
+            s = _char_script(ch)
+            if s:
+                counts[s] = counts.get(s, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def mostly_upper(text: str) -> bool:
+    if text.islower() or not text.isupper() and sum(map(str.isupper, text)) < 4:
+        return False
+    letters = [c for c in text if c.isalpha()]
+    return len(letters) >= 4 and sum(c.isupper() for c in letters) >= 0.6 * len(letters)
+
+
+def function_word_share(text: str) -> tuple[int, float]:
+    words = [w.strip(".,;:!?\"'()[]") for w in text.lower().split()]
+    hits = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
+    return hits, hits / len(words) if words else 0.0
+
+
+def decide(text: str, preds: list[tuple[str, float]], repredict, unsure_below: float = 0.5
+           ) -> tuple[str | None, str]:
+    """(language, rule) for one caption from fastText's candidates ``preds`` (best first);
+    ``repredict(text)`` gives candidates for another form of the text."""
+    if not preds:
+        return None, "fasttext"
+    rule = "fasttext"
+    if mostly_upper(text):
+        lowered = repredict(text.lower())
+        if lowered and lowered[0][0] != preds[0][0] and lowered[0][1] > preds[0][1]:
+            preds, rule = lowered, "uppercase"
+    script = dominant_script(text)
+    if script is not None and SCRIPT_OF.get(preds[0][0], "LATIN") != script:
+        fits = [c for c in preds if SCRIPT_OF.get(c[0], "LATIN") == script]
+        if fits:
+            preds, rule = fits, "script"
+        elif script != "LATIN":
+            kana = script == "CJK" and any(_is_kana(ch) for ch in text)
+            return ("ja" if kana else SCRIPT_DEFAULT.get(script)), "script"
+    top, p = preds[0]
+    if top != "en" and p < unsure_below and any(c[0] == "en" for c in preds):
+        hits, share = function_word_share(text)
+        if hits >= 2 and share >= 0.3:
+            return "en", "function_words"
+    return top, rule
