@@ -1,1 +1,1 @@
-"""Algorithms shared by stages and benchmarks: perceptual hashes, vector search, union-find, concept matching."""
+"""Algorithms shared by stages and benchmarks: perceptual hashes, vector search, connected components, concept matching."""

@@ -1,7 +1,7 @@
 """Deduplication (global stage): exact, perceptual (pHash), semantic (SemDeDup) and eval-set copies.
 
 summarize: per shard, the keys of the surviving samples (sha256, normalised-caption hash, url
-hash, pHash, CLIP score). combine: duplicate edges of every enabled kind, groups by union-find
+hash, pHash, CLIP score). combine: duplicate edges of every enabled kind, groups as connected components
 (transitive, order-free), one sample kept per group (highest CLIP score, else smallest uid), and
 eval-set matches; written per shard under ``WORK/global/dedup/``. apply: join by uid.
 
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
-from curate.algorithms.union_find import UnionFind
+from curate.algorithms.components import component_roots
 from curate.algorithms.vectors import nearest, train_centroids
 from curate.core.config import Strict
 from curate.io.shards import expand_input, iter_samples
@@ -164,18 +164,16 @@ class DedupStage(GlobalStage):
         df = pl.concat(frames) if frames else pl.DataFrame()
         df = df.sort("uid")  # row ids independent of shard order and worker count
         n = df.height
-        uf = UnionFind(n)
         kind = np.full(n, 99, dtype=np.int64)  # best edge kind that touched each row
         counts = dict.fromkeys(KIND_RANK, 0)
+        edges: list[np.ndarray] = []
 
         def add_edges(pairs: np.ndarray, k: str) -> None:
             counts[k] += len(pairs)
-            for a, b in pairs:
-                uf.union(int(a), int(b))
             if len(pairs):
-                r = KIND_RANK[k]
+                edges.append(pairs)
                 for c in (pairs[:, 0], pairs[:, 1]):
-                    np.minimum.at(kind, c, r)
+                    np.minimum.at(kind, c, KIND_RANK[k])
 
         for key in p.exact:
             cols = {"image": ["sha256"], "image_caption": ["sha256", "caption_h"], "caption": ["caption_h"],
@@ -191,40 +189,32 @@ class DedupStage(GlobalStage):
         if p.semantic_eps is not None and n:
             add_edges(self._semantic_pairs(ctx, df), "semantic")
         eval_hit = self._eval_matches(ctx, df)
-        roots = uf.roots()
-        rep = self._representatives(df, roots)
-        uids = df["uid"].to_list()
-        dup_group = [uids[rep[r]] for r in roots]
+        roots = component_roots(n, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
+        keep_row = self._representatives(df, roots)[roots]  # the row each row's group keeps
         in_group = np.bincount(roots, minlength=n)[roots] > 1
-        dup_of: list[str | None] = []
-        reason: list[str | None] = []
-        names = {v: k for k, v in KIND_RANK.items()}
-        for i in range(n):
-            if eval_hit[i]:
-                dup_of.append(None)
-                reason.append("dedup:eval")
-            elif in_group[i] and rep[roots[i]] != i:
-                dup_of.append(uids[rep[roots[i]]])
-                reason.append(f"dedup:{names[int(kind[i])]}")
-            else:
-                dup_of.append(None)
-                reason.append(None)
+        rows = np.arange(n)
+        uids = df["uid"].to_numpy()
+        is_copy = in_group & (keep_row != rows) & ~eval_hit
+        names = np.array([f"dedup:{k}" for k in KIND_RANK] + [None], dtype=object)
+        reason = np.where(eval_hit, "dedup:eval", np.where(is_copy, names[np.minimum(kind, len(KIND_RANK))], None))
         out = df.select("uid", "shard").with_columns(
-            pl.Series("dup_group", [g if ig else None for g, ig in zip(dup_group, in_group)], dtype=pl.String),
-            pl.Series("dup_of", dup_of, dtype=pl.String), pl.Series("reason", reason, dtype=pl.String))
+            pl.Series("dup_group", np.where(in_group, uids[keep_row], None).tolist(), dtype=pl.String),
+            pl.Series("dup_of", np.where(is_copy, uids[keep_row], None).tolist(), dtype=pl.String),
+            pl.Series("reason", reason.tolist(), dtype=pl.String))
         self.write_results(ctx, out)
         dropped = out.filter(pl.col("reason").is_not_null())
-        return {"samples": n, "edges": counts, "groups": int(len(set(roots[in_group]))),
+        return {"samples": n, "edges": counts, "groups": int(len(np.unique(roots[in_group]))),
                 "dropped": dict(dropped.group_by("reason").len().iter_rows())}
 
-    def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> dict[int, int]:
-        """Kept row per group: highest CLIP score (when configured and present), ties by smallest uid."""
+    def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> np.ndarray:
+        """The kept row of each group, indexed by root: highest CLIP score (when configured and
+        present), ties by smallest uid (rows are sorted by uid)."""
         score = df["clip_score"].fill_null(-np.inf).to_numpy() if self.params.keep == "clip_score" \
             else np.zeros(df.height)
-        order = np.lexsort((np.arange(df.height), -score, roots))  # rows sorted by uid already
-        rep: dict[int, int] = {}
-        for i in order:
-            rep.setdefault(int(roots[i]), int(i))
+        order = np.lexsort((np.arange(df.height), -score, roots))
+        first = np.unique(roots[order], return_index=True)[1]  # first row of each root in that order
+        rep = np.zeros(df.height, dtype=np.int64)
+        rep[roots[order][first]] = order[first]
         return rep
 
     def _crop_pairs(self, df: pl.DataFrame) -> np.ndarray:

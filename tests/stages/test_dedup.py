@@ -260,3 +260,25 @@ def test_crop_kind_lifts_near_duplicate_recall_on_the_synthetic_pool(pool: Path,
         assert clean_dropped <= 0.01 * d.filter(pl.col("label") == "clean").height
     print("near-duplicate recall without / with the crop kind:", recall)
     assert recall[6] >= 0.98 and recall[6] >= recall[None]
+
+
+def test_component_roots_equal_a_reference_union_find():
+    from curate.algorithms.components import component_roots
+
+    rng = np.random.default_rng(5)
+    n = 2000
+    pairs = rng.integers(0, n, size=(1500, 2))
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        parent[max(ra, rb)] = min(ra, rb)
+    expect = np.array([find(i) for i in range(n)])
+    assert np.array_equal(component_roots(n, pairs), expect)
+    assert np.array_equal(component_roots(n, pairs[::-1][:, ::-1]), expect)  # order and direction free
+    assert np.array_equal(component_roots(5, np.zeros((0, 2), dtype=np.int64)), np.arange(5))
