@@ -190,7 +190,7 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
 
 def coverage_table(work: WorkDir) -> list[str]:
     """Share kept per reference concept (reference_filter with a labelled reference)."""
-    from curate.stages.reference import concept_coverage
+    from curate.report.coverage import concept_coverage
 
     cov = concept_coverage(work.root)
     if cov is None:

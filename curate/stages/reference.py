@@ -121,39 +121,6 @@ def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path,
     atomic_write_bytes(Path(path).with_suffix(".json"), json.dumps(side).encode())
 
 
-def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") -> "pl.DataFrame | None":
-    """Per reference label: its reference samples and centroids, the pool samples assigned to
-    those centroids, how many of them the whole pipeline kept, and their share of the kept set.
-    None when the stage did not run or the reference had no labels. A centroid near two labels
-    counts for both."""
-    import polars as pl
-
-    from curate.core.decisions import decisions
-    from curate.io.layout import WorkDir
-
-    work = WorkDir.at(workdir)
-    art_path = work.global_dir() / f"{stage_id}.json"
-    if not art_path.exists():
-        return None
-    art = json.loads(art_path.read_text())
-    by_label = art.get("label_centroids")
-    if not by_label:
-        return None
-    assigned = pl.read_parquet(work.stage_glob(stage_id), columns=["uid", "centroid"]).drop_nulls("centroid")
-    final = decisions(work.root).select(["uid", "kept"])
-    d = assigned.join(final, on="uid", how="left")
-    n_kept = int(final["kept"].sum())
-    rows = []
-    for label, cents in sorted(by_label.items()):
-        mine = d.filter(pl.col("centroid").is_in(cents))
-        kept = int(mine["kept"].sum())
-        rows.append({"label": label, "reference_samples": art["label_counts"][label], "centroids": len(cents),
-                     "pool_in_clusters": mine.height, "kept": kept,
-                     "kept_pct_of_clusters": 100 * kept / mine.height if mine.height else 0.0,
-                     "pct_of_all_kept": 100 * kept / n_kept if n_kept else 0.0})
-    return pl.DataFrame(rows)
-
-
 def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget: int = 1 << 24
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest unit centroid (-1 for a null embedding) and its cosine similarity, for every row of

@@ -10,7 +10,8 @@ import pytest
 
 from curate.io.parquet import write_table
 from curate.core.pipeline import run_pipeline
-from curate.stages.reference import ReferenceError, concept_coverage, save_reference
+from curate.report.coverage import concept_coverage
+from curate.stages.reference import ReferenceError, save_reference
 from curate.tools.synth import SHAPES
 from tests.conftest import make_config, make_pipeline
 
