@@ -51,6 +51,15 @@ def metadata_pool(tmp_path_factory) -> Path:
     return out
 
 
+def test_a_folder_of_tars_is_a_tar_pool_and_a_folder_of_parquet_a_metadata_pool(metadata_pool: Path, tmp_path: Path):
+    from curate.io.shards import expand_input
+
+    assert [Path(p).name for p in expand_input(str(metadata_pool / "pool"))] == ["00000.parquet", "00001.parquet"]
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "00000.parquet").write_bytes(b"")  # img2dataset writes one beside each tar
+    assert [Path(p).name for p in expand_input(str(tmp_path))] == ["00000.tar"]
+
+
 def _kept(work: Path) -> set[str]:
     return set(decisions(work).filter(pl.col("kept"))["uid"])
 

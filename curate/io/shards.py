@@ -27,9 +27,17 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
 JSON_EXT = "json"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # A metadata shard (DataComp's pool metadata: uid, url, text, original sizes, scores) has no images.
 METADATA_SUFFIXES = (".parquet",)
+SHARD_SUFFIXES = TAR_SUFFIXES + METADATA_SUFFIXES
+
+
+def folder_shards(names: list[str]) -> list[str]:
+    """The shards of a folder listing: its tars; only a folder without tars is a metadata pool
+    (img2dataset writes a .parquet beside each .tar, and a synthetic pool its ground truth)."""
+    tars = [n for n in names if n.endswith(TAR_SUFFIXES)]
+    return tars or [n for n in names if n.endswith(METADATA_SUFFIXES)]
 
 
 def is_metadata_shard(path: str | Path) -> bool:
@@ -67,7 +75,7 @@ def _expand_url(spec: str) -> list[str]:
         if any(ch in pat for ch in "*?["):
             out.extend(storage.glob(pat))
         elif storage.is_dir(pat):
-            out.extend(p for p in storage.listdir(pat) if p.endswith(SHARD_SUFFIXES))
+            out.extend(folder_shards(storage.listdir(pat)))
         elif storage.is_file(pat):
             out.append(pat)
         else:
@@ -104,8 +112,7 @@ def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
             if any(ch in pat for ch in "*?["):
                 out.extend(sorted(glob.glob(pat)))
             elif os.path.isdir(pat):
-                out.extend(str(p) for p in sorted(Path(pat).iterdir())
-                           if p.name.endswith(SHARD_SUFFIXES))
+                out.extend(folder_shards([str(p) for p in sorted(Path(pat).iterdir())]))
             else:
                 out.append(pat)
     missing = [p for p in out if not os.path.isfile(p)]
