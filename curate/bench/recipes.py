@@ -43,20 +43,8 @@ def metadata_table(pool: Path) -> Path:
 
 
 def datacomp_basic(metadata: Path) -> int:
-    """DataComp's basic filter as its baselines code runs it: pandas, one fastText predict per row."""
-    import pandas as pd
-
-    from curate.models.langid import load_langid
-
-    model = load_langid()
-    df = pd.read_parquet(metadata)
-    lang = df.text.apply(lambda t: model.predict(t.replace("\n", " "))[0][0].split("__label__")[1])
-    words = df.text.apply(lambda t: len(t.split()))
-    chars = df.text.apply(len)
-    w, h = df.original_width, df.original_height
-    aspect = np.maximum(w, h) / np.minimum(w, h)
-    mask = (lang == "en") & (words > 2) & (chars > 5) & (np.minimum(w, h) >= 200) & (aspect <= 3.0)
-    return int(mask.sum())
+    """How many rows DataComp's basic filter keeps, computed its way (``datacomp_basic_uids``)."""
+    return len(datacomp_basic_uids(metadata))
 
 
 def _config(pool: Path, work: Path) -> RunConfig:
