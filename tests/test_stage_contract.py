@@ -109,9 +109,11 @@ def test_a_stage_runs_in_memory_on_a_handful_of_samples():
                {"txt": "IMG_1234.jpg", "jpg": jpg},
                {"txt": "ein rotes Quadrat auf einem dunklen Hintergrund", "jpg": jpg},
                {"txt": "no image at all"}]
-    t = run_in_memory(TextStage(TextStage.Params(languages=None, min_words=4)), samples).to_pylist()
+    t = run_in_memory(TextStage(TextStage.Params(languages=None, min_words=4, min_alpha_ratio=0.5)),
+                      samples).to_pylist()
     assert [r["reason_text"] for r in t[:3]] == [None, "caption:junk_filename", None]
     assert t[2]["lang"] == "de"
     assert t[3]["keep_text"] is None  # the index dropped it (no image): never evaluated
     assert t[0]["n_words"] == 10 and t[3]["n_words"] is None
     assert np.isclose(t[0]["alpha_ratio"], 1.0)
+    assert t[0]["n_concepts"] is None  # no threshold reads it: not computed

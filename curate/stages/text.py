@@ -76,6 +76,13 @@ def max_repeat_run(words: list[str]) -> int:
     return best
 
 
+# Measures computed only when a threshold (or ``measures``) asks for them; language, characters and
+# words are always computed (cheap, and what the report plots).
+OPTIONAL_MEASURES = ("unique_word_ratio", "alpha_ratio", "max_repeat_run", "n_concepts", "junk")
+THRESHOLD_MEASURE = {"min_unique_word_ratio": "unique_word_ratio", "min_alpha_ratio": "alpha_ratio",
+                     "max_repeat_run": "max_repeat_run", "min_concepts": "n_concepts", "drop_junk": "junk"}
+
+
 @register_stage
 class TextStage(RowFilter):
     """Caption filters: fastText language, length, word statistics, junk patterns, concept words."""
@@ -118,7 +125,18 @@ class TextStage(RowFilter):
         drop_junk: bool = Field(True, description="drop captions that are file names, URLs, 'untitled' or placeholders")
         normalise: bool = Field(True, description="score the HTML-unescaped, NFKC, whitespace-collapsed caption; "
                                 "false: DataComp parity (the raw caption, newlines as spaces)")
+        measures: Literal["needed", "all"] | list[Literal[OPTIONAL_MEASURES]] = Field(  # type: ignore[valid-type]
+            "needed", description="caption measures beyond language, characters and words: needed (those "
+            "the thresholds read), all, or a list; the others stay null")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
+
+    def optional_measures(self) -> frozenset[str]:
+        """The optional measures this stage computes."""
+        p = self.params
+        if p.measures == "all":
+            return frozenset(OPTIONAL_MEASURES)
+        wanted = {m for k, m in THRESHOLD_MEASURE.items() if getattr(p, k) not in (None, False)}
+        return frozenset(wanted | (set(p.measures) if isinstance(p.measures, list) else set()))
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32()),
@@ -144,7 +162,6 @@ class TextStage(RowFilter):
         """Value columns for a list of captions (None allowed)."""
         p = self.params
         model = load_langid(p.langid_model)
-        matcher = get_matcher(p.concept_vocabulary, False, 3)
         if p.normalise:
             norms = [normalise(c) if c else "" for c in captions]
         else:  # DataComp: fastText on the caption with newlines as spaces; counts on the raw text
@@ -157,24 +174,33 @@ class TextStage(RowFilter):
             decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
         lowers = [n.lower() for n in norms]
         words = [lo.split() for lo in lowers]
-        n_unique = [len(set(w)) for w in words]
-        nonspace = [len(n) - n.count(" ") for n in norms]
-        return {
+        wanted = self.optional_measures()
+        n = len(captions)
+        vals = {
             "lang": [pr[0][0] if pr else None for pr in preds],
             "lang_prob": [pr[0][1] if pr else None for pr in preds],
             "lang2": [pr[1][0] if len(pr) > 1 else None for pr in preds],
             "lang2_prob": [pr[1][1] if len(pr) > 1 else None for pr in preds],
             "lang_final": [d[0] for d in decided],
             "lang_rule": [d[1] for d in decided],
-            "n_chars": [len(n) for n in norms],
+            "n_chars": [len(x) for x in norms],
             "n_words": [len(w) for w in words],
-            "unique_word_ratio": [u / len(w) if w else 0.0 for u, w in zip(n_unique, words)],
-            "alpha_ratio": [sum(map(str.isalpha, n)) / k if k else 0.0 for n, k in zip(norms, nonspace)],
+        } | {m: [None] * n for m in OPTIONAL_MEASURES}
+        if wanted & {"unique_word_ratio", "max_repeat_run"}:
+            n_unique = [len(set(w)) for w in words]
+            vals["unique_word_ratio"] = [u / len(w) if w else 0.0 for u, w in zip(n_unique, words)]
             # all words distinct (the common case): the longest run is 1, no scan needed
-            "max_repeat_run": [max_repeat_run(w) if u < len(w) else min(1, u) for u, w in zip(n_unique, words)],
-            "n_concepts": [matcher.count(n) for n in norms],
-            "junk": [junk_kind(n, lo) if c is not None else "empty" for c, n, lo in zip(captions, norms, lowers)],
-        }
+            vals["max_repeat_run"] = [max_repeat_run(w) if u < len(w) else min(1, u) for u, w in zip(n_unique, words)]
+        if "alpha_ratio" in wanted:
+            nonspace = [len(x) - x.count(" ") for x in norms]
+            vals["alpha_ratio"] = [sum(map(str.isalpha, x)) / k if k else 0.0 for x, k in zip(norms, nonspace)]
+        if "n_concepts" in wanted:
+            matcher = get_matcher(p.concept_vocabulary, False, 3)
+            vals["n_concepts"] = [matcher.count(x) for x in norms]
+        if "junk" in wanted:
+            vals["junk"] = [junk_kind(x, lo) if c is not None else "empty" for c, x, lo in zip(captions, norms, lowers)]
+        # unique ratio and repeat run share a pass; keep only the asked-for one
+        return {k: v if k not in OPTIONAL_MEASURES or k in wanted else [None] * n for k, v in vals.items()}
 
     def rules(self) -> list[Rule]:
         p = self.params

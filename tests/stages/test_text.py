@@ -67,14 +67,24 @@ def test_caption_is_never_altered_but_scored_normalised(tmp_path: Path, pool: Pa
 
 
 def test_broken_captions_get_reasons_not_crashes():
-    st = _stage(max_chars=2000, min_alpha_ratio=0.5)
+    st = _stage(max_chars=2000, min_alpha_ratio=0.5, max_repeat_run=50)
     caps = ["", "word " * 10_000, "caf\ufffd au lait is here", "😀😀😀😀", None, "a b", "\x00\x01 nul bytes here"]
     vals = st.measure_captions(caps)
     reasons = st.reasons(Measured(vals))
     print(reasons)
-    assert reasons[0] is not None and reasons[1] == "caption:too_many_chars"
+    assert reasons[0] is not None and reasons[1] == "caption:too_many_chars"  # (its repeat run: 10,000)
     assert reasons[3] is not None and reasons[4] is not None and reasons[5] is not None
     assert vals["n_words"][1] == 10_000 and vals["max_repeat_run"][1] == 10_000
+
+
+def test_only_the_measures_a_threshold_reads_are_computed():
+    caps = ["a photo of a dog dog dog on the beach"]
+    assert _stage(drop_junk=False).optional_measures() == frozenset()
+    vals = _stage(drop_junk=False, min_concepts=1).measure_captions(caps)
+    assert vals["n_concepts"] == [2] and vals["alpha_ratio"] == [None] and vals["max_repeat_run"] == [None]
+    every = _stage(measures="all").measure_captions(caps)
+    assert every["max_repeat_run"] == [3] and every["unique_word_ratio"] == [0.7] and every["junk"] == [None]
+    assert _stage(drop_junk=False, measures=["alpha_ratio"]).measure_captions(caps)["alpha_ratio"] == [1.0]
 
 
 def test_synthetic_defects_confusion(pool: Path, tmp_path: Path):
