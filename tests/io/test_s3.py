@@ -113,3 +113,23 @@ def test_a_url_work_dir_is_refused_before_any_work(tmp_path: Path):
     with pytest.raises(ConfigError, match="a URL work dir is not supported yet"):
         run_pipeline(make_pipeline(("text", {})), make_config("x.tar", tmp_path).model_copy(
             update={"workdir": "s3://bucket/work"}))
+
+
+def test_connections_reset_mid_read_are_retried(s3, tmp_path: Path):
+    """Two ranged GETs cut mid-response by a proxy: the reads are retried and the tables equal the
+    local run's; nothing half-read is committed."""
+    from tests.io.flaky_proxy import FlakyProxy
+
+    endpoint, pool = s3
+    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), cut={2, 4})
+    try:
+        pipe = make_pipeline(("text", {}), ("image", {"min_blur_var": 20.0}))
+        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", tmp_path / "s3w", f"http://127.0.0.1:{proxy.port}"))
+    finally:
+        proxy.close()
+    assert proxy.cuts == 2  # the faults really happened
+    assert remote.ok, remote.problems()
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
+    for stage in ("index", "text", "image"):
+        assert pl.read_parquet(tmp_path / "s3w" / stage / "*.parquet").equals(
+            pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage

@@ -1,0 +1,51 @@
+"""A TCP proxy on 127.0.0.1 in front of a server that cuts chosen connections mid-response:
+fault injection for object storage (a connection reset in the middle of a ranged GET)."""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class FlakyProxy:
+    def __init__(self, target_port: int, cut: set[int], cut_after: int = 200_000):
+        """Connections numbered from 1; those in ``cut`` are reset after ``cut_after`` response bytes."""
+        self.target_port, self.cut, self.cut_after = target_port, cut, cut_after
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.connections = self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            limit = self.cut_after if self.connections in self.cut else None
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and sent + len(data) > limit:
+                    dst.sendall(data[:limit - sent])
+                    self.cuts += 1
+                    dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        self.sock.close()
