@@ -76,8 +76,6 @@ def metadata_basic_vs_datacomp(pool: Path, rows: int, shards: int = 10) -> dict:
     """DataComp basic on a metadata pool (no images): curate's parity recipe (index from Parquet +
     text + size rules, in-process, one core) against DataComp's own computation of the same uid set,
     on ``rows`` rows (the pool's metadata repeated with fresh uids), in the same process."""
-    import numpy as np
-
     base = pl.read_parquet(metadata_table(pool))
     reps = -(-rows // base.height)
     big = pl.concat([base] * reps).head(rows).with_columns(

@@ -46,10 +46,6 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path)
-
-
 def open_read(path: str) -> BinaryIO:
     """A file object for sequential reading (a local file, or a URL with a read-ahead buffer)."""
     if not is_url(path):
@@ -80,12 +76,12 @@ def size(path: str) -> int | None:
 def glob(pattern: str) -> list[str]:
     """URLs matching a glob pattern, sorted."""
     fs, p = filesystem(pattern)
-    return sorted(_unstrip(fs, m) for m in fs.glob(p))
+    return sorted(fs.unstrip_protocol(m) for m in fs.glob(p))
 
 
 def listdir(path: str) -> list[str]:
     fs, p = filesystem(path)
-    return sorted(_unstrip(fs, m) for m in fs.ls(p, detail=False))
+    return sorted(fs.unstrip_protocol(m) for m in fs.ls(p, detail=False))
 
 
 def read_text(path: str) -> str:
