@@ -3,6 +3,7 @@ sites, known junk hosts). The example stage of the README's "Writing a stage": a
 is a ``measure`` (value columns) and ``rules`` (drop conditions over them, each with a reason)."""
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,13 +45,14 @@ class UrlDomainStage(RowFilter):
         require_url: bool = Field(False, description="drop samples without a URL")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
-    def __init__(self, params: Strict, stage_id: str | None = None):
-        super().__init__(params, stage_id)
+    @cached_property
+    def blocked(self) -> frozenset[str]:
+        """The listed domains; the file is read on first use, so a missing one is reported by preflight."""
         listed = list(self.params.blocklist)
         if self.params.blocklist_file:
             lines = Path(self.params.blocklist_file).read_text().splitlines()
             listed += [ln.split("#")[0].strip() for ln in lines]
-        self.blocked = frozenset(d.lower().removeprefix("www.") for d in listed if d)
+        return frozenset(d.lower().removeprefix("www.") for d in listed if d)
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         f = self.params.blocklist_file

@@ -40,8 +40,7 @@ def test_broken_urls_are_kept_or_dropped_by_rule_never_crash(tmp_path: Path):
 
 
 def test_a_missing_blocklist_file_fails_preflight(tmp_path: Path):
-    st = UrlDomainStage.__new__(UrlDomainStage)  # preflight runs before the file is read
-    st.params, st.stage_id = UrlDomainStage.Params(blocklist_file=str(tmp_path / "nope.txt")), "url_domain"
+    st = UrlDomainStage(UrlDomainStage.Params(blocklist_file=str(tmp_path / "nope.txt")))  # builds: read lazily
     with pytest.raises(ConfigError, match="blocklist_file .*nope.txt' not found"):
         preflight([st], RunConfig(), [], WorkDir.at(tmp_path / "w"))
 
