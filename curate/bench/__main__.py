@@ -14,6 +14,7 @@ BENCHMARKS = {
     "global": "curate.bench.global_stages",
     "recipes": "curate.bench.recipes",
     "langid": "curate.bench.langid",
+    "classifier": "curate.bench.classifier",
 }
 
 

@@ -161,6 +161,17 @@ class ShardContext:
                 raise RuntimeError(f"shard {self.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
             yield i, s
 
+    def cache_file(self, name: str) -> Path | None:
+        """Where a stage keeps a value it computes once per run and every shard reuses (class
+        embeddings...): WORK/cache/<stage id>/<name>; None where there is no work dir."""
+        return self.work.root / "cache" / self.stage_id / name
+
+    def pipeline_stage(self, stage_id: str) -> "Stage":
+        """A declared earlier stage of this run's pipeline, rebuilt from the run record (e.g. the
+        scorer whose model a later stage uses again)."""
+        _check_read(self.stage_id, stage_id, set(self.reads))
+        return _recorded_stage(self.work, self.run.run_id, stage_id)
+
     def lookup(self, artifact: Path, columns: list[str]) -> dict[str, list]:
         """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
         rows not evaluated, or absent from the artifact, get None."""
@@ -218,13 +229,17 @@ class GlobalContext:
     def pipeline_stage(self, stage_id: str) -> "Stage":
         """Another stage of this run's pipeline, rebuilt from the run record (e.g. the scorer
         whose model a global stage must use again)."""
-        from curate.core.config import StageSpec
-        from curate.stages.registry import build_stage
-
         _check_read(self.stage_id, stage_id, set(self.reads))
-        run = json.loads((self.work.run_dir(self.run.run_id) / "run.json").read_text())
-        spec = next(s for s in run["stages"] if s["id"] == stage_id)
-        return build_stage(StageSpec(name=spec["name"], id=stage_id, params=spec["params"]))
+        return _recorded_stage(self.work, self.run.run_id, stage_id)
+
+
+def _recorded_stage(work: WorkDir, run_id: str, stage_id: str) -> "Stage":
+    from curate.core.config import StageSpec
+    from curate.stages.registry import build_stage
+
+    run = json.loads((work.run_dir(run_id) / "run.json").read_text())
+    spec = next(s for s in run["stages"] if s["id"] == stage_id)
+    return build_stage(StageSpec(name=spec["name"], id=stage_id, params=spec["params"]))
 
 
 class Stage:

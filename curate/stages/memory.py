@@ -36,6 +36,13 @@ class MemoryShardContext(ShardContext):
 
     raw: list[RawSample] = field(default_factory=list)
     tables: dict[str, pa.Table] = field(default_factory=dict)
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+    def pipeline_stage(self, stage_id: str) -> Stage:
+        return self.stages[stage_id]
+
+    def cache_file(self, name: str) -> None:
+        return None
 
     def _table(self, stage_id: str, columns: list[str] | None) -> pa.Table:
         t = self.tables[stage_id]
@@ -58,10 +65,12 @@ def run_in_memory(stage: MapStage, samples: list[dict[str, Any]], earlier: list[
     run = RunInfo(run_id="memory", workdir=".", device=device, model_cache=model_cache)
     tables: dict[str, pa.Table] = {}
     upstream: list[str] = []
-    for st in [IndexStage(IndexStage.Params()), *earlier, stage]:
+    stages = [IndexStage(IndexStage.Params()), *earlier, stage]
+    for st in stages:
         ctx = MemoryShardContext(shard_path="<memory>", shard="memory", stage_id=st.stage_id,
                                  upstream=list(upstream), run=run, evaluate_all=st.evaluate_all,
-                                 reads=tuple(st.reads()), raw=raw, tables=tables)
+                                 reads=tuple(st.reads()), raw=raw, tables=tables,
+                                 stages={s.stage_id: s for s in stages})
         table = finalize(st, ctx, st.process(ctx))[0]
         tables[st.stage_id] = table
         if st.filters:
