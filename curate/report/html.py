@@ -136,16 +136,50 @@ def plot_concepts(cc: pl.DataFrame, out: Path) -> str | None:
     return _save(fig, out / "concepts.png")
 
 
+def _classifier_ids(run: dict) -> list[str]:
+    return [s["id"] for s in run["stages"] if s["name"] == "classifier"]
+
+
 def _tile_details(work: WorkDir, run: dict) -> pl.DataFrame:
-    """uid, kept, reason, clip_score and dup_of (where those stages ran) for every sample."""
+    """uid, kept, reason, clip_score, dup_of and the predicted classes (where those stages ran)
+    for every sample."""
     from curate.core.decisions import decisions
 
     d = decisions(work.root, run_id=run["run_id"])
-    for stage, col in (("clip_score", "clip_score"), ("dedup", "dup_of")):
+    sources = [("clip_score", "clip_score"), ("dedup", "dup_of")] + [(c, "cls_labels") for c in _classifier_ids(run)[:1]]
+    for stage, col in sources:
         t = _read_stage(work, stage, ["uid", col])
         if t is not None and col in t.columns and stage in {s["id"] for s in run["stages"]}:
             d = d.join(t, on="uid", how="left")
     return d
+
+
+def classifier_tables(work: WorkDir, run: dict, top: int = 20) -> list[str]:
+    """Per classifier stage: how many pairs each predicted (top-1) class covers and the share the
+    whole pipeline kept, for the most frequent classes."""
+    from curate.core.decisions import decisions
+
+    h: list[str] = []
+    kept = decisions(work.root, run_id=run["run_id"]).select("uid", "kept")
+    for sid in _classifier_ids(run):
+        t = _read_stage(work, sid, ["uid", "cls_labels", "cls_decision"])
+        if t is None:
+            continue
+        per = (t.filter(pl.col("cls_labels").is_not_null())
+               .with_columns(pl.col("cls_labels").list.first().alias("cls"))
+               .join(kept, on="uid", how="left")
+               .group_by("cls").agg(pl.len().alias("n"), pl.col("kept").sum().alias("kept"),
+                                    (pl.col("cls_decision") == "mismatch").sum().alias("mismatch"))
+               .sort(["n", "cls"], descending=[True, False]))
+        h.append(f"<h2>Classifier {html.escape(sid)}: predicted classes</h2><p>Pairs per top-1 class, how "
+                 f"many the caption did not confirm, and how many the pipeline kept ({per.height} classes; "
+                 f"the {min(top, per.height)} most frequent):</p><table><tr><th>class</th><th>pairs</th>"
+                 "<th>caption mismatch</th><th>kept</th><th>kept %</th></tr>")
+        for r in per.head(top).iter_rows(named=True):
+            h.append(f"<tr><td class='l'>{html.escape(r['cls'])}</td><td>{r['n']}</td><td>{r['mismatch']}</td>"
+                     f"<td>{r['kept']}</td><td>{100 * r['kept'] / r['n']:.1f}</td></tr>")
+        h.append("</table>")
+    return h
 
 
 def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, str, str]]]:
@@ -182,6 +216,8 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
                 detail.append(f"CLIP {row['clip_score']:.3f}")
             if row.get("dup_of"):
                 detail.append(f"duplicate of {row['dup_of'][:12]}")
+            if row.get("cls_labels"):
+                detail.append(f"classes: {', '.join(row['cls_labels'][:3])}")
             if not row["kept"]:
                 detail.append(f"{row['dropped_by']}: {row['reason']}")
             result.setdefault(row["group"], []).append((f"gallery/{name}", cap, ", ".join(detail)))
@@ -291,6 +327,7 @@ def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
     h += _funnel_table(rows)
     h += _params_table(run)
     h += coverage_table(work)
+    h += classifier_tables(work, run)
     for title, name, extra in figs:
         if name:
             h.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>")

@@ -36,8 +36,24 @@ def recipes(heldout: Path) -> dict[str, PipelineConfig]:
         "clip_score_top30": PipelineConfig(name="clip_score_top30", stages=[
             StageSpec(name="clip_score", params=dict(clip.params, all_rows=True)),
             StageSpec(name="clip_rank", params={"top_fraction": 0.3})]),
+        "classifier": classifier_recipe(demo),
         "full": demo,
     }
+
+
+def classifier_recipe(demo: PipelineConfig) -> PipelineConfig:
+    """pipelines/classifier_filter.yaml on the demo pool: the demo's caption and image filters and
+    tiny CLIP, and a classifier over the pool's colours (the tiny CLIP tells colours apart; its
+    shape zero-shot accuracy is near chance), prompted as the evaluation prompts colours."""
+    from curate.tools.evaluation import zero_shot_tasks
+
+    real = load_pipeline(ROOT / "pipelines" / "classifier_filter.yaml")
+    cls = next(s for s in real.stages if s.name == "classifier")
+    params = cls.params | {"vocabulary": str(ROOT / "pipelines" / "vocab" / "synthetic_colours.txt"),
+                           "templates": list(zero_shot_tasks()["colour"].templates), "top_k": 1}
+    return PipelineConfig(name="classifier", stages=[
+        *(s for s in demo.stages if s.name in ("text", "image", "clip_score")),
+        cls.model_copy(update={"params": params})])
 
 
 TASKS = ("shape", "colour", "count", "position")

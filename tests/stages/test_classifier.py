@@ -10,6 +10,7 @@ import pytest
 from curate.algorithms.class_vocabulary import CaptionConfirmer, VocabularyError, load_classes, plural_forms
 from curate.core.config import ConfigError
 from curate.core.pipeline import run_pipeline
+from curate.report.html import write_report
 from curate.stages.base import RunInfo
 from curate.stages.classifier import ClassifierStage, top_k
 from curate.stages.clip_score import ClipScoreStage
@@ -78,6 +79,11 @@ def test_stage_on_a_pool_with_the_tiny_clip(pool: Path, tmp_path: Path):
     matched = judged.filter(pl.col("cls_decision") == "match")
     assert matched.height > 0 and matched["cls_match"].null_count() == 0 and matched["keep_classifier"].all()
     assert all(len(x) == 2 and x[0] >= x[1] for x in judged["cls_probs"].to_list())
+    page = write_report(work).read_text()  # classes per pair in the report and its gallery
+    assert "Classifier classifier: predicted classes" in page and "<h3>classifier:caption_mismatch</h3>" in page
+    top = judged["cls_labels"].list.first().value_counts().sort(["count", "cls_labels"], descending=[True, False])
+    assert f"<td class='l'>{top['cls_labels'][0]}</td><td>{top['count'][0]}</td>" in page
+    assert "classes: " in page
     caches = list((work / "cache" / "classifier").glob("classes-*.npz"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
