@@ -16,14 +16,18 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.bench.common import ROOT, save
+from curate.bench.common import ROOT, peak_rss_mb, save
 from curate.stages.text import TextStage
 
 DATA = Path(os.environ.get("CURATE_BENCH_DATA", ROOT.parent / "shared" / "data"))
 
 
+DECISIONS = {"top1": {"language_decision": "top1"}, "robust_fasttext_only": {"second_detector": False},
+             "robust": {}}
+
+
 def _decide(texts: list[str], decision: str) -> list[str | None]:
-    st = TextStage(TextStage.Params(language_decision=decision))
+    st = TextStage(TextStage.Params(**DECISIONS[decision]))
     return st.measure_captions(texts)["lang_final"]
 
 
@@ -33,15 +37,15 @@ def run() -> dict:
     lingua = DATA / "langid" / "lingua_sample_600.tsv"
     laion = DATA / "captions" / "laion400m_sample_10000.parquet"
     if coco.exists():
-        caps = [r["caption"] for r in csv.DictReader(coco.open(), delimiter="\t")]
-        for d in ("top1", "robust"):
+        caps = [r["caption"] for r in csv.DictReader(coco.open(), delimiter="\t") if r["caption"]]
+        for d in DECISIONS:
             got = _decide(caps, d)
             res[f"coco_english_recall_{d}"] = round(sum(g == "en" for g in got) / len(caps), 4)
             res[f"coco_missed_{d}"] = [c for c, g in zip(caps, got) if g != "en"][:5]
     if lingua.exists():
         rows = list(csv.DictReader(lingua.open(), delimiter="\t"))
         truth = [r["lang"] for r in rows]
-        for d in ("top1", "robust"):
+        for d in DECISIONS:
             got = _decide([r["text"] for r in rows], d)
             tp = sum(g == "en" and t == "en" for g, t in zip(got, truth))
             pred_en = sum(g == "en" for g in got)
@@ -56,12 +60,14 @@ def run() -> dict:
         sure_en = [c for c, lang, p in zip(caps, top1["lang"], top1["lang_prob"]) if lang == "en" and p >= 0.9]
         res["laion_sure_english"] = len(sure_en)
         res["laion_sure_english_recall_robust"] = round(sum(g == "en" for g in _decide(sure_en, "robust")) / len(sure_en), 4)
-        for d in ("top1", "robust"):
-            st = TextStage(TextStage.Params(language_decision=d))
+        for name, params in DECISIONS.items():
+            st = TextStage(TextStage.Params(**params))
             st.measure_captions(caps[:200])
             t0 = time.perf_counter()
-            st.measure_captions(caps)
-            res[f"text_stage_captions_per_s_{d}"] = round(len(caps) / (time.perf_counter() - t0))
+            out = st.measure_captions(caps)
+            res[f"text_stage_captions_per_s_{name}"] = round(len(caps) / (time.perf_counter() - t0))
+            res[f"laion_changed_by_second_detector_{name}"] = round(out["lang_rule"].count("second_detector") / len(caps), 4)
+        res["peak_rss_mb"] = round(peak_rss_mb())
         res["target_captions_per_s"] = ">= 20000 per core"
     if not res:
         res["skipped"] = f"no labelled data under {DATA}"

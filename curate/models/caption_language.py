@@ -10,13 +10,20 @@ top-1 alone misreads many of them. On top of fastText (kept as the value columns
 3. ``function_words``: when fastText is unsure (top-1 below ``unsure_below``) and English is among
    its candidates, a caption made largely of English function words ("a", "on", "with", "the") is
    English.
+4. ``second_detector``: when fastText is not sure (top-1 below ``sure_above``) or the caption is
+   short (``short_words`` words or fewer), a detector made for short text (lingua, whose models ship
+   in its wheel) is asked. It knows languages lid.176 lacks (fastText calls Somali or Zulu English
+   with a low probability) and tells single words apart better. Its answer wins only when it
+   clearly disagrees: fastText's language stands while lingua gives it at least ``keep_ratio`` of
+   lingua's own top confidence ("vintage car": lingua da 0.12, en 0.08: still English).
 
-Otherwise the rule is ``fasttext`` (its top-1). The decision is deterministic and costs a second
-prediction only for upper-case captions.
+Otherwise the rule is ``fasttext`` (its top-1). The decision is deterministic; it costs a second
+fastText prediction for upper-case captions and a lingua call for unsure or short ones.
 """
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 
 # Languages of lid.176 written in a script other than Latin (others default to Latin).
@@ -88,10 +95,47 @@ def function_word_share(text: str) -> tuple[int, float]:
     return hits, hits / len(words) if words else 0.0
 
 
-def decide(text: str, preds: list[tuple[str, float]], repredict, unsure_below: float = 0.5
-           ) -> tuple[str | None, str]:
+class SecondDetector:
+    """lingua over all its languages, models loaded as first needed."""
+
+    ALIASES = {"no": "nb"}  # lid.176's Norwegian is lingua's Bokmal
+
+    def __init__(self):
+        from lingua import LanguageDetectorBuilder
+
+        self._detector = LanguageDetectorBuilder.from_all_languages().build()
+
+    def __call__(self, text: str, lang: str) -> tuple[str | None, float, float]:
+        """(lingua's language, its confidence, lingua's confidence in ``lang``); None when lingua
+        cannot tell."""
+        conf = self._detector.compute_language_confidence_values(text)
+        if not conf:
+            return None, 0.0, 0.0
+        want = self.ALIASES.get(lang, lang)
+        mine = next((c.value for c in conf if c.language.iso_code_639_1.name.lower() == want), 0.0)
+        return conf[0].language.iso_code_639_1.name.lower(), conf[0].value, mine
+
+
+@lru_cache(maxsize=1)
+def second_detector() -> SecondDetector:
+    return SecondDetector()
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    unsure_below: float = 0.5  # function-word rule: fastText's top-1 below this
+    sure_above: float = 0.5  # second detector: fastText's top-1 below this...
+    short_words: int = 3  # ...or a caption of this many words or fewer
+    # fastText's language stands while lingua gives it at least this share of lingua's own top
+    # confidence: the second opinion overrides a clear disagreement, not a near tie
+    keep_ratio: float = 0.5
+
+
+def decide(text: str, preds: list[tuple[str, float]], repredict, second=None,
+           th: Thresholds = Thresholds()) -> tuple[str | None, str]:
     """(language, rule) for one caption from fastText's candidates ``preds`` (best first);
-    ``repredict(text)`` gives candidates for another form of the text."""
+    ``repredict(text)`` gives candidates for another form of the text; ``second(text)``, when
+    given, is the second detector."""
     if not preds:
         return None, "fasttext"
     rule = "fasttext"
@@ -108,8 +152,12 @@ def decide(text: str, preds: list[tuple[str, float]], repredict, unsure_below: f
             kana = script == "CJK" and any(_is_kana(ch) for ch in text)
             return ("ja" if kana else SCRIPT_DEFAULT.get(script)), "script"
     top, p = preds[0]
-    if top != "en" and p < unsure_below and any(c[0] == "en" for c in preds):
+    if top != "en" and p < th.unsure_below and any(c[0] == "en" for c in preds):
         hits, share = function_word_share(text)
         if hits >= 2 and share >= 0.3:
             return "en", "function_words"
+    if second is not None and rule != "script" and (p < th.sure_above or len(text.split()) <= th.short_words):
+        other, other_conf, top_conf = second(text, top)
+        if other is not None and other != SecondDetector.ALIASES.get(top, top) and top_conf < th.keep_ratio * other_conf:
+            return other, "second_detector"
     return top, rule

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from curate.algorithms.concepts import get_matcher
 from curate.core.config import Strict
-from curate.models.caption_language import decide
+from curate.models.caption_language import decide, second_detector
 from curate.models.langid import load_langid, predict_languages
 from curate.stages.base import ShardContext
 from curate.stages.registry import register_stage
@@ -96,7 +96,7 @@ class TextStage(RowFilter):
         "lang_final": "the language the languages rule reads: fastText top-1, or corrected by lang_rule",
         "lang_rule": "what decided lang_final: fasttext, uppercase (re-predicted in lower case), script "
                      "(top-1 in another script than the caption's), function_words (unsure, mostly English "
-                     "function words)",
+                     "function words), second_detector (lingua, for a short or unsure caption)",
         "n_chars": "characters in the caption",
         "n_words": "whitespace-separated words in the caption",
         "unique_word_ratio": "distinct words / words",
@@ -105,13 +105,16 @@ class TextStage(RowFilter):
         "n_concepts": "concept-vocabulary entries (ImageNet-21k lemmas by default) found in the caption",
         "junk": "the junk pattern the caption matches (file name, URL, untitled, placeholder, no letters), or null",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         languages: list[str] | None = Field(["en"], description="allowed languages (of lang_final); null: any")
         language_decision: Literal["robust", "top1"] = Field(
-            "robust", description="robust: fastText corrected for capitals, script and unsure English "
-            "(models/caption_language.py); top1: fastText's top-1 alone (DataComp parity)")
+            "robust", description="robust: fastText corrected for capitals, script and unsure English, "
+            "and lingua for short or unsure captions (models/caption_language.py); top1: fastText's "
+            "top-1 alone (DataComp parity)")
+        second_detector: bool = Field(True, description="robust decision: consult lingua where fastText "
+                                      "is unsure or the caption is short")
         min_lang_prob: float = Field(0.0, ge=0, le=1, description="DataComp uses 0 (top-1 only)")
         langid_model: str | None = Field(None, description="path to lid.176.bin/.ftz; default: bundled .ftz")
         min_words: int | None = Field(3, ge=0, description="DataComp: more than 2 words")
@@ -169,7 +172,9 @@ class TextStage(RowFilter):
         # five candidates: the script rule looks past a top-3 that fastText fills with Latin languages
         preds = predict_languages(model, norms, k=5)
         if p.language_decision == "robust":
-            decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0]) for n, pr in zip(norms, preds)]
+            second = second_detector() if p.second_detector else None
+            decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0], second)
+                       for n, pr in zip(norms, preds)]
         else:
             decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
         lowers = [n.lower() for n in norms]

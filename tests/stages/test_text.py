@@ -114,6 +114,12 @@ CAPTION_LANGUAGES = [  # (caption, language the robust decision must give, rule)
     ("a photo of a dog on the beach", "en", "fasttext"),
     ("ein Hund spielt im Park mit einem Ball", "de", "fasttext"),
     ("Собака играет в парке", "ru", None),
+    # brand names and short product captions stay English; short non-English ones do not
+    ("Nike Air Max running shoes for men", "en", None),
+    ("iPhone 12 Pro case", "en", None),
+    ("vintage car", "en", "fasttext"),  # lingua leans Danish, not clearly enough to override
+    ("gatto nero", "it", "second_detector"),  # fastText: es
+    ("overtok likevel", "nb", "second_detector"),  # fastText: en with p 0.95, but two words
 ]
 
 
@@ -127,6 +133,11 @@ def test_the_robust_language_decision_keeps_english_captions_fasttext_misreads()
     assert vals["lang"][:2] == ["ja", "pl"]
     reasons = st.reasons(Measured(vals))
     assert reasons[0] is None and reasons[1] is None and reasons[3] == "lang:fr"
+
+
+def test_without_the_second_detector_short_non_english_passes_as_english():
+    st = TextStage(TextStage.Params(second_detector=False))
+    assert st.measure_captions(["overtok likevel"])["lang_final"] == ["en"]
 
 
 def test_top1_keeps_datacomps_rule():
