@@ -15,6 +15,7 @@ BENCHMARKS = {
     "recipes": "curate.bench.recipes",
     "langid": "curate.bench.langid",
     "classifier": "curate.bench.classifier",
+    "caption_dedup": "curate.bench.caption_dedup",
 }
 
 

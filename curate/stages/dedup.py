@@ -1,4 +1,5 @@
-"""Deduplication (global stage): exact, perceptual (pHash), semantic (SemDeDup) and eval-set copies.
+"""Deduplication (global stage): exact, perceptual (pHash), semantic (SemDeDup), caption near
+duplicates (MinHash LSH, algorithms/minhash.py) and eval-set copies.
 
 summarize: per shard, the keys of the surviving samples (sha256, normalised-caption hash, url
 hash, pHash, CLIP score). combine: duplicate edges of every enabled kind, groups as connected components
@@ -28,6 +29,7 @@ from pydantic import Field
 
 from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
 from curate.algorithms.components import component_roots
+from curate.algorithms.minhash import signatures, similar_pairs
 from curate.algorithms.vectors import nearest, train_centroids
 from curate.core.config import Strict
 from curate.io.shards import expand_input, iter_samples
@@ -36,7 +38,7 @@ from curate.stages.registry import register_stage
 from curate.stages.text import normalise
 
 log = logging.getLogger(__name__)
-KIND_RANK = {"exact": 0, "phash": 1, "crop": 2, "semantic": 3}
+KIND_RANK = {"exact": 0, "phash": 1, "crop": 2, "semantic": 3, "caption_near": 4}
 
 
 def key_hash(text: str | None) -> int | None:
@@ -52,14 +54,14 @@ def caption_key(caption: str | None) -> str | None:
 
 @register_stage
 class DedupStage(GlobalStage):
-    """Duplicate groups (exact sha256/caption/url, pHash within a Hamming radius, SemDeDup, evaluation-set copies); keeps one per group."""
+    """Duplicate groups (exact sha256/caption/url, pHash within a Hamming radius, SemDeDup, caption MinHash, evaluation-set copies); keeps one per group."""
 
     name = "dedup"
     columns = {
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "2"
+    version = "3"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
@@ -70,6 +72,11 @@ class DedupStage(GlobalStage):
         crop_max_color_diff: float = Field(4.0, ge=0, le=255, description="a crop match counts only when the 4x4 "
                                            "colour signatures differ by at most this (mean absolute, 0-255)")
         semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")
+        caption_jaccard: float | None = Field(None, gt=0, le=1, description="caption near duplicates (templated "
+                                              "spam): estimated Jaccard similarity of character shingles at "
+                                              "or above which two captions match (MinHash LSH); null: off")
+        caption_shingle: int = Field(5, ge=1, le=64, description="characters per caption shingle")
+        caption_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations per caption")
         n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: pool / 200k (each fits in memory)")
         max_cluster_size: int = Field(1000, ge=2, description="larger clusters are split by k-means, recursively")
         kmeans_sample: int = Field(200_000, ge=100, description="rows sampled to train the SemDeDup top-level k-means")
@@ -125,7 +132,8 @@ class DedupStage(GlobalStage):
     def partial_fields(self) -> list[pa.Field]:
         return [pa.field("uid", pa.string()), pa.field("sha256", pa.string()), pa.field("caption_h", pa.int64()),
                 pa.field("url_h", pa.int64()), pa.field("phash", pa.int64()), pa.field("clip_score", pa.float32()),
-                pa.field("phash_crops", pa.list_(pa.int64())), pa.field("color_sig", pa.list_(pa.uint8()))]
+                pa.field("phash_crops", pa.list_(pa.int64())), pa.field("color_sig", pa.list_(pa.uint8())),
+                pa.field("caption_mh", pa.list_(pa.uint32()))]
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         files = []
@@ -149,11 +157,18 @@ class DedupStage(GlobalStage):
             sig = ctx.column("color_sig", stage_id=self._phash_source())
         rows = [i for i in range(n) if ev[i]]
         col = {k: idx.column(k).to_pylist() for k in ("uid", "sha256", "caption", "url")}
+        mh: list = [None] * len(rows)
+        if self.params.caption_jaccard is not None:
+            keyed = [(j, caption_key(col["caption"][i])) for j, i in enumerate(rows)]
+            keyed = [(j, k) for j, k in keyed if k]
+            for (j, _), hv in zip(keyed, signatures([k for _, k in keyed], self.params.caption_shingle,
+                                                    self.params.caption_num_perm)):
+                mh[j] = hv
         return {"uid": [col["uid"][i] for i in rows], "sha256": [col["sha256"][i] for i in rows],
                 "caption_h": [key_hash(caption_key(col["caption"][i])) for i in rows],
                 "url_h": [key_hash(col["url"][i]) for i in rows], "phash": [ph[i] for i in rows],
                 "clip_score": [cs[i] for i in rows], "phash_crops": [crops[i] for i in rows],
-                "color_sig": [sig[i] for i in rows]}
+                "color_sig": [sig[i] for i in rows], "caption_mh": mh}
 
     # -- combine -----------------------------------------------------------------------------
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
@@ -188,6 +203,12 @@ class DedupStage(GlobalStage):
             add_edges(self._crop_pairs(df), "crop")
         if p.semantic_eps is not None and n:
             add_edges(self._semantic_pairs(ctx, df), "semantic")
+        if p.caption_jaccard is not None and n:
+            ok = ~df["caption_mh"].is_null().to_numpy()
+            rows = np.flatnonzero(ok)
+            sig = np.array(df["caption_mh"].filter(ok).to_list(), dtype=np.uint32).reshape(len(rows), -1)
+            pairs = similar_pairs(sig, p.caption_jaccard)
+            add_edges(rows[pairs] if len(pairs) else pairs, "caption_near")
         eval_hit = self._eval_matches(ctx, df)
         roots = component_roots(n, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
         keep_row = self._representatives(df, roots)[roots]  # the row each row's group keeps
