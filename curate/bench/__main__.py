@@ -16,6 +16,7 @@ BENCHMARKS = {
     "langid": "curate.bench.langid",
     "classifier": "curate.bench.classifier",
     "caption_dedup": "curate.bench.caption_dedup",
+    "clip_loss": "curate.bench.clip_loss",
 }
 
 

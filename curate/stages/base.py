@@ -161,6 +161,13 @@ class ShardContext:
                 raise RuntimeError(f"shard {self.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
             yield i, s
 
+    def describe(self, stage_id: str) -> dict[str, Any]:
+        """What a declared earlier stage recorded about how it computed this shard's values
+        (model, checkpoint...)."""
+        _check_read(self.stage_id, stage_id, {"index", *self.upstream, *self.reads})
+        meta = read_meta(self.work.stage_table(stage_id, self.shard))
+        return (meta or {}).get("describe") or {}
+
     def cache_file(self, name: str) -> Path | None:
         """Where a stage keeps a value it computes once per run and every shard reuses (class
         embeddings...): WORK/cache/<stage id>/<name>; None where there is no work dir."""

@@ -44,6 +44,9 @@ class MemoryShardContext(ShardContext):
     def cache_file(self, name: str) -> None:
         return None
 
+    def describe(self, stage_id: str) -> dict[str, Any]:
+        return self.stages[stage_id].describe()
+
     def _table(self, stage_id: str, columns: list[str] | None) -> pa.Table:
         t = self.tables[stage_id]
         return t.select(columns) if columns is not None else t
