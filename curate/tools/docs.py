@@ -33,7 +33,7 @@ def stages_markdown() -> str:
 
 # Parameters that make a stage buildable for listing its columns (no work is done).
 _EXAMPLE_PARAMS = {"balance": {"t": 1.0}, "clip_rank": {"top_fraction": 0.3}, "reference_filter": {"reference": "x"},
-                   "score_ensemble": {"inputs": [{"stage": "a"}, {"stage": "b"}]}}
+                   "score_ensemble": {"inputs": [{"stage": "a"}, {"stage": "b"}]}, "embedding_head": {"checkpoint": "x"}}
 
 
 def stage_columns(name: str) -> list[tuple[str, str, str]]:
