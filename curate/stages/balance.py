@@ -5,6 +5,11 @@ Aho-Corasick pass, MetaCLIP's normalisation). combine: per-entry counts over the
 ``p_e = min(1, t / count_e)``; a sample is kept when ``hash(uid, seed) < 1 - prod(1 - p_e)``, so the
 result does not depend on sharding or worker count. ``t`` is set, or solved for a target size.
 No upsampling: DataComp's appendix saw CLIP training diverge when balancing by repetition.
+
+``per_language`` (MetaCLIP 2): entries are counted per caption language (``lang_final`` of a text
+stage), and each language gets its own cap: the cap that keeps the same tail share of its matches
+as ``t`` keeps of the reference language's (``tail_share``: sum of min(count, t) over the sum of
+counts), so a language with a small pool is not cut at English's cap.
 """
 from __future__ import annotations
 
@@ -29,10 +34,29 @@ def uniform_hash(uid: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2.0**64
 
 
-def keep_probability(entries: pl.DataFrame, counts: np.ndarray, t: float) -> pl.DataFrame:
-    """Per sample (column ``row``) ``1 - prod(1 - min(1, t / count_e))`` over its entries."""
-    c = counts[entries["entry"].to_numpy()]
-    p = np.minimum(1.0, t / np.maximum(c, 1))
+def tail_share(counts: np.ndarray, t: float) -> float:
+    """Share of the matches a cap of t keeps: sum(min(count, t)) / sum(count)."""
+    total = counts.sum()
+    return float(np.minimum(counts, t).sum() / total) if total else 1.0
+
+
+def cap_for_share(counts: np.ndarray, share: float) -> float:
+    """The cap t whose tail_share over ``counts`` is ``share`` (bisection; the share grows with t)."""
+    lo, hi = 0.0, float(max(1.0, counts.max(initial=1.0)))
+    if tail_share(counts, hi) <= share:
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail_share(counts, mid) < share else (lo, mid)
+    return hi
+
+
+def keep_probability(entries: pl.DataFrame, counts: np.ndarray, t: float | np.ndarray) -> pl.DataFrame:
+    """Per sample (column ``row``) ``1 - prod(1 - min(1, t / count_e))`` over its entries (column
+    ``entry``: index into ``counts``; ``t`` one cap, or one per entry of ``counts``)."""
+    e = entries["entry"].to_numpy()
+    c = counts[e]
+    p = np.minimum(1.0, (t if np.isscalar(t) else t[e]) / np.maximum(c, 1))
     d = entries.with_columns(pl.Series("log_miss", np.log1p(-np.minimum(p, 1 - 1e-12))))
     # prod(1 - p) through logs; p == 1 makes the sample certain (log_miss ~ -27.6)
     return d.group_by("row").agg(pl.col("log_miss").sum()).with_columns(
@@ -48,7 +72,7 @@ class BalanceStage(GlobalStage):
         "concepts": "ids of the vocabulary entries the caption matches (names: WORK/global/concept_counts.parquet)",
         "p_keep": "keep probability from the concept counts (a sample is kept when hash(uid, seed) < p_keep)",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         vocabulary: str = Field("imagenet21k", description="imagenet21k, imagenet1k or a file (one entry a line)")
@@ -58,6 +82,10 @@ class BalanceStage(GlobalStage):
         unmatched: Literal["drop", "keep", "sample"] = Field("drop", description="samples that match no concept: drop, keep, or sample at unmatched_rate")
         unmatched_rate: float = Field(0.0, ge=0, le=1, description="keep rate when unmatched: sample")
         seed: int = Field(0, description="seed of the hash(uid, seed) keep decisions")
+        per_language: bool = Field(False, description="MetaCLIP 2: count entries per caption language and cap "
+                                   "each language at the t that keeps the reference language's tail share")
+        language_from: str = Field("text", description="id of the text stage whose lang_final gives the language")
+        reference_language: str = Field("en", description="the language t (or the solved t) applies to")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
         @model_validator(mode="after")
@@ -69,7 +97,11 @@ class BalanceStage(GlobalStage):
         return [pa.field("concepts", pa.list_(pa.int32())), pa.field("p_keep", pa.float32())]
 
     def partial_fields(self) -> list[pa.Field]:
-        return [pa.field("uid", pa.string()), pa.field("concepts", pa.list_(pa.int32()))]
+        return [pa.field("uid", pa.string()), pa.field("concepts", pa.list_(pa.int32())),
+                pa.field("language", pa.string())]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.language_from,) if self.params.per_language else ()
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         return {"vocabulary_sha256": load_vocabulary(self.params.vocabulary).sha256}
@@ -81,23 +113,39 @@ class BalanceStage(GlobalStage):
         uids = idx.column("uid").to_pylist()
         caps = idx.column("caption").to_pylist()
         rows = [i for i in range(len(uids)) if ev[i]]
-        return {"uid": [uids[i] for i in rows], "concepts": [m.match(caps[i]) for i in rows]}
+        langs = ctx.column("lang_final", rows, stage_id=self.params.language_from) if self.params.per_language \
+            else [None] * len(rows)
+        return {"uid": [uids[i] for i in rows], "concepts": [m.match(caps[i]) for i in rows], "language": langs}
 
     def _unmatched_p(self) -> float:
         return {"drop": 0.0, "keep": 1.0, "sample": self.params.unmatched_rate}[self.params.unmatched]
 
-    def solve_t(self, entries: pl.DataFrame, counts: np.ndarray, n_unmatched: int, target: int) -> float:
+    def caps(self, t: float, counts: np.ndarray, n_entries: int, languages: list[str]) -> np.ndarray:
+        """The cap of every (language, entry) slot of ``counts``: t for one language (or without
+        per_language); else t for the reference language and, for each other language, the cap
+        that keeps the same tail share of its matches."""
+        if len(languages) == 1 and not self.params.per_language:
+            return np.full(len(counts), t)
+        by_lang = counts.reshape(len(languages), n_entries)
+        ref = self.params.reference_language
+        share = tail_share(by_lang[languages.index(ref)], t) if ref in languages else None
+        caps = [t if lang == ref or share is None else cap_for_share(c, share) for lang, c in zip(languages, by_lang)]
+        return np.repeat(np.array(caps, dtype=np.float64), n_entries)
+
+    def solve_t(self, entries: pl.DataFrame, counts: np.ndarray, n_unmatched: int, target: int,
+                n_entries: int, languages: list[str]) -> float:
         """Smallest t whose expected kept count reaches ``target`` (bisection; E grows with t)."""
         base = n_unmatched * self._unmatched_p()
+
+        def expected(t: float) -> float:
+            return keep_probability(entries, counts, self.caps(t, counts, n_entries, languages))["p_keep"].sum() + base
+
         lo, hi = 1e-6, float(max(1, counts.max(initial=1)))
-        if keep_probability(entries, counts, hi)["p_keep"].sum() + base <= target:
+        if expected(hi) <= target:
             return hi
         for _ in range(60):
             mid = (lo + hi) / 2
-            if keep_probability(entries, counts, mid)["p_keep"].sum() + base < target:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if expected(mid) < target else (lo, mid)
         return hi
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
@@ -106,11 +154,19 @@ class BalanceStage(GlobalStage):
         frames = [pl.read_parquet(path).with_columns(pl.lit(s).alias("shard"))
                   for s, path in zip(ctx.shards, ctx.partials())]
         df = pl.concat(frames).sort("uid").with_row_index("row")
-        entries = df.select("row", "concepts").explode("concepts").drop_nulls().rename({"concepts": "entry"})
-        counts = np.bincount(entries["entry"].to_numpy(), minlength=len(vocab.entries)).astype(np.float64)
+        v = len(vocab.entries)
+        # one slot per (language, entry); a single language "" without per_language
+        df = df.with_columns(pl.col("language").fill_null("und") if p.per_language else pl.lit("").alias("language"))
+        languages = sorted(set(df["language"].to_list())) or [""]
+        lang_idx = {lang: k for k, lang in enumerate(languages)}
+        entries = (df.select("row", "concepts", pl.col("language").replace_strict(lang_idx, return_dtype=pl.Int64)
+                             .alias("lang")).explode("concepts").drop_nulls()
+                   .select("row", (pl.col("lang") * v + pl.col("concepts")).alias("entry")))
+        counts = np.bincount(entries["entry"].to_numpy(), minlength=v * len(languages)).astype(np.float64)
         n_unmatched = int((df["concepts"].list.len() == 0).sum())
-        t = p.t if p.t is not None else self.solve_t(entries, counts, n_unmatched, p.target_size)
-        pk = keep_probability(entries, counts, t)
+        t = p.t if p.t is not None else self.solve_t(entries, counts, n_unmatched, p.target_size, v, languages)
+        caps = self.caps(t, counts, v, languages)
+        pk = keep_probability(entries, counts, caps)
         df = df.join(pk.select("row", "p_keep"), on="row", how="left").with_columns(
             pl.col("p_keep").fill_null(self._unmatched_p()))
         coin = np.array([uniform_hash(u, p.seed) for u in df["uid"].to_list()])
@@ -119,17 +175,22 @@ class BalanceStage(GlobalStage):
         reason = [None if k else "balance:head" if m else "balance:no_concept" for k, m in zip(kept, matched)]
         df = df.with_columns(pl.Series("kept", kept), pl.Series("reason", reason, dtype=pl.String))
         after = np.bincount(entries.join(df.select("row", "kept"), on="row").filter(pl.col("kept"))["entry"].to_numpy(),
-                            minlength=len(vocab.entries))
+                            minlength=len(counts))
         present = np.flatnonzero(counts > 0)
-        concept_counts = pl.DataFrame({"entry_id": present.astype(np.int32),
-                                       "entry": [vocab.entries[i] for i in present],
+        concept_counts = pl.DataFrame({"entry_id": (present % v).astype(np.int32),
+                                       "entry": [vocab.entries[i % v] for i in present],
+                                       "language": [languages[i // v] or None for i in present],
                                        "count_before": counts[present].astype(np.int64),
                                        "count_after": after[present].astype(np.int64),
-                                       "p_entry": np.minimum(1.0, t / counts[present])})
+                                       "p_entry": np.minimum(1.0, caps[present] / counts[present])},
+                                      schema_overrides={"language": pl.String})
         write_table(concept_counts.to_arrow(), ctx.work.global_artifact("concept_counts"))
         self.write_results(ctx, df.select("uid", "shard", "concepts", "p_keep", "reason"))
-        return {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
-                "expected_kept": float(df["p_keep"].sum()), "head_tail": head_tail(counts, after)}
+        out = {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
+               "expected_kept": float(df["p_keep"].sum()), "head_tail": head_tail(counts, after)}
+        if p.per_language:
+            out["t_by_language"] = {lang: float(caps[k * v]) for k, lang in enumerate(languages)}
+        return out
 
     def format_summary(self, s: dict[str, Any]) -> list[str]:
         ht = s.get("head_tail", {})

@@ -120,3 +120,36 @@ def test_balance_params_validated():
         BalanceStage.Params(t=10, target_size=5)
     with pytest.raises(ValidationError):
         BalanceStage.Params()
+
+
+def test_per_language_caps_keep_the_reference_tail_share(tmp_path: Path):
+    """MetaCLIP 2: English cat 10, dog 2 at t=4 keeps a tail share of (4 + 2) / 12 = 0.5; German
+    Katze 4, Hund 2 gets the cap with the same share: (t + t) / 6 = 0.5, t = 1.5."""
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat\ndog\nKatze\nHund\n")
+    en = ["a small cat sleeps on the sofa in the living room"] * 10 + ["a big dog runs across the green park"] * 2
+    de = ["eine kleine Katze schläft auf dem Sofa im Wohnzimmer"] * 4 + ["ein großer Hund rennt durch den grünen Park"] * 2
+    pool = _pool(tmp_path / "pool", en + de, shards=3)
+    text = ("text", {"languages": None})
+    pipe = make_pipeline(text, ("balance", {"vocabulary": str(vocab), "t": 4, "per_language": True}))
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "w")).ok
+    d = pl.read_parquet(tmp_path / "w" / "balance" / "*.parquet").join(
+        pl.read_parquet(tmp_path / "w" / "index" / "*.parquet", columns=["uid", "caption"]), on="uid")
+    p = dict(zip(d["caption"], d["p_keep"]))
+    assert p[en[0]] == pytest.approx(0.4) and p[en[-1]] == pytest.approx(1.0)
+    assert p[de[0]] == pytest.approx(1.5 / 4, rel=1e-6) and p[de[-1]] == pytest.approx(0.75, rel=1e-6)
+    cc = pl.read_parquet(tmp_path / "w" / "global" / "concept_counts.parquet")
+    assert sorted(zip(cc["language"], cc["entry"], cc["count_before"])) == [
+        ("de", "Hund", 2), ("de", "Katze", 4), ("en", "cat", 10), ("en", "dog", 2)]
+    summary = global_summaries(tmp_path / "w")["balance"]
+    assert summary["t_by_language"]["de"] == pytest.approx(1.5, rel=1e-6) and summary["t_by_language"]["en"] == 4
+
+    # without per_language every language shares t: German's counts are under the cap
+    assert run_pipeline(make_pipeline(text, ("balance", {"vocabulary": str(vocab), "t": 4})),
+                        make_config(str(pool / "*.tar"), tmp_path / "w2")).ok
+    d2 = pl.read_parquet(tmp_path / "w2" / "balance" / "*.parquet").join(
+        pl.read_parquet(tmp_path / "w2" / "index" / "*.parquet", columns=["uid", "caption"]), on="uid")
+    assert dict(zip(d2["caption"], d2["p_keep"]))[de[0]] == pytest.approx(1.0)
+    with pytest.raises(Exception, match="not earlier"):
+        run_pipeline(make_pipeline(("balance", {"vocabulary": str(vocab), "t": 4, "per_language": True})),
+                     make_config(str(pool / "*.tar"), tmp_path / "w3"))
