@@ -305,6 +305,11 @@ class Stage:
         """Whether the stage reads image bytes (a metadata pool, without images, cannot feed it)."""
         return False
 
+    def provides_embeddings(self) -> bool:
+        """Whether this stage's table holds unit ``image_emb`` and ``text_emb`` columns that later
+        stages (dedup, reference filter, classifier, clip_loss, heads) may read."""
+        return False
+
     def preflight(self, model_cache: str | None = None) -> list[str]:
         """Problems that would fail every shard (weights not found, a reference set missing),
         found once in the driver before any work starts; each names what is missing and the fix."""
@@ -318,6 +323,18 @@ class Stage:
     def evaluate_all(self) -> bool:
         """DESIGN.md: later stages work on survivors unless the stage asks for every row."""
         return bool(getattr(self.params, "all_rows", False))
+
+
+def embedding_source(reader: str, earlier: list[Stage], source_id: str) -> Stage | None:
+    """The earlier stage ``source_id`` a stage reads embeddings from, checked to store them (None
+    when the pipeline lacks it: the pipeline check names a missing read)."""
+    from curate.core.config import ConfigError
+
+    src = next((s for s in earlier if s.stage_id == source_id), None)
+    if src is not None and not src.provides_embeddings():
+        raise ConfigError(f"stage {reader!r} reads embeddings from {source_id!r}, which stores none: use a "
+                          "clip_score stage with store_embeddings: true, or metadata_embeddings on a metadata pool")
+    return src
 
 
 class MapStage(Stage):

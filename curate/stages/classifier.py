@@ -19,9 +19,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.algorithms.class_vocabulary import CaptionConfirmer, VocabularyError, load_classes
-from curate.core.config import ConfigError, Strict, fingerprint
+from curate.core.config import Strict, fingerprint
 from curate.io.embeddings import embeddings
-from curate.stages.base import MapStage, ShardContext, Stage, StageOutput
+from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
 from curate.stages.registry import register_stage
 
 
@@ -118,10 +118,7 @@ class ClassifierStage(MapStage):
         return {"GPU": 1} if device == "cuda" else None  # the class prompts go through the text tower once
 
     def with_earlier(self, earlier: list[Stage]) -> "ClassifierStage":
-        src = next((s for s in earlier if s.stage_id == self.params.embeddings_from), None)
-        if src is not None and not getattr(src.params, "store_embeddings", False):
-            raise ConfigError(f"stage {self.stage_id!r} reads image embeddings from {src.stage_id!r}, which "
-                              "stores none: use a clip_score stage with store_embeddings: true")
+        src = embedding_source(self.stage_id, earlier, self.params.embeddings_from)
         return self
 
     def vocabulary(self):

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.core.config import ConfigError, Strict
+from curate.core.config import Strict
 from curate.io.embeddings import embeddings
-from curate.stages.base import MapStage, ShardContext, Stage, StageOutput
+from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
 from curate.stages.registry import register_stage
 
 BLOCK = 4096  # rows of a batch whose similarities are in memory at once
@@ -125,10 +125,7 @@ class ClipLossStage(MapStage):
                 pa.field("normsim_2", pa.float32())]
 
     def with_earlier(self, earlier: list[Stage]) -> "ClipLossStage":
-        src = next((s for s in earlier if s.stage_id == self.params.embeddings_from), None)
-        if src is not None and not getattr(src.params, "store_embeddings", False):
-            raise ConfigError(f"stage {self.stage_id!r} reads image and caption embeddings from {src.stage_id!r}, "
-                              "which stores none: use a clip_score stage with store_embeddings: true")
+        src = embedding_source(self.stage_id, earlier, self.params.embeddings_from)
         return self
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:

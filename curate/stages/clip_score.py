@@ -162,6 +162,9 @@ class ClipScoreStage(MapStage):
     def needs_pixels(self) -> bool:
         return True
 
+    def provides_embeddings(self) -> bool:
+        return self.params.store_embeddings
+
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         from curate.models.clip import file_sha256, resolve_checkpoint
 

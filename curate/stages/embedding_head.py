@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curate.core.config import ConfigError, Strict
+from curate.core.config import Strict
 from curate.io.embeddings import embeddings
-from curate.stages.base import MapStage, ShardContext, Stage, StageOutput
+from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
 from curate.stages.registry import register_stage
 
 
@@ -105,12 +105,9 @@ class EmbeddingHeadStage(MapStage):
         return [pa.field("head_score", pa.float32())]
 
     def with_earlier(self, earlier: list[Stage]) -> "EmbeddingHeadStage":
-        src = next((s for s in earlier if s.stage_id == self.params.embeddings_from), None)
-        if src is None:
+        src = embedding_source(self.stage_id, earlier, self.params.embeddings_from)
+        if src is None or not hasattr(src.params, "model"):
             return self
-        if not getattr(src.params, "store_embeddings", False):
-            raise ConfigError(f"stage {self.stage_id!r} reads embeddings from {src.stage_id!r}, which stores "
-                              "none: use a clip_score stage with store_embeddings: true")
         from curate.models.clip import ModelError, embed_dim
 
         try:
