@@ -36,6 +36,11 @@ def recipes(heldout: Path) -> dict[str, PipelineConfig]:
         "clip_score_top30": PipelineConfig(name="clip_score_top30", stages=[
             StageSpec(name="clip_score", params=dict(clip.params, all_rows=True)),
             StageSpec(name="clip_rank", params={"top_fraction": 0.3})]),
+        "negclip_top30": PipelineConfig(name="negclip_top30", stages=[
+            StageSpec(name="clip_score", params=dict(clip.params, all_rows=True)),
+            StageSpec(name="clip_loss", params={"all_rows": True}),
+            StageSpec(name="clip_rank", params={"scores_from": "clip_loss", "score_column": "negclip_loss",
+                                                "top_fraction": 0.3})]),
         "classifier": classifier_recipe(demo),
         "full": demo,
     }
