@@ -147,8 +147,22 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from curate.tools.ingest import IngestSpec, ingest_folder, ingest_urls
+    from curate.tools.ingest import IngestSpec, ingest_folder, ingest_survivors, ingest_urls
 
+    if a.from_work:
+        if a.source:
+            raise ConfigError("give a source or --from WORK, not both")
+        if not (Path(a.from_work) / "index").is_dir():
+            raise ConfigError(f"--from {a.from_work}: not a work dir (no index/ folder)")
+        r = ingest_survivors(a.from_work, a.out, IngestSpec(processes=a.processes, threads=a.threads,
+                                                             samples_per_shard=a.samples_per_shard, timeout=a.timeout))
+        print(f"downloaded {r['img2dataset'].get('successes', 0)} of the {r['kept_by_metadata_run']} samples the "
+              f"metadata run kept ({r['dropped_before_download']} of {r['pool']} dropped before download: about "
+              f"{r['bytes_not_downloaded_estimate'] / 1e6:.1f} MB not fetched); uids kept in each sample's json. "
+              f"Next: curate run PIPELINE --input '{a.out}/*.tar' --workdir ANOTHER_WORK")
+        return 0
+    if not a.source:
+        raise ConfigError("ingest needs a source (URL list or image folder) or --from WORK")
     src = Path(a.source)
     if not src.exists():
         raise ConfigError(f"{a.source}: not found")
@@ -285,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     ig = add("ingest", help="URL + caption list (img2dataset) or image folder -> WebDataset shards")
-    ig.add_argument("source", help="Parquet/CSV/TSV of URLs and captions, or a folder of images + .txt")
+    ig.add_argument("source", nargs="?", help="Parquet/CSV/TSV of URLs and captions, or a folder of images + .txt")
+    ig.add_argument("--from", dest="from_work", default=None, metavar="WORK",
+                    help="download only the samples a metadata run in WORK kept (uids preserved)")
     ig.add_argument("--out", required=True)
     ig.add_argument("--input-format", default=None, help="parquet, csv, tsv (default: from the suffix)")
     ig.add_argument("--url-col", default="url")

@@ -88,3 +88,59 @@ def test_ingest_folder_with_sidecar_captions(tmp_path: Path):
     samples = [s for t in sorted((tmp_path / "out").glob("*.tar")) for s in iter_samples(t)]
     assert len(samples) == 5
     assert sum(1 for s in samples if s.caption_bytes()) == 4
+
+
+@pytest.fixture
+def synthetic_site(tmp_path: Path):
+    """An HTTP server on 127.0.0.1 serving 30 generated JPEGs (no ../shared needed)."""
+    from tests.conftest import jpeg_bytes
+
+    root = tmp_path / "site"
+    root.mkdir()
+    for i in range(30):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes((220 + i, 210), (8 * i, 100, 200 - 4 * i)))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_ingest_from_a_metadata_run_downloads_only_its_survivors(synthetic_site: str, tmp_path: Path):
+    """Filter before download: a text filter on a metadata pool, then img2dataset fetches only the
+    kept samples, with their uids, and an image run over the shards sees exactly those uids."""
+    from curate.core.decisions import decisions
+    from curate.core.pipeline import run_pipeline
+    from tests.conftest import make_config, make_pipeline
+
+    texts = [f"a photo of a red car number {i} on the street" if i % 3 else "xx" for i in range(30)]
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    pl.DataFrame({"uid": [f"{i:032x}" for i in range(30)], "url": [f"{synthetic_site}/{i}.jpg" for i in range(30)],
+                  "text": texts}).write_parquet(meta / "00000.parquet")
+    work = tmp_path / "work"
+    assert run_pipeline(make_pipeline(("text", {"min_words": 3})), make_config(str(meta / "*.parquet"), work)).ok
+    kept = set(decisions(work).filter(pl.col("kept"))["uid"])
+    assert len(kept) == 20
+    out = tmp_path / "shards"
+    env = {"PATH": str(BIN), "HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    r = subprocess.run([str(BIN / "curate"), "ingest", "--from", str(work), "--out", str(out), "--processes", "1",
+                        "--threads", "4", "--timeout", "5"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "10 of 30 dropped before download" in r.stdout
+    report = json.loads((work / "ingest.json").read_text())
+    assert report["kept_by_metadata_run"] == 20 and report["bytes_not_downloaded_estimate"] > 0
+    from curate.report.html import write_report
+
+    assert "10 of 30 samples dropped on metadata" in write_report(work).read_text()
+    images = tmp_path / "images"
+    assert run_pipeline(make_pipeline(("image", {"min_side": 200})), make_config(str(out / "*.tar"), images)).ok
+    assert set(pl.read_parquet(images / "index" / "*.parquet")["uid"]) == kept
+
+    bad = subprocess.run([str(BIN / "curate"), "ingest", "--from", str(tmp_path), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "not a work dir" in bad.stderr and "Traceback" not in bad.stderr

@@ -264,6 +264,20 @@ def _funnel_table(rows: list[dict]) -> list[str]:
     return h + ["</table>"]
 
 
+def _ingest_note(work: WorkDir) -> list[str]:
+    """What `curate ingest --from` this work dir saved: samples dropped before any download."""
+    import json
+
+    path = work.root / "ingest.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    return [f"<p>Filtered before download (<code>curate ingest --from</code>): {r['dropped_before_download']} of "
+            f"{r['pool']} samples dropped on metadata, {r['kept_by_metadata_run']} downloaded into "
+            f"<code>{html.escape(r['out'])}</code>; about {r['bytes_not_downloaded_estimate'] / 1e6:.1f} MB not "
+            f"fetched ({r['bytes_downloaded'] / 1e6:.1f} MB fetched).</p>"]
+
+
 def _params_table(run: dict) -> list[str]:
     import json
 
@@ -325,6 +339,7 @@ def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
          f"<code>{html.escape(run['run_id'])}</code>, {len(run['shards'])} shard(s), "
          f"{total:.1f} s of stage time</p>", "<h2>Funnel</h2>"]
     h += _funnel_table(rows)
+    h += _ingest_note(work)
     h += _params_table(run)
     h += coverage_table(work)
     h += classifier_tables(work, run)

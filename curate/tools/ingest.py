@@ -29,6 +29,7 @@ class IngestSpec:
     samples_per_shard: int = 10_000
     timeout: int = 10
     retries: int = 0
+    extra_columns: tuple[str, ...] = ()  # copied into each sample's json (e.g. uid)
 
 
 def ingest_urls(url_list: str | Path, out: str | Path, spec: IngestSpec = IngestSpec()) -> dict:
@@ -43,6 +44,7 @@ def ingest_urls(url_list: str | Path, out: str | Path, spec: IngestSpec = Ingest
              processes_count=spec.processes, thread_count=spec.threads,
              number_sample_per_shard=spec.samples_per_shard, resize_mode="no", timeout=spec.timeout,
              retries=spec.retries, enable_wandb=False, compute_hash="sha256", distributor="multiprocessing",
+             save_additional_columns=list(spec.extra_columns) or None,
              skip_reencode=True)  # keep the served bytes: dedup and exports rely on them
     totals: dict[str, int] = {}
     for p in sorted(out.glob("*_stats.json")):
@@ -50,6 +52,41 @@ def ingest_urls(url_list: str | Path, out: str | Path, spec: IngestSpec = Ingest
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[k] = totals.get(k, 0) + int(st.get(k, 0))
     return totals
+
+
+def ingest_survivors(workdir: str | Path, out: str | Path, spec: IngestSpec = IngestSpec()) -> dict:
+    """Download only the samples a metadata run kept (its latest run's decisions), each with its
+    uid in the json, so an image run over ``out`` keeps the same uids. Returns img2dataset's totals,
+    the counts, and the bytes not downloaded (the dropped samples at the downloaded mean size);
+    also written to ``WORK/ingest.json`` for the report."""
+    import polars as pl
+
+    from curate.core.config import ConfigError
+    from curate.core.decisions import decisions
+    from curate.io.parquet import atomic_write_bytes
+
+    work = Path(workdir)
+    d = decisions(work)
+    idx = pl.read_parquet(str(work / "index" / "*.parquet"), columns=["uid", "url", "caption"])
+    kept = d.filter(pl.col("kept")).select("uid").join(idx, on="uid", how="left").sort("uid")
+    if kept.is_empty():
+        raise ConfigError(f"{work}: the latest run kept no sample; nothing to download")
+    if kept["url"].null_count() == kept.height:
+        raise ConfigError(f"{work}: the pool has no url column; a metadata pool needs one to be downloaded")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    urls = out / "_curate_urls.parquet"  # beside img2dataset's own per-shard files
+    kept.filter(pl.col("url").is_not_null()).write_parquet(urls)
+    totals = ingest_urls(urls, out, IngestSpec(**{**spec.__dict__, "input_format": "parquet", "url_col": "url",
+                                                  "caption_col": "caption", "extra_columns": ("uid",)}))
+    tars = sorted(out.glob("*.tar"))
+    downloaded = sum(p.stat().st_size for p in tars)
+    mean = downloaded / max(1, totals.get("successes", 0))
+    result = {"pool": d.height, "kept_by_metadata_run": kept.height, "dropped_before_download": d.height - kept.height,
+              "img2dataset": totals, "bytes_downloaded": downloaded,
+              "bytes_not_downloaded_estimate": int(mean * (d.height - kept.height)), "out": str(out)}
+    atomic_write_bytes(work / "ingest.json", json.dumps(result, indent=2).encode())
+    return result
 
 
 def ingest_folder(folder: str | Path, out: str | Path, samples_per_shard: int = 10_000) -> int:
