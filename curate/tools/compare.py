@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: %s", name, s.problems())
             return 1
         with make_executor(cfg) as ex:
-            m = export(d / "work", d / "out", ex, ExportSpec(shard_size=500, write_pool=False))
+            # compare owns demo/compare/<recipe>/out: a rerun replaces its earlier export
+            m = export(d / "work", d / "out", ex, ExportSpec(shard_size=500, write_pool=False, overwrite=True))
         for seed in a.seeds:
             spec = TrainSpec(epochs=a.epochs, seed=seed, samples_per_epoch=a.samples_per_epoch,
                              device="cuda" if gpu else "cpu")
