@@ -106,3 +106,30 @@ def test_a_broken_metadata_shard_is_reported_not_fatal(metadata_pool: Path, tmp_
     assert not summary.ok
     assert any("00001" in p and "not a metadata Parquet" in p for p in summary.problems())
     assert decisions(tmp_path / "w").height == 150
+
+
+def test_url_lists_in_csv_and_tsv_are_pools(tmp_path: Path):
+    """img2dataset's inputs as pools: url + caption in CSV or TSV (LAION's URL/TEXT names too); text
+    columns stay strings (a uid of digits only), a TSV caption keeps its quotes, a table that does
+    not parse is a damaged shard, named."""
+    pool = tmp_path / "lists"
+    pool.mkdir()
+    (pool / "a.csv").write_text('uid,url,caption\n'
+                                '00000000000000000000000000000001,http://x/1.jpg,"a photo of a dog, on a beach"\n'
+                                '00000000000000000000000000000002,http://x/2.jpg,xx\n')
+    (pool / "b.tsv").write_text('URL\tTEXT\n'
+                                'http://x/3.jpg\tthe "best" red car in the city\n'
+                                'http://x/4.jpg\tein Foto von einem Hund am Strand\n')
+    work = tmp_path / "w"
+    assert run_pipeline(make_pipeline(("text", {"min_words": 3})), make_config(str(pool), work)).ok
+    idx = pl.read_parquet(work / "index" / "*.parquet").sort("shard", "key")
+    assert idx["uid"][:2].to_list() == ["00000000000000000000000000000001", "00000000000000000000000000000002"]
+    assert idx["caption"].to_list() == ["a photo of a dog, on a beach", "xx", 'the "best" red car in the city',
+                                        "ein Foto von einem Hund am Strand"]
+    assert idx["url"].to_list() == [f"http://x/{i}.jpg" for i in range(1, 5)]
+    kept = decisions(work).join(idx.select("uid", "caption"), on="uid").filter(pl.col("kept"))["caption"].to_list()
+    assert sorted(kept) == ["a photo of a dog, on a beach", 'the "best" red car in the city']
+
+    (pool / "c.csv").write_bytes(b'uid,url,caption\n"unterminated,http://x/5.jpg\n\xff\xfe')
+    res = run_pipeline(make_pipeline(("text", {})), make_config(str(pool), tmp_path / "w2"))
+    assert not res.ok and any("c is damaged" in p and "not a readable metadata table" in p for p in res.problems())

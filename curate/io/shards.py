@@ -28,8 +28,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
 JSON_EXT = "json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# A metadata shard (DataComp's pool metadata: uid, url, text, original sizes, scores) has no images.
-METADATA_SUFFIXES = (".parquet",)
+# A metadata shard (DataComp's pool metadata: uid, url, text, original sizes, scores; or a URL
+# list as img2dataset reads it: url + caption in Parquet, CSV or TSV) has no images.
+METADATA_SUFFIXES = (".parquet", ".csv", ".tsv")
 SHARD_SUFFIXES = TAR_SUFFIXES + METADATA_SUFFIXES
 
 

@@ -20,6 +20,17 @@ from curate.stages.registry import register_stage
 log = logging.getLogger(__name__)
 
 
+def read_url_list(f, path: str) -> pa.Table:
+    """A CSV or TSV URL list (img2dataset's input): text columns stay strings (a hex uid of digits
+    only must not become a number); a TSV has no quoting, as img2dataset writes it."""
+    from pyarrow import csv
+
+    tsv = path.endswith(".tsv")
+    text_cols = ["uid", "url", "URL", "text", "caption", "TEXT", "key", "sha256"]
+    return csv.read_csv(f, parse_options=csv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"'),
+                        convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in text_cols}))
+
+
 def _int_or_none(v: Any) -> int | None:
     if isinstance(v, bool):
         return None
@@ -153,9 +164,9 @@ class IndexStage(MapStage):
 
         try:
             with open_read(ctx.shard_path) as f:
-                t = pq.read_table(f)
-        except Exception as e:  # unreadable or not Parquet: the shard is damaged, no row
-            ctx.read_result.error = f"not a metadata Parquet: {e}"
+                t = pq.read_table(f) if ctx.shard_path.endswith(".parquet") else read_url_list(f, ctx.shard_path)
+        except Exception as e:  # unreadable, or not the format its suffix says: the shard is damaged, no row
+            ctx.read_result.error = f"not a readable metadata table: {e}"
             t = pa.table({})
         ctx.read_result.n_bytes = t.nbytes
         n = t.num_rows
@@ -164,10 +175,10 @@ class IndexStage(MapStage):
             name = next((c for c in names if c in t.column_names), None)
             return t.column(name).to_pylist() if name else [None] * n
 
-        uids, captions = col("uid"), col("text", "caption")
+        uids, captions = col("uid"), col("text", "caption", "TEXT")
         cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
         cols.update(key=col("key") if "key" in t.column_names else [str(i) for i in range(n)],
-                    shard=[ctx.shard] * n, url=col("url"), caption=captions, sha256=col("sha256"),
+                    shard=[ctx.shard] * n, url=col("url", "URL"), caption=captions, sha256=col("sha256"),
                     original_width=[_int_or_none(v) for v in col("original_width")],
                     original_height=[_int_or_none(v) for v in col("original_height")],
                     clip_b32_similarity_score=col("clip_b32_similarity_score"),
