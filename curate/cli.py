@@ -116,10 +116,15 @@ def _executor_for(config: str | None):
 
 def cmd_export(a: argparse.Namespace) -> int:
     from curate.core.decisions import run_record
-    from curate.core.export import ExportSpec, check_output, export
+    from curate.core.export import ExportSpec, check_output, check_url_output, export, run_storage_options
+    from curate.io.storage import is_url, set_storage_options
 
     run = run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
-    check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)  # before any worker starts
+    if is_url(a.out):  # before any worker starts
+        set_storage_options(run_storage_options(a.workdir, run["run_id"]))
+        check_url_output(a.out, run["shards"], a.overwrite)
+    else:
+        check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
                       hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema)
     with _executor_for(a.config) as ex:

@@ -37,6 +37,7 @@ from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
 from curate.io.shards import is_metadata_shard, iter_samples, shard_name
+from curate.io import storage
 from curate.io.storage import call_with_options, is_url, set_storage_options
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,56 @@ def plan_output(counts: list[dict], shard_size: int) -> list[list[dict]]:
     return plans
 
 
+def check_url_output(url: str, inputs: list[str], overwrite: bool) -> None:
+    """The object-store counterpart of check_output: not a prefix of the inputs, and empty or an
+    earlier export (replaced only with ``overwrite``)."""
+    prefix = url.rstrip("/") + "/"
+    if any(str(p).startswith(prefix) or prefix.startswith(str(p).rsplit("/", 1)[0] + "/") for p in inputs if is_url(p)):
+        raise WorkDirError(f"--out {url} overlaps the input shards' location: choose another prefix")
+    fs, root = storage.filesystem(url)
+    listed = fs.ls(root, detail=False) if fs.exists(root) else []
+    if listed:
+        if not fs.exists(f"{root.rstrip('/')}/{MARKER}"):
+            raise WorkDirError(f"--out {url} holds objects that export did not write (or an export that never "
+                               "finished): choose a new prefix")
+        if not overwrite:
+            raise WorkDirError(f"--out {url} holds an earlier export: pass --overwrite to replace it")
+
+
+def _export_to_url(workdir: str, url: str, ex: Executor, spec: ExportSpec) -> dict:
+    """Export into a local staging folder in the work dir, then upload it under ``url``: the
+    objects of a replaced export are removed first, the marker last, so the prefix holds a
+    complete export exactly when ``<url>/.curate-export.json`` exists (object stores have no
+    atomic rename of a folder)."""
+    run = run_record(workdir, spec.run_id)
+    set_storage_options(run_storage_options(workdir, run["run_id"]))
+    check_url_output(url, run["shards"], spec.overwrite)
+    staging = Path(workdir) / f".export-{secrets.token_hex(4)}"
+    fs, root = storage.filesystem(url)
+    root = root.rstrip("/")
+    try:
+        manifest = _export_into(workdir, str(staging), run, ex, spec)
+        if fs.exists(f"{root}/{MARKER}"):  # the earlier export stops counting as complete first
+            fs.rm(f"{root}/{MARKER}")
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        last = staging / "manifest.json"
+        for f in [f for f in files if f != last] + ([last] if last.exists() else []):
+            fs.put_file(str(f), f"{root}/{f.relative_to(staging).as_posix()}")
+        fs.pipe_file(f"{root}/{MARKER}", json.dumps({"workdir": workdir, "run_id": run["run_id"]}).encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
 def export(workdir: str | Path, out: str | Path, ex: Executor, spec: ExportSpec = ExportSpec()) -> dict:
     """Write the curated outputs of a finished run into ``out``. Everything is written into a
     hidden folder beside ``out`` first and moved into place when complete, so ``out`` holds either
-    the previous export or the new one, never a mix and never a half-written folder."""
+    the previous export or the new one, never a mix and never a half-written folder. ``out`` may be
+    an fsspec URL (``s3://bucket/prefix``): see _export_to_url."""
+    if is_url(str(out)):
+        return _export_to_url(str(Path(workdir).resolve()), str(out), ex, spec)
     workdir, final = str(Path(workdir).resolve()), Path(out).resolve()
     run = run_record(workdir, spec.run_id)
     check_output(final, Path(workdir), run["shards"], spec.overwrite)

@@ -133,3 +133,35 @@ def test_connections_reset_mid_read_are_retried(s3, tmp_path: Path):
     for stage in ("index", "text", "image"):
         assert pl.read_parquet(tmp_path / "s3w" / stage / "*.parquet").equals(
             pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
+
+
+def test_export_to_s3_is_complete_or_absent_and_never_over_foreign_objects(s3, tmp_path: Path):
+    """Export to s3://: the same files as a local export; the marker is written last; an earlier
+    export is replaced only with overwrite; a prefix holding other objects is refused."""
+    import s3fs
+
+    endpoint, pool = s3
+    work = tmp_path / "w"
+    assert run_pipeline(PIPE, _cfg(str(pool / "*.tar"), work, endpoint)).ok
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    url = f"s3://{BUCKET}/exports/a"
+    with make_executor(make_config(str(pool / "*.tar"), work)) as ex:
+        m = export(work, url, ex, ExportSpec(shard_size=50))
+        local = export(work, tmp_path / "local", ex, ExportSpec(shard_size=50))
+    assert m["samples_kept"] == local["samples_kept"] > 0
+    remote_files = sorted(p.split("/exports/a/", 1)[1] for p in fs.find(f"{BUCKET}/exports/a"))
+    local_files = sorted(str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert remote_files == local_files and ".curate-export.json" in remote_files
+    for name in ("uids.npy", "shards/00000.tar", "manifest.json"):
+        assert fs.cat(f"{BUCKET}/exports/a/{name}") == (tmp_path / "local" / name).read_bytes(), name
+    with make_executor(make_config(str(pool / "*.tar"), work)) as ex:
+        with pytest.raises(Exception, match="earlier export"):
+            export(work, url, ex, ExportSpec(shard_size=50))
+        m2 = export(work, url, ex, ExportSpec(shard_size=100, overwrite=True))
+        assert fs.exists(f"{BUCKET}/exports/a/.curate-export.json")
+        tars = [p for p in fs.ls(f"{BUCKET}/exports/a/shards") if p.endswith(".tar")]
+        assert len(tars) == m2["output_shards"] < m["output_shards"]  # no stale shard of the earlier export
+        fs.pipe(f"{BUCKET}/exports/foreign/data.bin", b"someone else's")
+        with pytest.raises(Exception, match="did not write"):
+            export(work, f"s3://{BUCKET}/exports/foreign", ex, ExportSpec(overwrite=True))
+    assert fs.cat(f"{BUCKET}/exports/foreign/data.bin") == b"someone else's"
