@@ -1,5 +1,6 @@
-"""A TCP proxy on 127.0.0.1 in front of a server that cuts chosen connections mid-response:
-fault injection for object storage (a connection reset in the middle of a ranged GET)."""
+"""A TCP proxy on 127.0.0.1 in front of a server that cuts chosen connections mid-response, or
+answers them with S3's 503 SlowDown: fault injection for object storage (a connection reset in
+the middle of a ranged GET, a throttled request)."""
 from __future__ import annotations
 
 import socket
@@ -8,9 +9,15 @@ import threading
 
 
 class FlakyProxy:
-    def __init__(self, target_port: int, cut: set[int], cut_after: int = 200_000):
-        """Connections numbered from 1; those in ``cut`` are reset after ``cut_after`` response bytes."""
-        self.target_port, self.cut, self.cut_after = target_port, cut, cut_after
+    SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, target_port: int, cut: set[int] = frozenset(), cut_after: int = 200_000,
+                 busy: set[int] = frozenset()):
+        """Connections numbered from 1; those in ``cut`` are reset after ``cut_after`` response
+        bytes; those in ``busy`` get a 503 SlowDown answer to their first request."""
+        self.target_port, self.cut, self.cut_after, self.busy = target_port, cut, cut_after, busy
+        self.throttled = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -25,6 +32,9 @@ class FlakyProxy:
             except OSError:
                 return
             self.connections += 1
+            if self.connections in self.busy:
+                threading.Thread(target=self._slow_down, args=(client,), daemon=True).start()
+                continue
             limit = self.cut_after if self.connections in self.cut else None
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
@@ -46,6 +56,18 @@ class FlakyProxy:
         finally:
             src.close()
             dst.close()
+
+    def _slow_down(self, client: socket.socket) -> None:
+        try:
+            client.recv(65536)  # the request line and headers
+            head = (f"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                    f"Content-Length: {len(self.SLOW_DOWN)}\r\nConnection: close\r\n\r\n").encode()
+            client.sendall(head + self.SLOW_DOWN)
+            self.throttled += 1
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def close(self) -> None:
         self.sock.close()

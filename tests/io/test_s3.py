@@ -135,6 +135,26 @@ def test_connections_reset_mid_read_are_retried(s3, tmp_path: Path):
             pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
 
 
+def test_throttled_requests_are_retried(s3, tmp_path: Path):
+    """503 SlowDown on several connections (S3's throttling answer): retried with backoff, the
+    tables equal the local run's."""
+    from tests.io.flaky_proxy import FlakyProxy
+
+    endpoint, pool = s3
+    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), busy={1, 3, 4, 7})
+    try:
+        pipe = make_pipeline(("text", {}))
+        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", tmp_path / "s3w", f"http://127.0.0.1:{proxy.port}"))
+    finally:
+        proxy.close()
+    assert proxy.throttled == 4
+    assert remote.ok, remote.problems()
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
+    for stage in ("index", "text"):
+        assert pl.read_parquet(tmp_path / "s3w" / stage / "*.parquet").equals(
+            pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
+
+
 def test_export_to_s3_is_complete_or_absent_and_never_over_foreign_objects(s3, tmp_path: Path):
     """Export to s3://: the same files as a local export; the marker is written last; an earlier
     export is replaced only with overwrite; a prefix holding other objects is refused."""
