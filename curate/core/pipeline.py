@@ -189,6 +189,12 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
         _check_upstream_done(work, stages, fps, only, shards)
     own = executor is None
     ex = executor or make_executor(cfg)
+    try:
+        check_shared_paths(ex, work, shard_paths)
+    except ConfigError:
+        if own:
+            ex.close()
+        raise
     results: list[StageResult] = []
     live = list(shard_paths)  # shards that still have every upstream table
     try:
@@ -243,6 +249,26 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
     if problems:
         raise ConfigError(f"preflight: {len(problems)} problem(s), nothing was run:\n"
                           + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_shared_paths(ex: Executor, work: WorkDir, shard_paths: list[str]) -> None:
+    """Every worker must see the work dir and the local input shards at the driver's paths (a
+    cluster of nodes with no shared disk cannot run on local paths): checked with a probe file
+    written by the driver, before any task."""
+    probe = work.root / f".shared-probe-{secrets.token_hex(4)}"
+    probe.write_bytes(b"")
+    try:
+        local = [p for p in shard_paths if not is_url(p)][:3]
+        unseen = ex.unseen_paths([str(probe), *local])
+    finally:
+        probe.unlink()
+    if unseen:
+        lines = [f"  - worker {w} cannot see {', '.join('the work dir ' + str(work.root) if m == str(probe) else m for m in miss)}"
+                 for w, miss in list(unseen.items())[:5]]
+        raise ConfigError("workers do not see the driver's paths (no shared disk?); nothing was run:\n"
+                          + "\n".join(lines) + "\n  every worker needs the work dir and the input shards at the same "
+                          "paths as the driver: mount a shared filesystem there, or put the inputs on object storage "
+                          "(s3://...) and the work dir on a shared mount")
 
 
 def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], only: list[str],

@@ -35,6 +35,11 @@ class Executor(ABC):
     def call(self, fn: Callable, *, label: str, resources: dict[str, float] | None = None) -> Outcome:
         return self.map(lambda _: fn(), [label], label=label, resources=resources)[0]
 
+    def unseen_paths(self, paths: list[str]) -> dict[str, list[str]]:
+        """Per worker that cannot read them, the local ``paths`` it does not see (empty: every
+        worker sees every path, as when they share the driver's machine)."""
+        return {}
+
     def close(self) -> None:
         pass
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import uuid
 from typing import Callable
 
@@ -60,10 +61,19 @@ class DaskExecutor(Executor):
                 bar.update(1)
         return [r for r in results if r is not None]
 
+    def unseen_paths(self, paths: list[str]) -> dict[str, list[str]]:
+        got = self.client.run(_missing, paths)  # on every worker
+        return {w: miss for w, miss in sorted(got.items()) if miss}
+
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _missing(paths: list[str]) -> list[str]:
+    """The paths this process cannot read (run on each worker)."""
+    return [p for p in paths if not os.access(p, os.R_OK)]
 
 
 def _has_cuda() -> int:
