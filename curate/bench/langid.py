@@ -22,8 +22,8 @@ from curate.stages.text import TextStage
 DATA = Path(os.environ.get("CURATE_BENCH_DATA", ROOT.parent / "shared" / "data"))
 
 
-DECISIONS = {"top1": {"language_decision": "top1"}, "robust_fasttext_only": {"second_detector": False},
-             "robust": {}}
+DECISIONS = {"top1": {"language_decision": "top1"}, "robust": {},
+             "robust_lingua": {"second_detector": True}}
 
 
 def _decide(texts: list[str], decision: str) -> list[str | None]:
@@ -59,7 +59,8 @@ def run() -> dict:
         top1 = TextStage(TextStage.Params(language_decision="top1")).measure_captions(caps)
         sure_en = [c for c, lang, p in zip(caps, top1["lang"], top1["lang_prob"]) if lang == "en" and p >= 0.9]
         res["laion_sure_english"] = len(sure_en)
-        res["laion_sure_english_recall_robust"] = round(sum(g == "en" for g in _decide(sure_en, "robust")) / len(sure_en), 4)
+        for d in ("robust", "robust_lingua"):
+            res[f"laion_sure_english_recall_{d}"] = round(sum(g == "en" for g in _decide(sure_en, d)) / len(sure_en), 4)
         for name, params in DECISIONS.items():
             st = TextStage(TextStage.Params(**params))
             st.measure_captions(caps[:200])

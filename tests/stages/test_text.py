@@ -124,7 +124,7 @@ CAPTION_LANGUAGES = [  # (caption, language the robust decision must give, rule)
 
 
 def test_the_robust_language_decision_keeps_english_captions_fasttext_misreads():
-    st = TextStage(TextStage.Params())
+    st = TextStage(TextStage.Params(second_detector=True))
     vals = st.measure_captions([c for c, _, _ in CAPTION_LANGUAGES])
     for (cap, lang, rule), got, how in zip(CAPTION_LANGUAGES, vals["lang_final"], vals["lang_rule"]):
         assert got == lang, (cap, got, how)
