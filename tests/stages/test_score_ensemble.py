@@ -34,7 +34,7 @@ def test_ensemble_equals_the_rule_computed_over_the_pool(pool: Path, tmp_path: P
     assert every.filter(~pl.col("keep_clip_score"))["ensemble_score"].null_count() == every.filter(
         ~pl.col("keep_clip_score")).height > 0
     d = every.filter(pl.col("keep_clip_score")).sort("uid")
-    x, y = d["clip_score"].to_numpy().astype(np.float64), d["negclip_loss"].to_numpy()
+    x, y = (d[c].to_numpy().astype(np.float64) for c in ("clip_score", "negclip_loss"))  # stored as float32
     if rule == "rank_mean":
         want = ((rankdata(x) - 1) + (rankdata(y) - 1)) / 2 / (len(x) - 1)
     else:
