@@ -12,14 +12,15 @@ from __future__ import annotations
 import io
 import os
 import secrets
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.algorithms.class_vocabulary import CaptionConfirmer, VocabularyError, load_classes
-from curate.core.config import Strict, fingerprint
+from curate.algorithms.class_vocabulary import CaptionConfirmer, ClassVocabulary, VocabularyError, load_classes
+from curate.core.config import ConfigError, Strict, fingerprint
 from curate.io.embeddings import embeddings
 from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
 from curate.stages.registry import register_stage
@@ -50,7 +51,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _write_once(path, data: bytes) -> None:
+def _write_once(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data`` unless it exists: the first writer wins, so every shard of a run
     uses the same class embeddings even when several workers computed them at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,10 +119,16 @@ class ClassifierStage(MapStage):
         return {"GPU": 1} if device == "cuda" else None  # the class prompts go through the text tower once
 
     def with_earlier(self, earlier: list[Stage]) -> "ClassifierStage":
+        from curate.stages.clip_score import ClipScoreStage
+
         src = embedding_source(self.stage_id, earlier, self.params.embeddings_from)
+        if src is not None and not isinstance(src, ClipScoreStage):
+            raise ConfigError(f"stage {self.stage_id!r} prompts the classes with the text tower of "
+                              f"{src.stage_id!r}'s model, and {src.name} loads none: read the embeddings of a "
+                              "clip_score stage")
         return self
 
-    def vocabulary(self):
+    def vocabulary(self) -> "ClassVocabulary":
         return load_classes(self.params.vocabulary)
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:

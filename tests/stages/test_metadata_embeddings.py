@@ -70,3 +70,9 @@ def test_an_embedding_reader_needs_a_stage_that_stores_them(npz_pool: Path, tmp_
     with pytest.raises(ConfigError, match="stores none"):
         run_pipeline(make_pipeline(("text", {}), ("clip_loss", {"embeddings_from": "text"})),
                      make_config(str(npz_pool / "*.parquet"), tmp_path / "w"))
+
+
+def test_the_classifier_needs_a_model_it_can_prompt(npz_pool: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="loads none"):
+        run_pipeline(make_pipeline(("metadata_embeddings", {}), ("classifier", {"embeddings_from": "metadata_embeddings"})),
+                     make_config(str(npz_pool / "*.parquet"), tmp_path / "w"))
