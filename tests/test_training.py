@@ -91,3 +91,41 @@ def test_compare_decides_only_when_the_paired_interval_excludes_zero():
     got = {v["recipe"]: v["beats_baseline"] for v in verdicts(rows)}
     # "good" is better on every seed by 0.06-0.07: decided, although the per-recipe intervals overlap
     assert got == {"no_filter": None, "good": "yes", "noisy": "undecided"}
+
+
+def test_a_killed_parent_takes_its_training_process_with_it(clean, tmp_path: Path):
+    """SIGKILL of the process running train_clip (a stopped `make demo` or `make compare`) leaves no
+    open_clip training running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (f"from curate.tools.training import TrainSpec, train_clip\n"
+              f"train_clip({str(clean[0] / '*.tar')!r}, {str(tmp_path / 'm')!r}, "
+              f"TrainSpec(epochs=50, batch_size=64, warmup=2, threads=1), name='long')\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                stat = open(f"/proc/{pid}/stat").read().split()
+            except OSError:
+                continue
+            if "curate.models.train_entry" in cmd and str(tmp_path / "m") in cmd and stat[2] != "Z":
+                found.append(int(pid))
+        return found
+
+    deadline = time.time() + 60
+    while not children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert children(), "training never started"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not children()

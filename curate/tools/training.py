@@ -50,6 +50,18 @@ def _shard_bytes(shards: list[str]) -> list[int | None]:
     return [os.path.getsize(p) if os.path.exists(p) else None for p in shards]
 
 
+def _die_with_parent() -> None:
+    """In the training child (Linux): a SIGTERM when the parent dies, so stopping `make demo` or
+    `make compare` does not leave a training process (and its loader workers) running."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed parent, as before
+        pass
+
+
 def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = TrainSpec(),
                name: str = "proxy", reuse: bool = True) -> Path:
     """Train with open_clip_train; return the path of the final checkpoint.
@@ -80,7 +92,7 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
         "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.info("training %s on %d samples from %d shard(s), %d epochs", spec.model, n, len(shards), spec.epochs)
     r = subprocess.run([sys.executable, "-m", "curate.models.train_entry", *argv], env=env,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, preexec_fn=_die_with_parent)
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).splitlines()[-20:])
         raise RuntimeError(f"open_clip training failed (exit {r.returncode}):\n{tail}")
