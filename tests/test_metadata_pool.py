@@ -104,7 +104,7 @@ def test_a_broken_metadata_shard_is_reported_not_fatal(metadata_pool: Path, tmp_
     (pool / "00001.parquet").write_bytes(b"PAR1 this is not parquet")
     summary = run_pipeline(make_pipeline(("text", {})), make_config(str(pool / "*.parquet"), tmp_path / "w"))
     assert not summary.ok
-    assert any("00001" in p and "not a metadata Parquet" in p for p in summary.problems())
+    assert any("00001" in p and "not a readable metadata table" in p for p in summary.problems())
     assert decisions(tmp_path / "w").height == 150
 
 
