@@ -140,3 +140,22 @@ def test_in_memory_tar_goes_through_tarfile(tmp_path: Path):
     p = _tar(tmp_path / "m.tar", [_file("000.txt", b"one")])
     got = [(n, f, s, r()) for n, f, s, r in iter_members(io.BytesIO(p.read_bytes()))]
     assert got == [("000.txt", True, 3, b"one")]
+
+
+def test_signed_checksum_headers_are_read(tmp_path: Path):
+    """Some old tar writers summed header bytes as signed chars; tarfile accepts both sums, so do we.
+    A name byte over 127 makes the two sums differ by 256 per such byte."""
+    name = "caf\u00e9.txt"  # UTF-8 \xc3\xa9: two bytes over 127
+    p = _tar(tmp_path / "signed.tar", [_file(name, b"abc"), _file("000.jpg", b"x" * 10)], tarfile.GNU_FORMAT)
+    raw = bytearray(p.read_bytes())
+    assert raw[:5] == "caf\u00e9".encode()
+    raw[148:156] = b" " * 8
+    signed = sum(b - 256 if b > 127 else b for b in raw[:512])
+    raw[148:155] = f"{signed:06o}\0".encode()
+    p.write_bytes(bytes(raw))
+    _assert_agree(p)
+    ours, err = _read_all(_plain_members, p)
+    assert err is None and [m[0] for m in ours] == [name, "000.jpg"]
+    raw[148:155] = f"{signed + 1:06o}\0".encode()  # neither sum: a damaged header
+    p.write_bytes(bytes(raw))
+    assert _read_all(_plain_members, p)[1] == "TarFormatError"

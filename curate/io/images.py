@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import imagesize
 import numpy as np
 from PIL import Image
 
@@ -33,8 +34,31 @@ def open_image(data: bytes, ext: str | None) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
+# Signatures of the formats whose sizes imagesize reads (the first bytes of the file).
+_SIGNATURES = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
+               (b"GIF89a", "gif"), (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+
+
+def _signature_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for sig, fmt in _SIGNATURES if data.startswith(sig)), None)
+
+
 def image_header(data: bytes, ext: str | None = None) -> tuple[str | None, int | None, int | None]:
-    """(format, width, height) from the image header without decoding pixels; Nones for garbage."""
+    """(format, width, height) from the image header without decoding pixels; Nones for garbage.
+
+    The common formats are read by imagesize (a few header bytes, no PIL plugin: the index stage
+    runs this for every sample); sizes are as stored, EXIF orientation not applied, as PIL reports
+    them. Anything imagesize cannot size goes to PIL, which judges it."""
+    fmt = _signature_format(data)
+    if fmt is not None:
+        try:
+            w, h = imagesize.get(io.BytesIO(data), exif_rotation=False)
+        except Exception:  # a damaged header: PIL below decides
+            w = h = -1
+        if w > 0 and h > 0:
+            return fmt, int(w), int(h)
     try:
         with open_image(data, ext) as im:
             return (im.format or "").lower() or None, int(im.width), int(im.height)

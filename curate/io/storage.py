@@ -16,6 +16,8 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _OPTIONS: dict[str, dict[str, Any]] = {}
 # Read-ahead per request: large enough that a shard of small members costs few requests.
 READ_BLOCK = 16 * 1024 * 1024
+# Local buffer: a member's headers and data usually come from one read, and seeks within it are free.
+READ_BUFFER = 1024 * 1024
 _SECRET = re.compile(r"key|secret|token|password|credential|passwd", re.I)
 
 
@@ -49,7 +51,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def open_read(path: str) -> BinaryIO:
     """A file object for sequential reading (a local file, or a URL with a read-ahead buffer)."""
     if not is_url(path):
-        return open(path, "rb")
+        return open(path, "rb", buffering=READ_BUFFER)
     fs, p = filesystem(path)
     return fs.open(p, "rb", block_size=READ_BLOCK, cache_type="readahead")
 

@@ -68,11 +68,17 @@ def _number(field: bytes) -> int:
         raise TarFormatError(f"bad number field {field!r}") from None
 
 
+_HIGH_BYTES = bytes(range(128, 256))
+
+
 def _checksum_ok(hdr: bytes) -> bool:
     stored = _number(hdr[148:156])
     unsigned = sum(hdr[:148]) + 256 + sum(hdr[156:])  # the checksum field counts as 8 spaces
-    signed = unsigned - 2 * sum(b for b in hdr[:148] + hdr[156:] if b > 127)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    # Old tars summed the bytes as signed chars: each byte over 127 counts 256 less.
+    high = hdr[:148] + hdr[156:]
+    return stored == unsigned - 256 * (len(high) - len(high.translate(None, _HIGH_BYTES)))
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:

@@ -75,7 +75,7 @@ class IndexStage(MapStage):
         "status": "ok, or the structural problem of the sample (missing or empty member, bad caption, unsafe name, truncated tar)",
         "error": "detail of a structural problem (null when status is ok)",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         pass

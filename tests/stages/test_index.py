@@ -64,3 +64,50 @@ def test_truncated_shard_processes_prefix_and_fails_run(pool: Path, tmp_path: Pa
     # A rerun still reports the damaged shard (read back from its stats), without recomputing.
     again = run_pipeline(make_pipeline("index"), make_config(str(tmp_path / "in" / "*.tar"), tmp_path / "w"))
     assert not again.ok and again.stages[0].skipped == 2 and again.stages[0].done == 0
+
+
+def _encoded(fmt: str, size=(37, 21), **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_header_sizes_match_pil_for_every_format(fmt: str):
+    """The index reads sizes without PIL's plugins; format and sizes must be what PIL reports, and
+    an overwritten header is still judged by PIL (garbage stays None)."""
+    import io
+
+    from PIL import Image
+
+    from curate.io.images import image_header
+
+    data = _encoded(fmt)
+    with Image.open(io.BytesIO(data)) as im:
+        expect = (im.format.lower(), im.width, im.height)
+    assert image_header(data, None) == expect == (fmt.lower(), 37, 21)
+    # a file cut inside its header: no size, or the true one (a GIF's sizes are in its first 10 bytes)
+    assert image_header(data[:12], None) in ((None, None, None), expect)
+    for broken in (data[:4] + b"\x00" * 40, b"\x00" * 64, data[:3] + b"\xff" * 61):
+        try:
+            with Image.open(io.BytesIO(broken)) as im:
+                pil = ((im.format or "").lower(), im.width, im.height)
+        except Exception:
+            pil = (None, None, None)
+        assert image_header(broken, None) == pil
+
+
+def test_header_sizes_ignore_exif_orientation():
+    """A JPEG rotated by EXIF keeps its stored sizes (PIL's width and height, what DataComp's
+    original sizes describe), not the displayed ones."""
+    from PIL import Image
+
+    from curate.io.images import image_header
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    assert image_header(_encoded("JPEG", (40, 10), exif=exif.tobytes())) == ("jpeg", 40, 10)
