@@ -17,7 +17,7 @@ STAGES  := index text image url_domain clip_score metadata_embeddings clip_loss 
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test bench synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test bench bench-scale synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -29,6 +29,7 @@ help: ## list the targets and the variables they read
 	@echo
 	@echo "variables: PIPELINE=$(PIPELINE) CONFIG=$(CONFIG) INPUT=<shards> WORKDIR=<dir> ARGS=<more curate args>"
 	@echo "           OUT=<export folder> SOURCE=<url list or image folder> DEMO_SAMPLES=$(DEMO_SAMPLES) DEMO_SHARDS=$(DEMO_SHARDS)"
+	@echo "           N=<pool sizes for bench-scale>"
 
 install: $(STAMP) ## create .venv and install curate (again only when pyproject.toml changes)
 
@@ -55,6 +56,9 @@ browser:
 
 bench: install ## measure every stage against the raw operation it sits on (work/bench/*.json)
 	$(BIN)/python -m curate.bench $(ARGS)
+
+bench-scale: install ## global stages on synthetic partials of N samples (N=1280000 or N="1280000 12800000")
+	$(BIN)/python -m curate.bench.scale $(or $(N),1280000) $(ARGS)
 
 synth: install ## write the demo's synthetic pool (DEMO_SAMPLES, DEMO_SHARDS)
 	$(BIN)/curate synth --out demo/pool-v2-$(DEMO_SAMPLES)x$(DEMO_SHARDS)-seed0 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)

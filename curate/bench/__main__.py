@@ -17,6 +17,7 @@ BENCHMARKS = {
     "classifier": "curate.bench.classifier",
     "caption_dedup": "curate.bench.caption_dedup",
     "clip_loss": "curate.bench.clip_loss",
+    "fusion": "curate.bench.fusion",
 }
 
 

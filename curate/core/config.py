@@ -44,7 +44,10 @@ class ExecutorConfig(Strict):
     memory_limit: str = "4GiB"
     retries: int = Field(2, ge=0)
     dashboard: bool = True
-    task_timeout_s: float | None = Field(None, gt=0, description="fail a shard task after this long")
+    task_timeout_s: float | None = Field(None, gt=0, description="fail a shard task after this long (with "
+                                         "fuse: the task of all the shard's consecutive map stages)")
+    fuse: bool = Field(True, description="run consecutive map stages as one task per shard, reading its "
+                       "tar once (false: one task per stage and shard, each stage reading the tar)")
 
 
 class RunConfig(Strict):

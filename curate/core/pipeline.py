@@ -197,18 +197,26 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
         raise
     results: list[StageResult] = []
     live = list(shard_paths)  # shards that still have every upstream table
-    try:
-        for i, (st, fp) in enumerate(zip(stages, fps)):
-            if only and st.stage_id not in only:
-                continue
+    tasks = []
+    for i, (st, fp) in enumerate(zip(stages, fps)):
+        if not only or st.stage_id in only:
             upstream = tuple(s.stage_id for s in stages[:i] if s.filters)
-            task = execute.StageTask(spec=spec_of(st), stage_id=st.stage_id, upstream=upstream,
-                                     fingerprint=fp, run=info, shards=tuple(shards))
+            tasks.append((st, execute.StageTask(spec=spec_of(st), stage_id=st.stage_id, upstream=upstream,
+                                                fingerprint=fp, run=info, shards=tuple(shards))))
+    try:
+        for group in _task_groups(tasks, cfg.executor.fuse):
+            st, task = group[0]
+            if st.kind == "map" and len(group) > 1:
+                fused = _run_fused(ex, group, work, live)
+                results += fused
+                failed = set().union(*(r.failed for r in fused))
+                live = [p for p in live if shard_name(p) not in failed]
+                continue
             res = StageResult(st.stage_id)
             res.blocked = sorted(set(shards) - {shard_name(p) for p in live})
             results.append(res)
             if st.kind == "map":
-                todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), fp)]
+                todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), task.fingerprint)]
                 res.skipped = len(live) - len(todo)
                 log.info("stage %s: %d shard(s) to do, %d done before", st.stage_id, len(todo), res.skipped)
                 ok = _collect(res, ex.map(functools.partial(execute.run_shard, task), todo,
@@ -225,6 +233,60 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
     atomic_write_bytes(work.run_dir(run_id) / "summary.json", json.dumps(
         {"ok": summary.ok, "problems": summary.problems()}, indent=2).encode())
     return summary
+
+
+def _task_groups(tasks: list[tuple[Stage, execute.StageTask]], fuse: bool
+                 ) -> list[list[tuple[Stage, execute.StageTask]]]:
+    """The run's steps: with ``fuse``, each run of consecutive map stages is one group (one task
+    per shard); a global stage, or any stage without ``fuse``, is a group of its own."""
+    groups: list[list[tuple[Stage, execute.StageTask]]] = []
+    for st, task in tasks:
+        if fuse and st.kind == "map" and groups and groups[-1][-1][0].kind == "map":
+            groups[-1].append((st, task))
+        else:
+            groups.append([(st, task)])
+    return groups
+
+
+def _merged_resources(stages: list[Stage], device: str) -> dict[str, float] | None:
+    """What a fused task needs: the most of each resource any of its stages asks for."""
+    merged: dict[str, float] = {}
+    for st in stages:
+        for k, v in (st.resources(device) or {}).items():
+            merged[k] = max(merged.get(k, 0.0), v)
+    return merged or None
+
+
+def _run_fused(ex: Executor, group: list[tuple[Stage, execute.StageTask]], work: WorkDir,
+               live: list[str]) -> list[StageResult]:
+    """Consecutive map stages as one task per shard (``execute.run_fused``), reported per stage as
+    if each had run alone: a shard whose task failed has failed at its first stage without output
+    and is blocked at the later ones."""
+    ids = [task.stage_id for _, task in group]
+    done_before = {task.stage_id: {shard_name(p) for p in live if execute.is_done(work, task.stage_id, shard_name(p),
+                                                                                   task.fingerprint)}
+                   for _, task in group}
+    todo = [p for p in live if any(shard_name(p) not in done_before[i] for i in ids)]
+    log.info("stages %s fused: %d shard(s) to do, %d done before", "+".join(ids), len(todo), len(live) - len(todo))
+    outcomes = ex.map(functools.partial(execute.run_fused, tuple(task for _, task in group)), todo,
+                      label="+".join(ids), resources=_merged_resources([st for st, _ in group], group[0][1].run.device))
+    errors = {shard_name(o.item): o.error or "unknown error" for o in outcomes if not o.ok}
+    all_shards = group[0][1].shards
+    results, alive = [], [shard_name(p) for p in live]
+    for _, task in group:
+        res = StageResult(task.stage_id)
+        res.blocked = sorted(set(all_shards) - set(alive))
+        for s in alive:
+            if s in done_before[task.stage_id]:
+                res.skipped += 1
+            elif s in errors and not execute.is_done(work, task.stage_id, s, task.fingerprint):
+                res.failed[s] = errors[s]
+            else:
+                res.done += 1
+        alive = [s for s in alive if s not in res.failed]
+        res.bad_shards = _bad_shards_from_stats(work, task.stage_id, alive)
+        results.append(res)
+    return results
 
 
 def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work: WorkDir) -> None:

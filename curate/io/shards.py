@@ -250,6 +250,39 @@ def iter_indexed_samples(path: str | Path, result: ShardReadResult | None = None
             yield row, current
 
 
+class SharedShard:
+    """One read of a shard's tar shared by the map stages that run fused in one task: the first
+    stage to ask reads the tar, the later ones get the samples it read (bytes read once; a read
+    error is reported to every stage that reads). The samples stay in memory until ``release``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._samples: list[RawSample] | None = None
+        self._result = ShardReadResult()
+
+    def load(self, result: ShardReadResult) -> "SharedShard":
+        """Read the tar unless read already; ``result`` gets the bytes (first reader only) and any
+        read error."""
+        if self._samples is None:
+            self._samples = list(iter_samples(self.path, self._result))
+            result.n_bytes += self._result.n_bytes
+            result.n_members += self._result.n_members
+        if self._result.error:
+            result.error = self._result.error
+        return self
+
+    def indexed(self, result: ShardReadResult | None = None,
+                want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, RawSample]]:
+        """As ``iter_indexed_samples(path, result, want)``, from the one read."""
+        self.load(result if result is not None else ShardReadResult())
+        for i, s in enumerate(self._samples or []):
+            if want is None or want(i):
+                yield i, s
+
+    def release(self) -> None:
+        self._samples = None
+
+
 def sample_uid(sample: RawSample, meta: dict[str, Any], shard: str) -> str:
     """DESIGN.md uid rule: the sample's own 32-hex uid when its json has one, else hash(shard, key)."""
     uid = meta.get("uid")

@@ -10,11 +10,12 @@ readable: what a stage reads is part of its fingerprint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ import pyarrow as pa
 from curate.core.config import Strict
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, read_table
-from curate.io.shards import RawSample, ShardReadResult, iter_indexed_samples, iter_samples
+from curate.io.shards import RawSample, ShardReadResult, SharedShard, iter_indexed_samples
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ShardContext:
     reads: tuple[str, ...] = ()  # stage ids this stage declared it reads
     read_result: ShardReadResult = field(default_factory=ShardReadResult)
     counters: dict[str, float] = field(default_factory=dict)
+    shared: SharedShard | None = None  # the tar read shared by fused map stages (None: read the tar)
     _cache: dict[str, pa.Table] = field(default_factory=dict)
     _evaluate: np.ndarray | None = None
 
@@ -145,16 +147,24 @@ class ShardContext:
                 full_reasons[i] = r
         return StageOutput(cols, full_reasons)
 
+    def reader(self) -> Callable[..., Iterator[tuple[int, RawSample]]]:
+        """``(result, want) -> (row, sample)`` over the shard, as ``iter_indexed_samples`` takes
+        them: the tar itself, or the one read that the map stages fused in this task share (read
+        now, so that loader processes forked later inherit it)."""
+        if self.shared is not None:
+            return self.shared.load(self.read_result).indexed
+        return functools.partial(iter_indexed_samples, self.shard_path)
+
     def samples(self) -> Iterator[RawSample]:
         """Stream the raw shard; read errors land in ``read_result`` (reported, not raised)."""
-        return iter_samples(self.shard_path, self.read_result)
+        return (s for _, s in self.reader()(self.read_result))
 
     def samples_at(self, rows: list[int]) -> Iterator[tuple[int, RawSample]]:
         """(row, sample) for ``rows`` in tar order; the other members are skipped unread. A sample
         whose key differs from the index (the shard changed since indexing) is an error."""
         want = set(rows)
         keys = self.column("key")
-        for i, s in iter_indexed_samples(self.shard_path, self.read_result, want=want.__contains__):
+        for i, s in self.reader()(self.read_result, want.__contains__):
             if i >= len(keys):
                 break
             if s.key != keys[i]:

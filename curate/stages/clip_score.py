@@ -14,7 +14,7 @@ import logging
 import math
 import multiprocessing
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -54,10 +54,12 @@ class _ShardImages:
     # camera photos decoded on the GPU would take gigabytes before the resize.
     RAW_JPEG_MAX_PIXELS = 2048 * 2048
 
-    def __init__(self, shard_path: str, rows: list[int], preprocess, draft: int, max_pixels: int,
-                 timeout_s: float | None = None, captions: dict[int, str] | None = None,
-                 raw_jpeg: bool = False):
-        self.shard_path, self.rows, self.preprocess = shard_path, set(rows), preprocess
+    def __init__(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], preprocess,
+                 draft: int, max_pixels: int, timeout_s: float | None = None,
+                 captions: dict[int, str] | None = None, raw_jpeg: bool = False):
+        # a tar path, or a reader as ShardContext.reader() gives it (the fused task's one read)
+        self.read = functools.partial(iter_indexed_samples, shard) if isinstance(shard, str) else shard
+        self.rows, self.preprocess = set(rows), preprocess
         self.draft, self.max_pixels, self.raw_jpeg = draft, max_pixels, raw_jpeg
         self.limiter = TimeLimiter(timeout_s, name="clip-decode")
         self.captions = captions or {}
@@ -69,7 +71,7 @@ class _ShardImages:
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         # every nw-th row to embed; the reader skips the other rows' data without reading it
         mine = {r for k, r in enumerate(sorted(self.rows)) if k % nw == wid}
-        for i, s in iter_indexed_samples(self.shard_path, want=mine.__contains__):
+        for i, s in self.read(None, mine.__contains__):
             payload, reason = self._decode(s.image(), s.image_ext())
             is_jpeg = reason is None and payload.dtype == torch.uint8
             yield i, payload, reason, self.captions.get(i) or "", is_jpeg
@@ -219,15 +221,16 @@ class ClipScoreStage(MapStage):
             on = device == "cuda"
         return DevicePreprocess.from_transform(clip.preprocess) if on else None
 
-    def embed(self, shard_path: str, rows: list[int], captions: list[str], device: str,
-              model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
-        """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode."""
+    def embed(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
+              device: str, model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
+        """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode;
+        ``shard`` is a tar path or a ``ShardContext.reader()``."""
         import torch
 
         clip = self.clip(device, model_cache)
         size = self._info["image_size"]
         on_device = self.device_preprocess(clip, device)
-        ds = _dataset_class()(shard_path, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
+        ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None)
         nw = self._loader_workers(device)
@@ -331,7 +334,7 @@ class ClipScoreStage(MapStage):
         captions = ctx.column("caption")
         rows = ctx.rows()
         clip = self.clip(ctx.run.device, ctx.run.model_cache)
-        res, failed = self.embed(ctx.shard_path, rows, captions, ctx.run.device, ctx.run.model_cache)
+        res, failed = self.embed(ctx.reader(), rows, captions, ctx.run.device, ctx.run.model_cache)
         # a row without a result failed to decode, or the tar no longer holds it
         reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
         got = [res.get(i, (None, None, None)) for i in rows]
@@ -380,7 +383,8 @@ class ClipRankStage(GlobalStage):
         calibrate: Calibration | None = Field(None, description="or keep scores >= a threshold chosen "
                                               "on held-out pairs scored by this run's CLIP stage")
         exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
-        hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1] for the approximate threshold")
+        hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1]: the histogram threshold, and the "
+                               "exact one's first pass (its second pass holds one bin's rows)")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
         @model_validator(mode="after")
@@ -466,14 +470,8 @@ class ClipRankStage(GlobalStage):
             k = max(1, math.ceil(p.top_fraction * n))
             art["k"] = k
             if n <= p.exact_max_rows:
-                tabs = [pq.read_table(x) for x in ctx.partials()]
-                t = pa.concat_tables(tabs)
-                scores = t.column("clip_score").to_numpy()
-                uids = np.array(t.column("uid").to_pylist())
-                # Rank by score descending, then uid ascending: ties are broken the same everywhere.
-                order = np.lexsort((uids, -scores.astype(np.float64)))
-                last = order[k - 1]
-                art.update(threshold=float(scores[last]), tie_uid=str(uids[last]), exact=True)
+                threshold, tie_uid = kth_ranked(ctx.partials(), k, p.hist_bins)
+                art.update(threshold=threshold, tie_uid=tie_uid, exact=True)
             else:
                 # Approximate: the lower edge of the bin holding the k-th score. Scores kept differ
                 # from the exact top-k only inside that one bin: error <= 2 / hist_bins in score,
@@ -500,6 +498,38 @@ class ClipRankStage(GlobalStage):
                    None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
                    for u, s, e in zip(uids, scores, ev)]
         return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
+
+
+def _score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each score over [-1, 1] (outside values in the end bins; NaN in bin -1, ranked last)."""
+    b = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (bins / 2.0))
+    return np.where(np.isnan(scores), -1, np.minimum(b, bins - 1)).astype(np.int64)
+
+
+def kth_ranked(partials: list, k: int, bins: int) -> tuple[float, str]:
+    """(score, uid) of the k-th pair (1-based) in the order score descending, uid ascending, over
+    Parquet files with ``uid`` and ``clip_score``: exact, in two streaming passes. Pass 1 counts
+    scores per bin; pass 2 keeps only the rows of the bin that holds the k-th and sorts them. Equal
+    scores share a bin, so the order of the rows in other bins does not matter; memory is one
+    file's scores plus one bin's rows."""
+    counts = np.zeros(bins + 1, dtype=np.int64)  # slot 0: NaN, then the bins
+    for path in partials:
+        s = pq.read_table(path, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
+        counts += np.bincount(_score_bins(s, bins) + 1, minlength=bins + 1)
+    from_top = np.cumsum(counts[::-1])  # rows in the bins from the top down to each
+    slot = bins - int(np.searchsorted(from_top, k))  # the slot holding the k-th row
+    above = int(from_top[bins - slot - 1]) if slot < bins else 0
+    scores, uids = [], []
+    for path in partials:
+        t = pq.read_table(path, columns=["uid", "clip_score"])
+        s = t.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
+        mine = np.flatnonzero(_score_bins(s, bins) + 1 == slot)
+        if len(mine):
+            scores.append(s[mine])
+            uids.append(np.array(t.column("uid").take(mine).to_pylist()))
+    s, u = np.concatenate(scores), np.concatenate(uids)
+    last = np.lexsort((u, -s))[k - above - 1]  # NaN ranks last, as -NaN sorts last
+    return float(s[last]), str(u[last])
 
 
 def ranks_in(score: float, uid: str, threshold: float | None, tie_uid: str | None) -> bool:

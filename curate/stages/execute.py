@@ -19,7 +19,8 @@ import pyarrow as pa
 from curate.core.config import StageSpec
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
-from curate.io.shards import shard_name
+from curate.engine.base import describe_exception
+from curate.io.shards import SharedShard, shard_name
 from curate.io.storage import set_storage_options
 from curate.core.schema import STATS_SCHEMA, stage_schema
 from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage, StageOutput
@@ -42,11 +43,14 @@ class StageTask:
     run: RunInfo
     shards: tuple[str, ...] = field(default=())  # all shard names (global stages)
 
-    def stage(self) -> Stage:
+    def stage(self, keep: tuple[str, ...] = ()) -> Stage:
+        """The stage object, built once per worker. Only the stages of one task stay alive (their
+        fingerprints in ``keep``): a worker holds the models of the stages it runs now, no others."""
         st = _STAGE_CACHE.get(self.fingerprint)
         if st is None:
             st = build_stage(self.spec)
-            _STAGE_CACHE.clear()  # keep at most one heavy stage (model) alive per worker
+            for fp in [fp for fp in _STAGE_CACHE if fp not in keep]:
+                del _STAGE_CACHE[fp]
             _STAGE_CACHE[self.fingerprint] = st
         return st
 
@@ -80,12 +84,13 @@ def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
         return False
 
 
-def _context(task: StageTask, shard_path: str) -> ShardContext:
+def _context(task: StageTask, shard_path: str, shared: SharedShard | None = None,
+             keep: tuple[str, ...] = ()) -> ShardContext:
     set_storage_options(task.run.storage_options)
-    st = task.stage()
+    st = task.stage(keep)
     return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
                         upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all,
-                        reads=tuple(st.reads()))
+                        reads=tuple(st.reads()), shared=shared)
 
 
 def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Table, Counter, int, int]:
@@ -153,11 +158,13 @@ def _stats_table(task: StageTask, shard: str, metrics: dict[str, float],
     }, schema=STATS_SCHEMA)
 
 
-def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[str, Any]:
-    """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs."""
+def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, shared: SharedShard | None = None,
+              keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs.
+    ``shared``: the tar read of a fused task; ``keep``: the fingerprints of that task's stages."""
     t0 = time.perf_counter()
-    stage = task.stage()
-    ctx = _context(task, shard_path)
+    stage = task.stage(keep)
+    ctx = _context(task, shard_path, shared, keep)
     work = ctx.work
     if is_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}
@@ -186,6 +193,30 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process") -> dict[
                 meta=_meta(task, ctx.shard))
     return {"shard": ctx.shard, "skipped": False, "n_in": n_in, "n_kept": n_kept,
             "error": ctx.read_result.error}
+
+
+def run_fused(tasks: tuple[StageTask, ...], shard_path: str) -> dict[str, Any]:
+    """Consecutive map stages on one shard in one task, in order, the tar read once: each stage
+    writes its own table and stats exactly as ``run_shard`` does alone, so a stage done before is
+    skipped, and a failure (raised for the engine to retry or report) leaves the outputs of the
+    stages before it. The tar's samples stay in memory while a later stage still reads images."""
+    keep = tuple(t.fingerprint for t in tasks)
+    stages = [t.stage(keep) for t in tasks]
+    last_reader = max((k for k, st in enumerate(stages) if k > 0 and st.needs_pixels()), default=-1)
+    shared = SharedShard(shard_path) if last_reader > 0 else None
+    done: dict[str, Any] = {}
+    for k, task in enumerate(tasks):
+        try:
+            done[task.stage_id] = run_shard(task, shard_path, shared=shared, keep=keep)
+        except Exception as e:
+            raise FusedStageError(f"stage {task.stage_id}: {describe_exception(e)}") from e
+        if shared is not None and k >= last_reader:
+            shared.release()
+    return {"shard": shard_name(shard_path), "stages": done}
+
+
+class FusedStageError(RuntimeError):
+    """A stage of a fused task failed; the message names the stage."""
 
 
 def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:

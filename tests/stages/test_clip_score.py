@@ -252,3 +252,27 @@ def test_large_jpegs_stay_on_the_cpu_path(monkeypatch):
     assert ds._preprocess(small, "jpg").dtype == torch.uint8  # bytes for the device decoder
     out = ds._preprocess(big, "jpg")
     assert out.dtype == torch.float32 and out.shape == (3, 64, 64)  # decoded and preprocessed here
+
+
+@pytest.mark.parametrize("bins", [16, 65536])
+def test_kth_ranked_equals_a_full_sort(tmp_path: Path, bins: int):
+    """The two-pass threshold equals sorting every (score, uid): ties, repeated scores, NaN, scores
+    outside [-1, 1], k at both ends, several files."""
+    from curate.stages.clip_score import kth_ranked
+
+    rng = np.random.default_rng(bins)
+    n = 3000
+    scores = np.round(rng.normal(0.25, 0.1, n), 3)  # many exact ties
+    scores[:40] = np.nan
+    scores[40:45] = [1.0, -1.0, 1.5, -3.0, 0.25]
+    uids = np.array([f"{x:032x}" for x in rng.permutation(n)])
+    paths = []
+    for k, part in enumerate(np.array_split(rng.permutation(n), 5)):
+        p = tmp_path / f"{k}.parquet"
+        pq.write_table(pa.table({"uid": uids[part].tolist(), "clip_score": scores[part]}), p)
+        paths.append(p)
+    order = np.lexsort((uids, -scores))
+    for k in (1, 2, 17, 900, n - 41, n - 40, n - 39, n):
+        s, u = kth_ranked(paths, k, bins)
+        want = order[k - 1]
+        assert u == uids[want] and (s == scores[want] or (np.isnan(s) and np.isnan(scores[want]))), k
