@@ -1,11 +1,14 @@
 """64-bit perceptual hash (pHash) and Hamming-radius search without all-pairs comparison.
 
 pHash: 32x32 greyscale, 2-D DCT (scipy), the 8x8 lowest frequencies, one bit per coefficient
-above their median. Search: split the 64 bits into ``radius + 1`` bands; by pigeonhole any two
-hashes within ``radius`` agree exactly on at least one band, so only hashes sharing a band value
-are compared.
+above their median. Search: split the 64 bits into ``m > radius`` bands; by pigeonhole any two
+hashes within ``radius`` agree exactly on some ``m - radius`` of them, so only hashes that share
+the bits of one such choice of bands are compared (multi-index hashing, exact).
 """
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 from PIL import Image
@@ -25,15 +28,29 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a.view(np.uint64), b.view(np.uint64)))
 
 
-def _bands(radius: int) -> list[tuple[int, int]]:
-    """(shift, width) of ``radius + 1`` bands covering 64 bits."""
-    n = radius + 1
-    widths = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
-    out, shift = [], 0
+def _bands(m: int) -> list[int]:
+    """Bit masks of ``m`` bands covering the 64 bits."""
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    masks, shift = [], 0
     for w in widths:
-        out.append((shift, w))
+        masks.append(((1 << w) - 1) << shift)
         shift += w
-    return out
+    return masks
+
+
+def _tables(radius: int, n_pairs: float) -> list[np.uint64]:
+    """Masks of the lookup tables: the 64 bits in ``m`` bands, one table per choice of ``m - radius``
+    bands. Two hashes within ``radius`` differ in at most ``radius`` bands, so they agree on every
+    bit of at least one table: the search is exact. ``m`` is chosen for the least expected work
+    (``n_pairs`` compared pairs): more bands mean more tables, but wider keys and fewer collisions."""
+    def cost(m: int) -> float:
+        widths = sorted(64 // m + (1 if i < 64 % m else 0) for i in range(m))
+        key_bits = sum(widths[:m - radius])  # the narrowest key of the tables
+        return math.comb(m, radius) * (math.sqrt(n_pairs) * 2 + n_pairs / 2.0 ** key_bits)
+
+    m = min(range(radius + 1, min(64, radius + 8) + 1), key=cost)
+    bands = _bands(m)
+    return [np.uint64(sum(bands[i] for i in keep)) for keep in itertools.combinations(range(m), m - radius)]
 
 
 def near_pairs(hashes: np.ndarray, radius: int, other: np.ndarray | None = None) -> np.ndarray:
@@ -44,61 +61,60 @@ def near_pairs(hashes: np.ndarray, radius: int, other: np.ndarray | None = None)
     """
     h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
     o = None if other is None else np.ascontiguousarray(other, dtype=np.int64).view(np.uint64)
+    n_pairs = len(h) * (len(h) if o is None else len(o)) / (2 if o is None else 1)
     found: list[np.ndarray] = []
-    for shift, width in _bands(radius):
-        mask = np.uint64((1 << width) - 1) if width < 64 else np.uint64(2**64 - 1)
-        kh = (h >> np.uint64(shift)) & mask
+    for mask in _tables(radius, max(1.0, n_pairs)):
         if o is None:
-            found.append(_pairs_within(kh, h, radius))
+            found.append(_pairs_within(h & mask, h, radius))
         else:
-            ko = (o >> np.uint64(shift)) & mask
-            found.append(_pairs_between(kh, h, ko, o, radius))
-    if not found or not any(len(f) for f in found):
+            found.append(_pairs_between(h & mask, h, o & mask, o, radius))
+    found = [f for f in found if len(f)]
+    if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate([f for f in found if len(f)]), axis=0)
+    return np.unique(np.concatenate(found), axis=0)
 
 
-def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _close(a: np.ndarray, b: np.ndarray, h: np.ndarray, o: np.ndarray, radius: int) -> np.ndarray:
+    ok = np.bitwise_count(h[a] ^ o[b]) <= radius
+    return np.stack([a[ok], b[ok]], axis=1)
+
+
+def _pairs_within(keys: np.ndarray, h: np.ndarray, radius: int) -> np.ndarray:
+    """Pairs of rows with equal keys within ``radius``: every pair of each run of equal keys, run by
+    offset (all runs at once, the runs too short for an offset dropping out), so the work is the
+    number of pairs compared, never a loop per row or per run."""
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
     starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
     ends = np.r_[starts[1:], len(sk)]
-    return order, starts, ends
-
-
-def _pairs_within(keys: np.ndarray, h: np.ndarray, radius: int) -> np.ndarray:
-    order, starts, ends = _runs(keys)
+    end_of = np.repeat(ends, ends - starts)  # for each sorted position, the end of its run
+    pos = np.flatnonzero(end_of - np.arange(len(sk)) > 1)  # positions with a later row in their run
     out = []
-    sizes = ends - starts
-    # Runs of two (most band collisions) in one vectorised step; larger runs pair by pair.
-    two = starts[sizes == 2]
-    if len(two):
-        a, b = order[two], order[two + 1]
-        ok = np.bitwise_count(h[a] ^ h[b]) <= radius
-        out.append(np.stack([np.minimum(a, b)[ok], np.maximum(a, b)[ok]], axis=1))
-    multi = sizes > 2
-    for s, e in zip(starts[multi], ends[multi]):
-        idx = order[s:e]
-        i, j = np.triu_indices(len(idx), k=1)
-        d = np.bitwise_count(h[idx[i]] ^ h[idx[j]])
-        ok = d <= radius
-        if ok.any():
-            a, b = idx[i[ok]], idx[j[ok]]
-            out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+    d = 1
+    while len(pos):
+        a, b = order[pos], order[pos + d]
+        pairs = _close(np.minimum(a, b), np.maximum(a, b), h, h, radius)
+        if len(pairs):
+            out.append(pairs)
+        d += 1
+        pos = pos[end_of[pos] - pos > d]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
 def _pairs_between(kh: np.ndarray, h: np.ndarray, ko: np.ndarray, o: np.ndarray, radius: int) -> np.ndarray:
-    order, starts, ends = _runs(ko)
+    """Pairs (i in h, j in o) with equal keys within ``radius``, by offset into o's run of i's key."""
+    order = np.argsort(ko, kind="stable")
     sk = ko[order]
+    lo, hi = np.searchsorted(sk, kh, side="left"), np.searchsorted(sk, kh, side="right")
+    rows = np.flatnonzero(hi > lo)
     out = []
-    pos = np.searchsorted(sk[starts], kh)
-    hit = np.flatnonzero((pos < len(starts)) & (sk[starts[np.minimum(pos, len(starts) - 1)]] == kh))
-    for i in hit:
-        js = order[starts[pos[i]]:ends[pos[i]]]
-        ok = np.bitwise_count(o[js] ^ h[i]) <= radius
-        if ok.any():
-            out.append(np.stack([np.full(int(ok.sum()), i), js[ok]], axis=1))
+    d = 0
+    while len(rows):
+        pairs = _close(rows, order[lo[rows] + d], h, o, radius)
+        if len(pairs):
+            out.append(pairs)
+        d += 1
+        rows = rows[hi[rows] - lo[rows] > d]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 

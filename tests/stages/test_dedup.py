@@ -31,8 +31,25 @@ def test_banded_search_equals_brute_force():
     for i in range(0, 300, 3):  # plant neighbours at distances 0..6
         flips = rng.choice(64, size=i % 7, replace=False)
         h[i + 1] = h[i] ^ int(sum(1 << int(f) for f in flips) - (1 << 64 if 63 in flips else 0))
-    for r in (2, 4, 6):
+    for r in (0, 1, 2, 4, 6):
         assert np.array_equal(near_pairs(h, r), brute_force_pairs(h, r))
+
+
+def test_banded_search_on_clustered_hashes_and_between_sets():
+    """Hashes in tight clusters (long runs of equal keys, many exact repeats) and the search
+    between two sets (eval sets, crops) give exactly the all-pairs answer."""
+    rng = np.random.default_rng(2)
+    centres = rng.integers(-2**63, 2**63 - 1, size=30, dtype=np.int64)
+    h = centres[rng.integers(0, 30, 2500)].copy()
+    for k in range(len(h)):
+        for f in rng.choice(64, size=int(rng.integers(0, 5)), replace=False):
+            h[k] ^= np.int64(1 << int(f)) if f < 63 else np.int64(-2**63)
+    other = np.concatenate([h[rng.integers(0, len(h), 200)], rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64)])
+    for r in (0, 3, 4, 6):
+        assert np.array_equal(near_pairs(h, r), brute_force_pairs(h, r))
+        d = np.bitwise_count(h.view(np.uint64)[:, None] ^ other.view(np.uint64)[None, :])
+        want = np.stack(np.nonzero(d <= r), axis=1)
+        assert np.array_equal(near_pairs(h, r, other=other), want)
 
 
 def test_real_photo_copies_found_and_different_photos_not(tmp_path: Path):
