@@ -46,7 +46,8 @@ def _tables(radius: int, n_pairs: float) -> list[np.uint64]:
     def cost(m: int) -> float:
         widths = sorted(64 // m + (1 if i < 64 % m else 0) for i in range(m))
         key_bits = sum(widths[:m - radius])  # the narrowest key of the tables
-        return math.comb(m, radius) * (math.sqrt(n_pairs) * 2 + n_pairs / 2.0 ** key_bits)
+        # per table: sorting the keys (~10 comparisons' worth per row) + comparing colliding pairs
+        return math.comb(m, radius) * (10 * math.sqrt(2 * n_pairs) + n_pairs / 2.0 ** key_bits)
 
     m = min(range(radius + 1, min(64, radius + 8) + 1), key=cost)
     bands = _bands(m)
@@ -65,26 +66,54 @@ def near_pairs(hashes: np.ndarray, radius: int, other: np.ndarray | None = None)
     found: list[np.ndarray] = []
     for mask in _tables(radius, max(1.0, n_pairs)):
         if o is None:
-            found.append(_pairs_within(h & mask, h, radius))
+            found.append(_pairs_within(h, mask, radius))
         else:
-            found.append(_pairs_between(h & mask, h, o & mask, o, radius))
+            found.append(_pairs_between(h, o, mask, radius))
     found = [f for f in found if len(f)]
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    return unique_pairs(np.concatenate(found))
 
 
-def _close(a: np.ndarray, b: np.ndarray, h: np.ndarray, o: np.ndarray, radius: int) -> np.ndarray:
-    ok = np.bitwise_count(h[a] ^ o[b]) <= radius
-    return np.stack([a[ok], b[ok]], axis=1)
+def unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """``np.unique(pairs, axis=0)`` for non-negative int64 pairs, as one 1-D sort of packed pairs
+    when both ids fit in 32 bits (the axis form sorts rows as records, several times slower)."""
+    if not len(pairs) or pairs.max() >= 2**32:
+        return np.unique(pairs, axis=0)
+    packed = np.unique((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
+    return np.stack([(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(2**32 - 1)).astype(np.int64)], axis=1)
 
 
-def _pairs_within(keys: np.ndarray, h: np.ndarray, radius: int) -> np.ndarray:
-    """Pairs of rows with equal keys within ``radius``: every pair of each run of equal keys, run by
-    offset (all runs at once, the runs too short for an offset dropping out), so the work is the
-    number of pairs compared, never a loop per row or per run."""
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
+def _key(h: np.ndarray, mask: np.uint64) -> tuple[np.ndarray, int]:
+    """The bits of ``h`` under ``mask`` packed together at the low end, and their number."""
+    key = np.zeros(len(h), dtype=np.uint64)
+    bits, m = 0, int(mask)
+    while m:
+        shift = (m & -m).bit_length() - 1  # lowest set bit: a run of ones starts here
+        width = ((m >> shift) ^ ((m >> shift) + 1)).bit_length() - 1
+        key |= ((h >> np.uint64(shift)) & np.uint64((1 << width) - 1)) << np.uint64(bits)
+        bits += width
+        m &= ~(((1 << width) - 1) << shift)
+    return key, bits
+
+
+def _sorted(key: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, sorted keys). Key and row packed in one uint64 when they fit: a plain sort of
+    numbers is several times faster than an argsort."""
+    row_bits = max(1, (len(key) - 1).bit_length())
+    if bits + row_bits > 64:
+        order = np.argsort(key)
+        return order, key[order]
+    packed = np.sort((key << np.uint64(row_bits)) | np.arange(len(key), dtype=np.uint64))
+    return (packed & np.uint64((1 << row_bits) - 1)).astype(np.int64), packed >> np.uint64(row_bits)
+
+
+def _pairs_within(h: np.ndarray, mask: np.uint64, radius: int) -> np.ndarray:
+    """Pairs of rows with equal bits under ``mask`` and within ``radius``: every pair of each run of
+    equal keys, run by offset (all runs at once, the runs too short for an offset dropping out), so
+    the work is the number of pairs compared, never a loop per row or per run."""
+    order, sk = _sorted(*_key(h, mask))
+    sh = h[order]  # hashes in key order: the comparisons below read memory in order
     starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
     ends = np.r_[starts[1:], len(sk)]
     end_of = np.repeat(ends, ends - starts)  # for each sorted position, the end of its run
@@ -92,27 +121,30 @@ def _pairs_within(keys: np.ndarray, h: np.ndarray, radius: int) -> np.ndarray:
     out = []
     d = 1
     while len(pos):
-        a, b = order[pos], order[pos + d]
-        pairs = _close(np.minimum(a, b), np.maximum(a, b), h, h, radius)
-        if len(pairs):
-            out.append(pairs)
+        ok = pos[np.bitwise_count(sh[pos] ^ sh[pos + d]) <= radius]
+        if len(ok):
+            a, b = order[ok], order[ok + d]
+            out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
         d += 1
         pos = pos[end_of[pos] - pos > d]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
-def _pairs_between(kh: np.ndarray, h: np.ndarray, ko: np.ndarray, o: np.ndarray, radius: int) -> np.ndarray:
-    """Pairs (i in h, j in o) with equal keys within ``radius``, by offset into o's run of i's key."""
-    order = np.argsort(ko, kind="stable")
-    sk = ko[order]
+def _pairs_between(h: np.ndarray, o: np.ndarray, mask: np.uint64, radius: int) -> np.ndarray:
+    """Pairs (i in h, j in o) with equal bits under ``mask`` and within ``radius``, by offset into
+    o's run of i's key."""
+    kh, _ = _key(h, mask)
+    order, sk = _sorted(*_key(o, mask))
+    so = o[order]
     lo, hi = np.searchsorted(sk, kh, side="left"), np.searchsorted(sk, kh, side="right")
     rows = np.flatnonzero(hi > lo)
     out = []
     d = 0
     while len(rows):
-        pairs = _close(rows, order[lo[rows] + d], h, o, radius)
-        if len(pairs):
-            out.append(pairs)
+        at = lo[rows] + d
+        ok = np.bitwise_count(h[rows] ^ so[at]) <= radius
+        if ok.any():
+            out.append(np.stack([rows[ok], order[at[ok]]], axis=1))
         d += 1
         rows = rows[hi[rows] - lo[rows] > d]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)

@@ -232,9 +232,10 @@ class DedupStage(GlobalStage):
         present), ties by smallest uid (rows are sorted by uid)."""
         score = df["clip_score"].fill_null(-np.inf).to_numpy() if self.params.keep == "clip_score" \
             else np.zeros(df.height)
-        order = np.lexsort((np.arange(df.height), -score, roots))
+        rep = np.arange(df.height, dtype=np.int64)  # a row alone is its own root and representative
+        grouped = np.flatnonzero(np.bincount(roots, minlength=df.height)[roots] > 1)
+        order = grouped[np.lexsort((grouped, -score[grouped], roots[grouped]))]
         first = np.unique(roots[order], return_index=True)[1]  # first row of each root in that order
-        rep = np.zeros(df.height, dtype=np.int64)
         rep[roots[order][first]] = order[first]
         return rep
 
