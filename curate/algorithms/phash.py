@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -63,12 +65,17 @@ def near_pairs(hashes: np.ndarray, radius: int, other: np.ndarray | None = None)
     h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
     o = None if other is None else np.ascontiguousarray(other, dtype=np.int64).view(np.uint64)
     n_pairs = len(h) * (len(h) if o is None else len(o)) / (2 if o is None else 1)
-    found: list[np.ndarray] = []
-    for mask in _tables(radius, max(1.0, n_pairs)):
-        if o is None:
-            found.append(_pairs_within(h, mask, radius))
-        else:
-            found.append(_pairs_between(h, o, mask, radius))
+    def table(mask: np.uint64) -> np.ndarray:
+        return _pairs_within(h, mask, radius) if o is None else _pairs_between(h, o, mask, radius)
+
+    tables = _tables(radius, max(1.0, n_pairs))
+    # The tables are independent and numpy releases the GIL in their sorts and comparisons. Two
+    # at a time: each holds a few arrays of the pool's size.
+    if len(tables) > 1 and len(h) >= 100_000:
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            found = list(pool.map(table, tables))
+    else:
+        found = [table(m) for m in tables]
     found = [f for f in found if len(f)]
     if not found:
         return np.zeros((0, 2), dtype=np.int64)

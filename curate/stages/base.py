@@ -390,8 +390,10 @@ class GlobalStage(Stage):
 
         final = self.results_dir(ctx.work)
         tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
-        for shard in ctx.shards:
-            part = results.filter(pl.col("shard") == shard).drop("shard")
+        parts = {key[0]: part for key, part in results.partition_by("shard", as_dict=True).items()}
+        empty = results.clear()
+        for shard in ctx.shards:  # one pass over the results, not one filter per shard
+            part = parts.pop(shard, empty).drop("shard")
             write_table(part.to_arrow(), tmp / f"{shard}.parquet")
         old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
         if final.exists():

@@ -173,10 +173,12 @@ class DedupStage(GlobalStage):
     # -- combine -----------------------------------------------------------------------------
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         p = self.params
-        frames = []
-        for shard, path in zip(ctx.shards, ctx.partials()):
-            frames.append(pl.read_parquet(path).with_columns(pl.lit(shard).alias("shard")))
-        df = pl.concat(frames) if frames else pl.DataFrame()
+        shard_type = pl.Enum(ctx.shards)  # 4 bytes a row, not a string
+        columns = self._partial_columns()
+        frames = [pl.read_parquet(path, columns=columns).with_columns(pl.lit(shard, dtype=shard_type).alias("shard"))
+                  for shard, path in zip(ctx.shards, ctx.partials())]
+        df = pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
+        del frames
         df = df.sort("uid")  # row ids independent of shard order and worker count
         n = df.height
         kind = np.full(n, 99, dtype=np.int64)  # best edge kind that touched each row
@@ -213,19 +215,31 @@ class DedupStage(GlobalStage):
         roots = component_roots(n, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
         keep_row = self._representatives(df, roots)[roots]  # the row each row's group keeps
         in_group = np.bincount(roots, minlength=n)[roots] > 1
-        rows = np.arange(n)
-        uids = df["uid"].to_numpy()
-        is_copy = in_group & (keep_row != rows) & ~eval_hit
-        names = np.array([f"dedup:{k}" for k in KIND_RANK] + [None], dtype=object)
-        reason = np.where(eval_hit, "dedup:eval", np.where(is_copy, names[np.minimum(kind, len(KIND_RANK))], None))
-        out = df.select("uid", "shard").with_columns(
-            pl.Series("dup_group", np.where(in_group, uids[keep_row], None).tolist(), dtype=pl.String),
-            pl.Series("dup_of", np.where(is_copy, uids[keep_row], None).tolist(), dtype=pl.String),
-            pl.Series("reason", reason.tolist(), dtype=pl.String))
+        is_copy = in_group & (keep_row != np.arange(n)) & ~eval_hit
+        # reasons as codes: an edge kind's rank, the eval label after them, -1 for none
+        labels = dict(enumerate([f"dedup:{k}" for k in KIND_RANK] + ["dedup:eval"]))
+        code = np.where(eval_hit, len(KIND_RANK), np.where(is_copy & (kind < len(KIND_RANK)), kind, -1))
+        # built in polars from numpy masks: no Python object per row
+        out = pl.DataFrame({"uid": df["uid"], "shard": df["shard"], "_kept": df["uid"].gather(keep_row),
+                            "_in": in_group, "_copy": is_copy,
+                            "reason": pl.Series(code).replace_strict(labels, default=None, return_dtype=pl.String)}
+                           ).select("uid", "shard", pl.when("_in").then("_kept").alias("dup_group"),
+                                    pl.when("_copy").then("_kept").alias("dup_of"), "reason")
+        del df
         self.write_results(ctx, out)
         dropped = out.filter(pl.col("reason").is_not_null())
         return {"samples": n, "edges": counts, "groups": int(len(np.unique(roots[in_group]))),
                 "dropped": dict(dropped.group_by("reason").len().iter_rows())}
+
+    def _partial_columns(self) -> list[str]:
+        """The partial's columns this configuration reads (the others are never loaded)."""
+        p = self.params
+        cols = {"uid", "sha256", "phash", "clip_score"}  # sha256 and phash: also the eval-set checks
+        cols |= {"caption_h" for k in p.exact if k in ("caption", "image_caption")}
+        cols |= {"url_h" for k in p.exact if k == "url"}
+        cols |= {"phash_crops", "color_sig"} if p.crop_radius is not None else set()
+        cols |= {"caption_mh"} if p.caption_jaccard is not None else set()
+        return [f.name for f in self.partial_fields() if f.name in cols]
 
     def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> np.ndarray:
         """The kept row of each group, indexed by root: highest CLIP score (when configured and
@@ -347,7 +361,7 @@ class DedupStage(GlobalStage):
 
 def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
     """Chain every group of rows with equal (non-null) keys: (first, other) pairs."""
-    d = df.with_row_index("_r").drop_nulls(cols)
+    d = df.select(cols).with_row_index("_r").drop_nulls(cols)  # the key columns only: no copy of the rest
     if d.is_empty():
         return np.zeros((0, 2), dtype=np.int64)
     g = d.group_by(cols).agg(pl.col("_r").min().alias("first"), pl.col("_r")).filter(pl.col("_r").list.len() > 1)
