@@ -169,8 +169,12 @@ class BalanceStage(GlobalStage):
         pk = keep_probability(entries, counts, caps)
         df = df.join(pk.select("row", "p_keep"), on="row", how="left").with_columns(
             pl.col("p_keep").fill_null(self._unmatched_p()))
-        coin = np.array([uniform_hash(u, p.seed) for u in df["uid"].to_list()])
-        kept = coin < df["p_keep"].to_numpy()
+        p_keep = df["p_keep"].to_numpy()
+        # The coin decides only where 0 < p_keep < 1 (coin is in [0, 1)): hashed there alone.
+        kept = p_keep >= 1.0
+        toss = np.flatnonzero((p_keep > 0.0) & (p_keep < 1.0))
+        uids = df["uid"].gather(toss).to_list()
+        kept[toss] = np.array([uniform_hash(u, p.seed) for u in uids], dtype=np.float64) < p_keep[toss]
         matched = df["concepts"].list.len().to_numpy() > 0
         reason = [None if k else "balance:head" if m else "balance:no_concept" for k, m in zip(kept, matched)]
         df = df.with_columns(pl.Series("kept", kept), pl.Series("reason", reason, dtype=pl.String))
