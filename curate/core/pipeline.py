@@ -237,24 +237,19 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
 
 def _task_groups(tasks: list[tuple[Stage, execute.StageTask]], fuse: bool
                  ) -> list[list[tuple[Stage, execute.StageTask]]]:
-    """The run's steps: with ``fuse``, each run of consecutive map stages is one group (one task
-    per shard); a global stage, or any stage without ``fuse``, is a group of its own."""
+    """The run's steps: with ``fuse``, each run of consecutive map stages that ask for the same
+    resources is one group (one task per shard); a global stage, or any stage without ``fuse``, is a
+    group of its own. The CLIP stage on a GPU is thus its own group: the CPU stages before it keep
+    running on the CPU workers instead of holding a GPU worker while its GPU waits."""
     groups: list[list[tuple[Stage, execute.StageTask]]] = []
     for st, task in tasks:
-        if fuse and st.kind == "map" and groups and groups[-1][-1][0].kind == "map":
+        last = groups[-1][-1] if groups else None
+        if (fuse and last is not None and st.kind == "map" and last[0].kind == "map"
+                and st.resources(task.run.device) == last[0].resources(last[1].run.device)):
             groups[-1].append((st, task))
         else:
             groups.append([(st, task)])
     return groups
-
-
-def _merged_resources(stages: list[Stage], device: str) -> dict[str, float] | None:
-    """What a fused task needs: the most of each resource any of its stages asks for."""
-    merged: dict[str, float] = {}
-    for st in stages:
-        for k, v in (st.resources(device) or {}).items():
-            merged[k] = max(merged.get(k, 0.0), v)
-    return merged or None
 
 
 def _run_fused(ex: Executor, group: list[tuple[Stage, execute.StageTask]], work: WorkDir,
@@ -268,8 +263,9 @@ def _run_fused(ex: Executor, group: list[tuple[Stage, execute.StageTask]], work:
                    for _, task in group}
     todo = [p for p in live if any(shard_name(p) not in done_before[i] for i in ids)]
     log.info("stages %s fused: %d shard(s) to do, %d done before", "+".join(ids), len(todo), len(live) - len(todo))
+    st, task = group[0]  # every stage of the group asks for the same resources
     outcomes = ex.map(functools.partial(execute.run_fused, tuple(task for _, task in group)), todo,
-                      label="+".join(ids), resources=_merged_resources([st for st, _ in group], group[0][1].run.device))
+                      label="+".join(ids), resources=st.resources(task.run.device))
     errors = {shard_name(o.item): o.error or "unknown error" for o in outcomes if not o.ok}
     all_shards = group[0][1].shards
     results, alive = [], [shard_name(p) for p in live]

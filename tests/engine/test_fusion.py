@@ -118,3 +118,23 @@ def test_a_stage_failing_on_one_shard_keeps_the_others_and_resumes(pool: Path, t
     assert ref.ok
     for sub in ("index", "text", "image", "url_domain"):
         tables_equal_dir(tmp_path / "ref", tmp_path / "w", sub)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_groups_split_where_resources_differ(device: str, tiny_ckpt: Path):
+    """On a GPU the CLIP stage is its own task (the CPU stages stay on CPU workers); on a CPU machine
+    every consecutive map stage is one task; global stages and fuse: false stand alone."""
+    from curate.core.pipeline import _task_groups
+    from curate.stages import execute
+    from curate.stages.base import RunInfo
+    from curate.stages.registry import build_stages, spec_of
+
+    stages = build_stages(_pipe(tiny_ckpt))
+    run = RunInfo(run_id="r", workdir="w", device=device)
+    tasks = [(st, execute.StageTask(spec=spec_of(st), stage_id=st.stage_id, upstream=(), fingerprint=str(k), run=run))
+             for k, st in enumerate(stages)]
+    groups = [[st.stage_id for st, _ in g] for g in _task_groups(tasks, fuse=True)]
+    maps = [["index", "text", "image", "clip_score"]] if device == "cpu" else [["index", "text", "image"], ["clip_score"]]
+    assert groups == maps + [["clip_rank"], ["dedup"]]
+    assert [[st.stage_id for st, _ in g] for g in _task_groups(tasks, fuse=False)] == [[t] for t in MAP_STAGES] + [
+        ["clip_rank"], ["dedup"]]
