@@ -66,9 +66,21 @@ class DaskExecutor(Executor):
         return {w: miss for w, miss in sorted(got.items()) if miss}
 
     def close(self) -> None:
+        if self.cluster is not None:
+            # Our own workers: whatever they log while the cluster goes down (tasks cancelled by an
+            # interrupt, a heartbeat to the scheduler that has just closed) is not news to the user.
+            for nanny in (False, True):
+                try:
+                    self.client.run(_silence_logs, nanny=nanny)
+                except Exception:  # a worker already gone: nothing left to silence there
+                    pass
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _silence_logs() -> None:
+    logging.disable(logging.CRITICAL)
 
 
 def _missing(paths: list[str]) -> list[str]:
