@@ -31,6 +31,19 @@ def pool(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Random tiny CLIP weights (seed 0) saved once, so every run that loads them scores alike."""
+    import torch
+
+    from curate.models.clip import load_clip
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"state_dict": load_clip("curate-tiny", None).model.state_dict()}, p)
+    return p
+
+
 def make_pipeline(*stages: tuple[str, dict] | str, name: str = "test") -> PipelineConfig:
     specs = [StageSpec(name=s) if isinstance(s, str) else StageSpec(name=s[0], params=s[1]) for s in stages]
     return PipelineConfig(name=name, stages=specs)

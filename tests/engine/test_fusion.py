@@ -6,22 +6,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from curate.core.pipeline import run_pipeline
-from curate.models.clip import load_clip
 from curate.stages.image import ImageStage
 from tests.conftest import make_config, make_pipeline, tables_equal_dir
 
 MAP_STAGES = ("index", "text", "image", "clip_score")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"state_dict": load_clip("curate-tiny", None).model.state_dict()}, p)
-    return p
 
 
 def _pipe(ckpt: Path):

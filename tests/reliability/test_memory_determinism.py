@@ -7,10 +7,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 
 from curate.io.shards import make_uid
-from curate.models.clip import load_clip
 from curate.core.pipeline import run_pipeline
 from curate.tools.synth import synthesize
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, write_tar
@@ -65,19 +63,11 @@ def test_peak_rss_bounded_and_independent_of_pool_size(tmp_path: Path, record):
     record(f"memory: 10k-sample shards, peak {one:.0f}/{three:.0f} MB (1/3 shards)", 2, 0, 0)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("ck") / "tiny.pt"
-    torch.save({"state_dict": load_clip("curate-tiny", None).model.state_dict()}, p)
-    return p
-
-
-def test_full_pipeline_decisions_identical_across_workers_and_shards(tmp_path: Path, ckpt: Path, record):
+def test_full_pipeline_decisions_identical_across_workers_and_shards(tmp_path: Path, tiny_ckpt: Path, record):
     synthesize(tmp_path / "p1", samples=400, shards=1, seed=31)
     synthesize(tmp_path / "p4", samples=400, shards=4, seed=31)
     pipe = make_pipeline(("text", {}), ("image", {"max_dominant_share": 0.97, "min_blur_var": 20.0}),
-                         ("clip_score", {"model": "curate-tiny", "pretrained": str(ckpt), "batch_size": 32}),
+                         ("clip_score", {"model": "curate-tiny", "pretrained": str(tiny_ckpt), "batch_size": 32}),
                          ("clip_rank", {"top_fraction": 0.8}), ("dedup", {}),
                          ("balance", {"vocabulary": "imagenet21k", "case_sensitive": False, "target_size": 150,
                                       "unmatched": "keep"}))

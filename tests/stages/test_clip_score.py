@@ -23,16 +23,6 @@ from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, t
 TINY = {"model": "curate-tiny", "pretrained": None}
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """Random tiny weights saved once, so every run in this module scores with the same model."""
-    torch.manual_seed(0)
-    clip = load_clip("curate-tiny", None)
-    p = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"state_dict": clip.model.state_dict()}, p)
-    return p
-
-
 def _pipe(ckpt: Path, rank: dict | None = None, **params):
     stages = [("clip_score", {"model": "curate-tiny", "pretrained": str(ckpt), "batch_size": 64,
                               "all_rows": True} | params)]
