@@ -12,6 +12,8 @@ from pathlib import Path
 from curate.core.config import ConfigError
 from curate.io.parquet import WorkDirError
 
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+
 log = logging.getLogger("curate")
 
 
@@ -363,8 +365,26 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         if not verbose:
             _quiet_shutdown()
-        return 130
+        return INTERRUPTED
+
+
+def cli() -> None:
+    """The ``curate`` command. After an interrupt the exit code is 130 whatever the cleanup meets:
+    the exit handlers (a half-started Dask cluster's among them) run now, a second Ctrl-C ends the
+    process at once, and nothing later in the interpreter's shutdown can turn the code into a signal."""
+    code = main()
+    if code != INTERRUPTED:
+        sys.exit(code)
+    import atexit
+    import signal
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(INTERRUPTED))
+    try:
+        sys.stdout.flush()
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(INTERRUPTED)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
