@@ -133,3 +133,30 @@ def test_url_lists_in_csv_and_tsv_are_pools(tmp_path: Path):
     (pool / "c.csv").write_bytes(b'uid,url,caption\n"unterminated,http://x/5.jpg\n\xff\xfe')
     res = run_pipeline(make_pipeline(("text", {})), make_config(str(pool), tmp_path / "w2"))
     assert not res.ok and any("c is damaged" in p and "not a readable metadata table" in p for p in res.problems())
+
+
+def test_datacomp_text_based_matches_datacomp(tmp_path: Path):
+    """Expected concept matches come from NLTK's WordNet run the way DataComp's baseline runs it
+    (tests/data/datacomp_text_based.json says how): edge cases such as "Flowers", "dog,", "GEESE",
+    "aromatic" (an adjective whose first sense's offset is also an ImageNet noun's, which DataComp
+    counts) and "teddy" (in timm's 21,844-synset list, not in DataComp's 21,843), then LAION captions."""
+    import json
+
+    from curate.bench.recipes import datacomp_text_based_uids
+
+    fixture = json.loads((ROOT / "tests" / "data" / "datacomp_text_based.json").read_text())
+    captions = fixture["captions"]
+    contains = dict(zip(captions, fixture["contains_in21k"]))
+    df = pl.DataFrame({"uid": [f"{i:032x}" for i in range(len(captions))], "text": captions,
+                       "url": [f"http://x/{i}.jpg" for i in range(len(captions))]})
+    df.write_parquet(tmp_path / "all.parquet")
+    (tmp_path / "pool").mkdir()
+    df.slice(0, 200).write_parquet(tmp_path / "pool" / "00000.parquet")
+    df.slice(200).write_parquet(tmp_path / "pool" / "00001.parquet")
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_text_based.yaml")
+    assert run_pipeline(pipe, make_config(str(tmp_path / "pool" / "*.parquet"), tmp_path / "w")).ok
+    expect = datacomp_text_based_uids(tmp_path / "all.parquet", contains)
+    assert 100 < len(expect) < len(captions)
+    assert _kept(tmp_path / "w") == expect
+    text = pl.read_parquet(tmp_path / "w" / "text" / "*.parquet").sort("uid")
+    assert ((text["n_concepts"] > 0).to_list() == fixture["contains_in21k"])  # the WordNet part alone, every row

@@ -45,3 +45,89 @@ def hypernym_lemmas(wnid: str, levels: int, min_depth: int) -> list[str]:
         seen.update(frontier)
         out += [lem for h in frontier if h in table and table[h].depth >= min_depth for lem in table[h].lemmas]
     return out
+
+
+# NLTK's detachment rules (WordNet's morphy) by part of speech: suffix -> replacement.
+_DETACH = {"n": (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+                 ("shes", "sh"), ("men", "man"), ("ies", "y")),
+           "v": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
+                 ("ing", "")),
+           "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
+           "r": ()}
+POS_ORDER = ("n", "v", "a", "r")  # the order in which wordnet.synsets(word) lists senses
+
+
+@dataclass(frozen=True)
+class FirstSenses:
+    """WordNet 3.0's first sense of every lemma per part of speech, and the exception lists
+    (package data ``wordnet_first_senses.tsv.gz``, made by ``python -m curate.tools.wordnet_data``)."""
+    first: dict[str, tuple[int | None, ...]]  # lemma -> first offset per POS_ORDER
+    exceptions: dict[str, dict[str, tuple[str, ...]]]  # pos -> inflected form -> base forms
+
+    def lemmas_of(self, word: str, pos: str) -> list[str]:
+        """The base forms of ``word`` in ``pos`` that WordNet lists, as NLTK's ``_morphy``: the word
+        itself, then its exception-list bases or else each detachment rule applied once."""
+        k = POS_ORDER.index(pos)
+        bases = self.exceptions[pos].get(word)
+        forms = [word, *(bases if bases is not None else
+                         (word[: -len(old)] + new for old, new in _DETACH[pos] if word.endswith(old)))]
+        out: list[str] = []
+        for f in forms:
+            if f not in out and f in self.first and self.first[f][k] is not None:
+                out.append(f)
+        return out
+
+    def first_sense(self, word: str) -> int | None:
+        """The offset of ``wordnet.synsets(word)[0]`` (None when WordNet has no sense): the word in
+        lower case, parts of speech in NLTK's order, the first base form's most frequent sense."""
+        word = word.lower()
+        for k, pos in enumerate(POS_ORDER):
+            forms = self.lemmas_of(word, pos)
+            if forms:
+                return self.first[forms[0]][k]
+        return None
+
+
+@lru_cache(maxsize=1)
+def first_senses() -> FirstSenses:
+    text = _read_data("wordnet_first_senses.tsv.gz")
+    head, _, exc = text.partition("#exceptions\n")
+    first = {}
+    for line in head.splitlines()[1:]:
+        lemma, *offsets = line.split("\t")
+        first[lemma] = tuple(int(o) if o else None for o in offsets)
+    exceptions: dict[str, dict[str, tuple[str, ...]]] = {p: {} for p in POS_ORDER}
+    for line in exc.splitlines():
+        pos, form, bases = line.split("\t")
+        exceptions[pos][form] = tuple(bases.split())
+    return FirstSenses(first, exceptions)
+
+
+@lru_cache(maxsize=4)
+def imagenet_offsets(vocabulary: str) -> frozenset[int]:
+    """WordNet offsets of a built-in ImageNet vocabulary's synsets: ``imagenet21k`` is the list of
+    21,843 wnids DataComp's text-based baseline reads, ``imagenet1k`` the 1,000 classes."""
+    if vocabulary == "imagenet21k":
+        wnids = _read_data("imagenet21k_wnids.txt.gz").split()
+    elif vocabulary == "imagenet1k":
+        wnids = [ln.split("\t")[1] for ln in _read_data("imagenet1k_classnames.tsv.gz").splitlines()[1:] if ln]
+    else:
+        raise ValueError(f"first-sense matching needs a built-in ImageNet vocabulary, not {vocabulary!r}")
+    return frozenset(int(w[1:]) for w in wnids)
+
+
+class FirstSenseMatcher:
+    """DataComp's text-based rule: a whitespace token (punctuation left on it) names a concept when
+    its first WordNet sense (any part of speech) has an offset in the vocabulary's synsets."""
+
+    def __init__(self, vocabulary: str = "imagenet21k"):
+        self._senses = first_senses()
+        self._offsets = imagenet_offsets(vocabulary)
+        self._hit = lru_cache(maxsize=1 << 18)(self._token_hit)
+
+    def _token_hit(self, token: str) -> bool:
+        return self._senses.first_sense(token) in self._offsets
+
+    def count(self, text: str) -> int:
+        """How many whitespace tokens of ``text`` name a concept."""
+        return sum(map(self._hit, text.split()))

@@ -161,6 +161,20 @@ def datacomp_basic_uids(metadata: Path) -> set[str]:
     return set(df.uid[mask])
 
 
+def datacomp_text_based_uids(metadata: Path, contains_concept: dict[str, bool]) -> set[str]:
+    """The uids DataComp's text-based filter keeps: fastText top-1 English on the raw caption, and
+    ``contains_concept[caption]`` (whether a token's first WordNet sense is an ImageNet-21k synset,
+    computed by NLTK and stored with the test fixture: NLTK's WordNet is not a dependency)."""
+    import pandas as pd
+
+    from curate.models.langid import load_langid
+
+    model = load_langid()
+    df = pd.read_parquet(metadata)
+    lang = df.text.apply(lambda t: model.predict(t.replace("\n", " "))[0][0].split("__label__")[1])
+    return set(df.uid[(lang == "en") & df.text.map(contains_concept)])
+
+
 def datacomp_clip_score_uids(metadata: Path, column: str, fraction: float) -> set[str]:
     """The uids DataComp's CLIP-score baseline keeps: the score at index floor(n * f) of the scores
     sorted descending is the threshold, every score >= it is kept."""

@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.algorithms.concepts import get_matcher
+from curate.algorithms.wordnet import FirstSenseMatcher
 from curate.core.config import Strict
 from curate.models.caption_language import decide, second_detector
 from curate.models.langid import load_langid, predict_languages
@@ -102,7 +103,8 @@ class TextStage(RowFilter):
         "unique_word_ratio": "distinct words / words",
         "alpha_ratio": "share of letters among non-space characters",
         "max_repeat_run": "longest run of one word repeated in a row",
-        "n_concepts": "concept-vocabulary entries (ImageNet-21k lemmas by default) found in the caption",
+        "n_concepts": "concept-vocabulary entries (ImageNet-21k lemmas by default) found in the caption; with "
+                      "concept_rule first_sense, whitespace tokens whose first WordNet sense is a vocabulary synset",
         "junk": "the junk pattern the caption matches (file name, URL, untitled, placeholder, no letters), or null",
     }
     version = "2"
@@ -126,6 +128,10 @@ class TextStage(RowFilter):
         max_repeat_run: int | None = Field(None, ge=1, description="drop captions that repeat one word more times in a row")
         min_concepts: int | None = Field(None, ge=0, description="text-based baseline: 1")
         concept_vocabulary: str = Field("imagenet21k", description="vocabulary of the concept-word count: imagenet21k, imagenet1k or a file")
+        concept_rule: Literal["phrases", "first_sense"] = Field(
+            "phrases", description="phrases: whole-word matches of any lemma of the vocabulary (synonyms, "
+            "multi-word names); first_sense: DataComp's text-based rule, a whitespace token whose first "
+            "WordNet sense is one of the vocabulary's synsets (built-in imagenet21k or imagenet1k only)")
         drop_junk: bool = Field(True, description="drop captions that are file names, URLs, 'untitled' or placeholders")
         normalise: bool = Field(True, description="score the HTML-unescaped, NFKC, whitespace-collapsed caption; "
                                 "false: DataComp parity (the raw caption, newlines as spaces)")
@@ -133,6 +139,13 @@ class TextStage(RowFilter):
             "needed", description="caption measures beyond language, characters and words: needed (those "
             "the thresholds read), all, or a list; the others stay null")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
+
+        @model_validator(mode="after")
+        def _first_sense_needs_synsets(self):
+            if self.concept_rule == "first_sense" and self.concept_vocabulary not in ("imagenet21k", "imagenet1k"):
+                raise ValueError(f"concept_rule first_sense matches WordNet synsets: concept_vocabulary must be "
+                                 f"imagenet21k or imagenet1k, not {self.concept_vocabulary!r}")
+            return self
 
     def optional_measures(self) -> frozenset[str]:
         """The optional measures this stage computes."""
@@ -201,7 +214,8 @@ class TextStage(RowFilter):
             nonspace = [len(x) - x.count(" ") for x in norms]
             vals["alpha_ratio"] = [sum(map(str.isalpha, x)) / k if k else 0.0 for x, k in zip(norms, nonspace)]
         if "n_concepts" in wanted:
-            matcher = get_matcher(p.concept_vocabulary, False, 3)
+            matcher = (FirstSenseMatcher(p.concept_vocabulary) if p.concept_rule == "first_sense"
+                       else get_matcher(p.concept_vocabulary, False, 3))
             vals["n_concepts"] = [matcher.count(x) for x in norms]
         if "junk" in wanted:
             vals["junk"] = [junk_kind(x, lo) if c is not None else "empty" for c, x, lo in zip(captions, norms, lowers)]

@@ -1,6 +1,12 @@
-"""Regenerate ``curate/data/wordnet_nouns.tsv.gz``: the WordNet 3.0 noun hierarchy above the
-ImageNet-21k synsets (their lemmas, hypernyms and depth), which the classifier stage reads to accept
-a caption that names a concept's synonym or hypernym.
+"""Regenerate the WordNet package data:
+
+- ``curate/data/wordnet_nouns.tsv.gz``: the WordNet 3.0 noun hierarchy above the ImageNet-21k
+  synsets (their lemmas, hypernyms and depth), which the classifier stage reads to accept a caption
+  that names a concept's synonym or hypernym;
+- ``curate/data/wordnet_first_senses.tsv.gz``: every lemma of the four index files with the offset of
+  its first sense per part of speech, and the exception lists (``geese`` -> ``goose``), from which the
+  text stage finds a word's first WordNet sense as NLTK's ``wordnet.synsets(word)[0]`` does (DataComp's
+  text-based baseline).
 
 The package ships the generated file; nothing reads WordNet at run time. To regenerate, point this
 at a WordNet 3.0 database folder (Debian: ``apt-get install wordnet-base`` -> /usr/share/wordnet):
@@ -8,7 +14,8 @@ at a WordNet 3.0 database folder (Debian: ``apt-get install wordnet-base`` -> /u
     python -m curate.tools.wordnet_data /usr/share/wordnet
 
 ImageNet wnids are WordNet 3.0 noun offsets (``n`` + 8 digits), so the database's ``data.noun``
-(format: wndb(5)) is read directly: ``offset lexfile pos n_words (word lex_id)* n_ptrs (ptr)* | gloss``,
+(format: wndb(5)) is read directly; an index line is ``lemma pos synset_cnt p_cnt ptr* sense_cnt
+tagsense_cnt offset*`` with the offsets in sense order (most frequent first). In ``data.noun``: ``offset lexfile pos n_words (word lex_id)* n_ptrs (ptr)* | gloss``,
 where a pointer is ``symbol offset pos source/target``; ``@`` and ``@i`` are (instance) hypernyms.
 """
 from __future__ import annotations
@@ -20,7 +27,10 @@ from pathlib import Path
 
 from curate.algorithms.concepts import _read_data
 
-OUT = Path(__file__).resolve().parents[1] / "data" / "wordnet_nouns.tsv.gz"
+DATA = Path(__file__).resolve().parents[1] / "data"
+OUT = DATA / "wordnet_nouns.tsv.gz"
+FIRST_SENSES = DATA / "wordnet_first_senses.tsv.gz"
+POS_FILES = (("n", "noun"), ("v", "verb"), ("a", "adj"), ("r", "adv"))  # NLTK's order of parts of speech
 
 
 def parse_data_noun(path: Path) -> dict[str, tuple[list[str], list[str]]]:
@@ -82,16 +92,41 @@ def build(wordnet_dir: Path) -> bytes:
     return gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
 
 
+def build_first_senses(wordnet_dir: Path) -> bytes:
+    """``lemma<TAB>n<TAB>v<TAB>a<TAB>r`` (first offsets, empty where the lemma lacks that part of
+    speech), then ``#exceptions`` and ``pos<TAB>inflected<TAB>base base...`` lines."""
+    first: dict[str, dict[str, str]] = {}
+    for pos, name in POS_FILES:
+        with open(wordnet_dir / f"index.{name}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(" "):
+                    continue
+                fields = line.split()
+                n_synsets = int(fields[2])
+                first.setdefault(fields[0], {})[pos] = str(int(fields[-n_synsets]))
+    lines = ["lemma\tn\tv\ta\tr"]
+    lines += [f"{lemma}\t" + "\t".join(first[lemma].get(p, "") for p, _ in POS_FILES) for lemma in sorted(first)]
+    lines.append("#exceptions")
+    for pos, name in POS_FILES:
+        with open(wordnet_dir / f"{name}.exc", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                form, *bases = line.split()
+                lines.append(f"{pos}\t{form}\t{' '.join(bases)}")
+    return gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wordnet_dir", type=Path, help="WordNet 3.0 database folder (holds data.noun)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--first-senses-out", type=Path, default=FIRST_SENSES)
     a = ap.parse_args(argv)
     if not (a.wordnet_dir / "data.noun").is_file():
         print(f"error: {a.wordnet_dir}/data.noun not found (Debian: apt-get install wordnet-base)", file=sys.stderr)
         return 2
     a.out.write_bytes(build(a.wordnet_dir))
-    print(f"wrote {a.out}")
+    a.first_senses_out.write_bytes(build_first_senses(a.wordnet_dir))
+    print(f"wrote {a.out} and {a.first_senses_out}")
     return 0
 
 

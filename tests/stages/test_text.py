@@ -145,3 +145,19 @@ def test_top1_keeps_datacomps_rule():
     vals = st.measure_captions([c for c, _, _ in CAPTION_LANGUAGES[:2]])
     assert vals["lang_final"] == ["ja", "pl"] and vals["lang_rule"] == ["fasttext", "fasttext"]
     assert st.reasons(Measured(vals)) == ["lang:ja", "lang:pl"]
+
+
+def test_first_sense_concepts_need_a_wordnet_vocabulary(tmp_path: Path):
+    from curate.core.config import ConfigError
+
+    (tmp_path / "p.yaml").write_text("name: p\nstages:\n  - name: text\n    params:\n      min_concepts: 1\n"
+                                     "      concept_rule: first_sense\n      concept_vocabulary: my_words.txt\n")
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(tmp_path / "p.yaml")
+    assert "p.yaml" in str(e.value) and "concept_vocabulary must be imagenet21k or imagenet1k" in str(e.value)
+
+
+def test_first_sense_concepts_count_tokens_as_datacomp_does():
+    st = TextStage(TextStage.Params(concept_rule="first_sense", min_concepts=1, normalise=False))
+    got = st.measure_captions(["Flowers in a garden", "dog, on the sofa", "GEESE", "", None])["n_concepts"]
+    assert got == [2, 1, 1, 0, 0]  # flower, garden; sofa ("dog," keeps its comma); goose
