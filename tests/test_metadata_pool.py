@@ -160,3 +160,73 @@ def test_datacomp_text_based_matches_datacomp(tmp_path: Path):
     assert _kept(tmp_path / "w") == expect
     text = pl.read_parquet(tmp_path / "w" / "text" / "*.parquet").sort("uid")
     assert ((text["n_concepts"] > 0).to_list() == fixture["contains_in21k"])  # the WordNet part alone, every row
+
+
+# (caption, len(fasttext.tokenize(caption)) as the real fastText tokenizer returns it)
+FASTTEXT_TOKENS = [("a photo of a dog", 5), ("two\nlines", 3), ("one\u00a0word", 1), ("tab\tsplit", 2),
+                   ("  spaced   out  ", 2), ("single", 1), ("", 0), ("a\n\nb", 4), ("nul\x00split", 2)]
+
+
+def test_fasttext_token_count_is_fasttexts():
+    from curate.stages.text import fasttext_token_count
+
+    assert [fasttext_token_count(c) for c, _ in FASTTEXT_TOKENS] == [n for _, n in FASTTEXT_TOKENS]
+
+
+@pytest.mark.parametrize("with_clip_score", [False, True])
+def test_datacomp_image_based_matches_datacomp(tmp_path: Path, with_clip_score: bool):
+    """DataComp's image-based rule restated: caption pre-filter (fastText top-1 English, more than
+    one fastText token, more than 5 characters), each survivor joins the centroid with the largest
+    inner product with the unnormalised centroids, kept when a reference embedding joins the same
+    one; with the CLIP score, intersected with the top 30 % of the whole pool."""
+    from curate.models.langid import load_langid
+    from curate.stages.reference import save_reference
+    from curate.stages.text import fasttext_token_count
+
+    rng = np.random.default_rng(7)
+    n, d, k = 400, 768, 12
+    base = ["a photo of a dog on the beach", "a red car parked", "two\nwords", "one\u00a0word here",
+            "ein Hund am Strand spielt", "tiny", "a b", "mountain lake at dawn", "flowers\nin a vase",
+            "mountain\u00a0lake", "sunset\n"]
+    texts = [base[i % len(base)] + ("" if i % 3 else f" number {i}") for i in range(n)]
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    # centroids of very different lengths: the largest inner product is not the nearest direction
+    cent = (rng.normal(size=(k, d)) * rng.uniform(0.2, 3.0, size=(k, 1))).astype(np.float32)
+    ref = rng.normal(size=(5, d)).astype(np.float32)
+    scores = np.round(rng.uniform(0.1, 0.4, size=n), 3)
+    uids = [f"{i:032x}" for i in range(n)]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for s, sl in enumerate((slice(0, 250), slice(250, n))):
+        pl.DataFrame({"uid": uids[sl], "text": texts[sl], "clip_l14_similarity_score": scores[sl]}).write_parquet(
+            pool / f"{s:05d}.parquet")
+        np.savez(pool / f"{s:05d}.npz", l14_img=emb[sl], l14_txt=emb[sl])
+    np.save(tmp_path / "centroids.npy", cent)
+    save_reference(ref, {"model": "ViT-L-14", "pretrained": "openai"}, tmp_path / "ref.npy")
+
+    model = load_langid()
+    english = np.array([model.predict(t.replace("\n", " "))[0][0] == "__label__en" for t in texts])
+    caption_ok = english & np.array([fasttext_token_count(t) > 1 and len(t) > 5 for t in texts])
+    target_clusters = set(np.argmax(ref @ cent.T, axis=1).tolist())
+    cluster = np.argmax(emb.astype(np.float32) @ cent.T, axis=1)
+    keep = caption_ok & np.isin(cluster, list(target_clusters))
+    if with_clip_score:
+        threshold = -np.sort(-scores)[int(n * 0.3)]
+        keep &= scores >= threshold
+    expect = {u for u, kept in zip(uids, keep) if kept}
+    assert 0 < len(expect) < caption_ok.sum() < n  # every rule drops something here
+    # the cases that tell DataComp's rules from the obvious ones occur: str.split counts differently,
+    # and the nearest centroid by angle is not the one with the largest inner product
+    assert any((fasttext_token_count(t) > 1) != (len(t.split()) > 1) for t in texts)
+    unit_cent = cent / np.linalg.norm(cent, axis=1, keepdims=True)
+    assert (np.argmax(emb.astype(np.float32) @ unit_cent.T, axis=1) != cluster).any()
+
+    name = "datacomp_image_based_x_clip_score" if with_clip_score else "datacomp_image_based"
+    recipe = (ROOT / "pipelines" / f"{name}.yaml").read_text()
+    recipe = recipe.replace("/data/imagenet1k_train_vit_l14.npy", str(tmp_path / "ref.npy"))
+    recipe = recipe.replace("centroids: null ", f"centroids: {tmp_path / 'centroids.npy'} ")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    summary = run_pipeline(load_pipeline(tmp_path / "recipe.yaml"), make_config(str(pool / "*.parquet"), tmp_path / "w"))
+    assert summary.ok, summary.problems()
+    assert _kept(tmp_path / "w") == expect

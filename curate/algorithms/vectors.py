@@ -19,8 +19,10 @@ def faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_per_centroid: int = 256) -> np.ndarray:
-    """Spherical k-means centroids (faiss); at most ``points_per_centroid`` x k training points."""
+def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_per_centroid: int = 256,
+                    spherical: bool = True) -> np.ndarray:
+    """k-means centroids (faiss), unit length when ``spherical`` (else plain means, as DataComp's
+    image-based baseline trains them); at most ``points_per_centroid`` x k training points."""
     import faiss
 
     k = max(1, min(k, len(x)))
@@ -28,7 +30,7 @@ def train_centroids(x: np.ndarray, k: int, seed: int, niter: int = 20, points_pe
     # Small problems on one OpenMP thread: faiss's idle OpenMP threads spin after each call and
     # starve the numpy BLAS work between calls (`make bench` SemDeDup rows show the effect).
     with faiss_threads(1 if work < 50_000_000 else faiss.omp_get_max_threads()):
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=spherical, seed=seed, verbose=False,
                           max_points_per_centroid=points_per_centroid)
         km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km.centroids

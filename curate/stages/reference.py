@@ -1,6 +1,6 @@
 """Reference-set filtering (DataComp's image-based baseline), with any CLIP model.
 
-combine: spherical k-means (faiss) on a sample of the pool's stored CLIP image embeddings (or
+combine: k-means (faiss; spherical, or plain as DataComp's) on a sample of the pool's stored CLIP image embeddings (or
 centroids reused from an earlier run), then the nearest centroid of every reference embedding; the
 set of those centroids is the artifact. apply (a map): each pool sample's nearest centroid and its
 similarity; keep when the centroid is in the reference set.
@@ -17,7 +17,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -123,8 +123,9 @@ def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path,
 
 def nearest_centroids(centroids: np.ndarray, col: pa.FixedSizeListArray, budget: int = 1 << 24
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest unit centroid (-1 for a null embedding) and its cosine similarity, for every row of
-    a float16 embedding column.
+    """Centroid with the largest inner product (-1 for a null embedding; the nearest one when
+    centroids are unit, as spherical k-means makes them) and the embedding's cosine similarity to it,
+    for every row of a float16 embedding column.
 
     One BLAS matrix product and an argmax per chunk: for top-1 against a few thousand centroids
     this is several times faster than faiss's flat search (measured in ``make bench``), and chunks
@@ -161,7 +162,7 @@ class ReferenceFilterStage(GlobalStage):
     name = "reference_filter"
     columns = {
         "centroid": "the pool k-means centroid nearest the image embedding",
-        "centroid_sim": "inner product of the image embedding with that centroid",
+        "centroid_sim": "inner product of the unit image embedding with that centroid (cosine when centroids are unit)",
     }
     version = "1"
 
@@ -173,6 +174,10 @@ class ReferenceFilterStage(GlobalStage):
         neighbors: int = Field(1, ge=1, description="reference sample -> its k nearest centroids")
         kmeans_sample: int = Field(500_000, ge=100, description="pool rows sampled to train the k-means")
         niter: int = Field(20, ge=1, description="k-means iterations")
+        kmeans: Literal["spherical", "plain"] = Field(
+            "spherical", description="spherical: unit centroids (cosine clusters); plain: mean centroids, as "
+            "DataComp's image-based baseline trains them. Either way a sample joins the centroid with the "
+            "largest inner product")
         seed: int = Field(0, description="seed of the k-means sample and initialisation")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
@@ -236,7 +241,7 @@ class ReferenceFilterStage(GlobalStage):
             k = min(k, len(train))
             if k < 1:
                 raise ReferenceError("no pool embeddings to cluster")
-            cent = train_centroids(train, k, p.seed, niter=p.niter)
+            cent = train_centroids(train, k, p.seed, niter=p.niter, spherical=p.kmeans == "spherical")
         if cent.shape[1] != ref.shape[1]:
             raise ReferenceError(f"reference embeddings are {ref.shape[1]}-d, the pool's {cent.shape[1]}-d")
         index = faiss.IndexFlatIP(cent.shape[1])

@@ -67,6 +67,15 @@ def junk_kind(norm: str, lower: str | None = None) -> str | None:
     return "placeholder" if _PLACEHOLDER_LOWER.search(norm.lower() if lower is None else lower) else None
 
 
+_FASTTEXT_SPACE = re.compile("[ \n\r\t\v\f\0]+")
+
+
+def fasttext_token_count(text: str) -> int:
+    """``len(fasttext.tokenize(text))``: fastText splits on ASCII whitespace and NUL only (a
+    non-breaking space stays inside a word) and reads every newline as one more token (``</s>``)."""
+    return sum(1 for w in _FASTTEXT_SPACE.split(text) if w) + text.count("\n")
+
+
 def max_repeat_run(words: list[str]) -> int:
     best = run = 0
     prev = None
@@ -99,7 +108,7 @@ class TextStage(RowFilter):
                      "(top-1 in another script than the caption's), function_words (unsure, mostly English "
                      "function words), second_detector (lingua, for a short or unsure caption)",
         "n_chars": "characters in the caption",
-        "n_words": "whitespace-separated words in the caption",
+        "n_words": "whitespace-separated words in the caption (word_count says whose whitespace)",
         "unique_word_ratio": "distinct words / words",
         "alpha_ratio": "share of letters among non-space characters",
         "max_repeat_run": "longest run of one word repeated in a row",
@@ -121,6 +130,10 @@ class TextStage(RowFilter):
         min_lang_prob: float = Field(0.0, ge=0, le=1, description="DataComp uses 0 (top-1 only)")
         langid_model: str | None = Field(None, description="path to lid.176.bin/.ftz; default: bundled .ftz")
         min_words: int | None = Field(3, ge=0, description="DataComp: more than 2 words")
+        word_count: Literal["split", "fasttext"] = Field(
+            "split", description="how n_words counts: split (Python's str.split, DataComp's basic filter); "
+            "fasttext (fastText's tokenizer: ASCII whitespace only, and each newline is a token too, as "
+            "DataComp's image-based caption pre-filter counts with fasttext.tokenize)")
         min_chars: int | None = Field(6, ge=0, description="DataComp: more than 5 characters")
         max_chars: int | None = Field(None, ge=1, description="drop captions with more characters")
         min_unique_word_ratio: float | None = Field(None, ge=0, le=1, description="drop captions whose distinct words / words is lower")
@@ -203,7 +216,9 @@ class TextStage(RowFilter):
             "lang_final": [d[0] for d in decided],
             "lang_rule": [d[1] for d in decided],
             "n_chars": [len(x) for x in norms],
-            "n_words": [len(w) for w in words],
+            "n_words": ([len(w) for w in words] if p.word_count == "split"
+                        # parity counts the raw caption: its newlines are tokens to fastText
+                        else [fasttext_token_count(c or "") for c in (norms if p.normalise else captions)]),
         } | {m: [None] * n for m in OPTIONAL_MEASURES}
         if wanted & {"unique_word_ratio", "max_repeat_run"}:
             n_unique = [len(set(w)) for w in words]

@@ -180,3 +180,18 @@ def test_report_shows_share_kept_per_reference_concept(pool: Path, tmp_path: Pat
     cov = concept_coverage(work)
     for r in cov.iter_rows(named=True):
         assert f"<td style='text-align:left'>{r['label']}</td><td>30</td>" in page
+
+
+def test_plain_kmeans_keeps_mean_centroids_and_spherical_unit_ones():
+    from curate.algorithms.vectors import train_centroids
+
+    rng = np.random.default_rng(0)
+    # two clusters of unit vectors around opposite directions (fewer than faiss samples down to):
+    # a cluster mean is shorter than 1
+    x = np.concatenate([rng.normal(size=(200, 16)) * 0.5 + 3, rng.normal(size=(200, 16)) * 0.5 - 3]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    plain = train_centroids(x, 2, seed=0, spherical=False)
+    unit = train_centroids(x, 2, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert (np.linalg.norm(plain, axis=1) < 0.99).all()
+    np.testing.assert_allclose(np.sort(plain[:, 0]), np.sort([x[:200, 0].mean(), x[200:, 0].mean()]), atol=1e-5)
