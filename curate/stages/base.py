@@ -134,6 +134,8 @@ class ShardContext:
         """A ``StageOutput`` from columns computed for ``rows`` only: spread back to full length,
         None in the rows not computed."""
         n = self.n_rows
+        if len(rows) == n:  # every row computed (rows are sorted positions): nothing to spread
+            return StageOutput({k: list(v) for k, v in values.items()}, None if reasons is None else list(reasons))
         cols: dict[str, list] = {}
         for name, vals in values.items():
             full: list = [None] * n

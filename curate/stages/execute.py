@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.core.config import StageSpec
 from curate.io.layout import WorkDir
@@ -107,24 +108,16 @@ def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Tabl
     n = len(cols["uid"])
     schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters, stage.columns)
     counts: Counter = Counter()
-    n_kept = 0
     if stage.filters:
         if reasons is None or len(reasons) != n:
             raise RuntimeError(f"stage {stage.stage_id} returned {0 if reasons is None else len(reasons)} "
                                f"decisions for {n} rows")
-        keep: list[bool | None] = []
-        rs: list[str | None] = []
-        for r, ev in zip(reasons, evaluated):
-            if not ev:
-                keep.append(None)
-                rs.append(None)
-            else:
-                keep.append(r is None)
-                rs.append(r)
-                if r is None:
-                    n_kept += 1
-                else:
-                    counts[r] += 1
+        # rows not evaluated (dropped by an earlier stage) have no decision: null keep and reason
+        ev = pa.array(evaluated, pa.bool_())
+        rs = pc.if_else(ev, pa.array(reasons, pa.string()), pa.scalar(None, pa.string()))
+        keep = pc.if_else(ev, pc.is_null(rs), pa.scalar(None, pa.bool_()))
+        n_kept = int(pc.sum(keep).as_py() or 0)
+        counts.update({d["values"]: d["counts"] for d in pc.value_counts(rs.drop_null()).to_pylist()})
         cols[f"keep_{stage.stage_id}"] = keep
         cols[f"reason_{stage.stage_id}"] = rs
     else:

@@ -219,39 +219,38 @@ class ImageStage(RowFilter):
         return [(bad, why) for threshold, bad, why in checks if threshold is not None]
 
     def _from_index(self, ctx: ShardContext, rows: list[int]) -> Measured:
-        """Size rules from what the index stage read from each header (and json): no tar read."""
+        """Size rules from what the index stage read from each header (and json): no tar read.
+        A row of a metadata pool (no image yet) is judged on its original sizes alone."""
         p = self.params
         t = ctx.index(["image_format", "image_bytes", "width", "height", "original_width", "original_height"])
-        records = t.to_pylist()
-        values: dict[str, list] = {f.name: [] for f in self.value_fields()}
-        failed: list[str | None] = []
-        for i in rows:
-            r = records[i]
-            vals = self._empty.copy()
-            w, h = r["width"], r["height"]
-            why = None
-            if r["image_bytes"] is None and r["image_format"] is None:
-                # a metadata pool: no image yet, the size rules read the original sizes alone
-                w = h = 0
-                if not (r["original_width"] and r["original_height"]):
-                    why = "image:no_size"
-            elif not r["image_bytes"]:
-                why = "image:missing"
-            elif r["image_bytes"] > p.max_bytes:
-                why = "image:too_large_bytes"
-            elif r["image_format"] is None or not (w and h):
-                why = "image:undecodable"
-            elif w * h > p.max_pixels:
-                why = "image:too_many_pixels"
-            if why is None:
-                if (p.use_original_size or not w) and r["original_width"] and r["original_height"]:
-                    w, h = r["original_width"], r["original_height"]
-                vals.update(img_format=(r["image_format"] or "").lower() or None, img_width=w, img_height=h,
-                            aspect=max(w, h) / max(1, min(w, h)))
-            failed.append(why)
-            for k, v in vals.items():
-                values[k].append(v)
-        return Measured(values, failed, {"n_bytes": [records[i]["image_bytes"] for i in rows]})
+        d = pl.from_arrow(t.take(pa.array(rows, pa.int64())) if len(rows) != t.num_rows else t)
+        fmt, nbytes = pl.col("image_format"), pl.col("image_bytes")
+        meta = nbytes.is_null() & fmt.is_null()
+        has_size = (pl.col("width").fill_null(0) != 0) & (pl.col("height").fill_null(0) != 0)
+        has_original = (pl.col("original_width").fill_null(0) != 0) & (pl.col("original_height").fill_null(0) != 0)
+        w = pl.when(meta).then(0).otherwise(pl.col("width")).cast(pl.Int64)
+        h = pl.when(meta).then(0).otherwise(pl.col("height")).cast(pl.Int64)
+        why = (pl.when(meta).then(pl.when(has_original).then(None).otherwise(pl.lit("image:no_size")))
+               .when(nbytes.fill_null(0) == 0).then(pl.lit("image:missing"))
+               .when(nbytes > p.max_bytes).then(pl.lit("image:too_large_bytes"))
+               .when(fmt.is_null() | ~has_size).then(pl.lit("image:undecodable"))
+               .when(w * h > p.max_pixels).then(pl.lit("image:too_many_pixels"))
+               .otherwise(None))
+        original = (pl.lit(p.use_original_size) | (w == 0)) & has_original
+        d = d.with_columns(why.alias("why"),
+                           pl.when(original).then(pl.col("original_width")).otherwise(w).cast(pl.Int64).alias("w"),
+                           pl.when(original).then(pl.col("original_height")).otherwise(h).cast(pl.Int64).alias("h"))
+        ok = pl.col("why").is_null()
+        d = d.select(
+            "why", "image_bytes",
+            pl.when(ok & (fmt.fill_null("") != "")).then(fmt.str.to_lowercase()).alias("img_format"),
+            pl.when(ok).then(pl.col("w")).alias("img_width"),
+            pl.when(ok).then(pl.col("h")).alias("img_height"),
+            pl.when(ok).then(pl.max_horizontal("w", "h") / pl.max_horizontal(pl.min_horizontal("w", "h"), 1))
+            .alias("aspect"))
+        values: dict[str, list] = {k: [None] * len(rows) for k in self._empty}
+        values.update({k: d[k].to_list() for k in ("img_format", "img_width", "img_height", "aspect")})
+        return Measured(values, d["why"].to_list(), {"n_bytes": d["image_bytes"].to_list()})
 
     def measure(self, ctx: ShardContext, rows: list[int]) -> Measured:
         if not self.pixel_measures and not self.params.drop_animated:

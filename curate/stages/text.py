@@ -196,8 +196,9 @@ class TextStage(RowFilter):
             norms = [normalise(c) if c else "" for c in captions]
         else:  # DataComp: fastText on the caption with newlines as spaces; counts on the raw text
             norms = [c.replace("\n", " ") if c else "" for c in captions]
-        # five candidates: the script rule looks past a top-3 that fastText fills with Latin languages
-        preds = predict_languages(model, norms, k=5)
+        # the robust decision reads five candidates (the script rule looks past a top-3 that fastText
+        # fills with Latin languages); top-1 needs only the runner-up column, and k=2 is cheaper
+        preds = predict_languages(model, norms, k=5 if p.language_decision == "robust" else 2)
         if p.language_decision == "robust":
             second = second_detector() if p.second_detector else None
             decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0], second)
