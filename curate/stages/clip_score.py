@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from curate.engine.background import in_background
 from curate.core.config import Strict, require_exactly_one
+from curate.algorithms.text_regions import fill_regions
 from curate.io.embeddings import fixed_list
 from curate.io.images import draft_short_side, open_checked, to_rgb
 from curate.io.parquet import write_table
@@ -56,13 +57,15 @@ class _ShardImages:
 
     def __init__(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], preprocess,
                  draft: int, max_pixels: int, timeout_s: float | None = None,
-                 captions: dict[int, str] | None = None, raw_jpeg: bool = False):
+                 captions: dict[int, str] | None = None, raw_jpeg: bool = False,
+                 masks: dict[int, list] | None = None):
         # a tar path, or a reader as ShardContext.reader() gives it (the fused task's one read)
         self.read = functools.partial(iter_indexed_samples, shard) if isinstance(shard, str) else shard
         self.rows, self.preprocess = set(rows), preprocess
         self.draft, self.max_pixels, self.raw_jpeg = draft, max_pixels, raw_jpeg
         self.limiter = TimeLimiter(timeout_s, name="clip-decode")
         self.captions = captions or {}
+        self.masks = masks or {}  # row -> text boxes to fill before preprocessing (T-MARS)
 
     def __iter__(self) -> Iterator[tuple[int, Any, str | None, str, bool]]:
         import torch
@@ -72,31 +75,36 @@ class _ShardImages:
         # every nw-th row to embed; the reader skips the other rows' data without reading it
         mine = {r for k, r in enumerate(sorted(self.rows)) if k % nw == wid}
         for i, s in self.read(None, mine.__contains__):
-            payload, reason = self._decode(s.image(), s.image_ext())
+            payload, reason = self._decode(s.image(), s.image_ext(), self.masks.get(i))
             is_jpeg = reason is None and payload.dtype == torch.uint8
             yield i, payload, reason, self.captions.get(i) or "", is_jpeg
 
-    def _decode(self, data: bytes | None, ext: str | None) -> tuple[Any, str | None]:
+    def _decode(self, data: bytes | None, ext: str | None, boxes: list | None = None) -> tuple[Any, str | None]:
         """(tensor, None) or (placeholder, reason)."""
         import torch
 
         try:
-            return self.limiter.call(self._preprocess, data, ext), None
+            return self.limiter.call(self._preprocess, data, ext, boxes), None
         except SampleTimeout:
             return torch.zeros(3, 1, 1), "clip:decode_timeout"
         except Exception:  # any decode failure is a per-row reason, never a crashed shard
             return torch.zeros(3, 1, 1), "clip:undecodable"
 
-    def _preprocess(self, data: bytes | None, ext: str | None):
+    def _preprocess(self, data: bytes | None, ext: str | None, boxes: list | None = None):
         import torch
 
         im, _ = open_checked(data, ext, self.max_pixels)
-        if (self.raw_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L")
+        if (self.raw_jpeg and not boxes and im.format == "JPEG" and im.mode in ("RGB", "L")
                 and im.width * im.height <= self.RAW_JPEG_MAX_PIXELS):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self.draft:
             draft_short_side(im, self.draft)
-        return self.preprocess(to_rgb(im))
+        im = to_rgb(im)
+        if boxes:
+            from PIL import Image
+
+            im = Image.fromarray(fill_regions(np.asarray(im), boxes))
+        return self.preprocess(im)
 
 
 def _collate(batch, tokenizer) -> dict[str, Any]:
@@ -142,6 +150,8 @@ class ClipScoreStage(MapStage):
         decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
         device_decode: bool | None = Field(None, description="decode JPEGs with nvJPEG and preprocess on the "
                                                              "device; null: on when the device is cuda")
+        mask_text_from: str | None = Field(None, description="id of a text_mask stage: its text regions are "
+                                           "filled with the colour around them before the image is scored (T-MARS)")
         all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -160,6 +170,18 @@ class ClipScoreStage(MapStage):
 
     def resources(self, device: str = "cpu") -> dict[str, float] | None:
         return {"GPU": 1} if device == "cuda" else None
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.mask_text_from,) if self.params.mask_text_from else ()
+
+    def with_earlier(self, earlier: list) -> "ClipScoreStage":
+        from curate.core.config import ConfigError
+
+        src = next((s for s in earlier if s.stage_id == self.params.mask_text_from), None)
+        if src is not None and "text_boxes" not in {f.name for f in src.value_fields()}:
+            raise ConfigError(f"stage {self.stage_id!r} masks the text regions of {src.stage_id!r}, which finds "
+                              "none: mask_text_from names a text_mask stage")
+        return self
 
     def needs_pixels(self) -> bool:
         return True
@@ -222,9 +244,11 @@ class ClipScoreStage(MapStage):
         return DevicePreprocess.from_transform(clip.preprocess) if on else None
 
     def embed(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
-              device: str, model_cache: str | None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
+              device: str, model_cache: str | None, masks: dict[int, list] | None = None
+              ) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
         """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode;
-        ``shard`` is a tar path or a ``ShardContext.reader()``."""
+        ``shard`` is a tar path or a ``ShardContext.reader()``; ``masks``: text boxes per row to fill
+        before scoring."""
         import torch
 
         clip = self.clip(device, model_cache)
@@ -232,7 +256,8 @@ class ClipScoreStage(MapStage):
         on_device = self.device_preprocess(clip, device)
         ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
-                                captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None)
+                                captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
+                                masks=masks)
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
@@ -334,7 +359,11 @@ class ClipScoreStage(MapStage):
         captions = ctx.column("caption")
         rows = ctx.rows()
         clip = self.clip(ctx.run.device, ctx.run.model_cache)
-        res, failed = self.embed(ctx.reader(), rows, captions, ctx.run.device, ctx.run.model_cache)
+        masks = None
+        if self.params.mask_text_from:
+            boxes = ctx.column("text_boxes", stage_id=self.params.mask_text_from)
+            masks = {i: boxes[i] for i in rows if boxes[i]}
+        res, failed = self.embed(ctx.reader(), rows, captions, ctx.run.device, ctx.run.model_cache, masks)
         # a row without a result failed to decode, or the tar no longer holds it
         reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
         got = [res.get(i, (None, None, None)) for i in rows]
