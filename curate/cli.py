@@ -37,7 +37,22 @@ def _quiet_shutdown() -> None:
 def cmd_synth(a: argparse.Namespace) -> int:
     from curate.tools.synth import synthesize
 
-    paths = synthesize(a.out, samples=a.samples, shards=a.shards, seed=a.seed, fractions={} if a.clean else None)
+    from curate.tools.synth import DEFAULT_FRACTIONS, DEFECTS
+
+    fractions = {} if a.clean else dict(DEFAULT_FRACTIONS)
+    for item in a.defect or []:
+        name, _, share = item.partition("=")
+        try:
+            fractions[name] = float(share)
+        except ValueError:
+            print(f"--defect {item!r}: expected NAME=FRACTION, e.g. text_caption=0.1 "
+                  f"(defects: {', '.join(DEFECTS)})", file=sys.stderr)
+            return 2
+    try:
+        paths = synthesize(a.out, samples=a.samples, shards=a.shards, seed=a.seed, fractions=fractions)
+    except ValueError as e:  # unknown defect, fractions over 1
+        print(f"curate synth: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} shard(s) and ground_truth.parquet to {a.out}")
     return 0
 
@@ -273,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--clean", action="store_true", help="no injected defects (training / held-out sets)")
+    s.add_argument("--defect", action="append", metavar="NAME=FRACTION",
+                   help="set one defect's share (repeatable), e.g. text_caption=0.1 or templated_caption=0.05 "
+                        "(off by default); with --clean, only these")
     s.set_defaults(fn=cmd_synth)
 
     r = add("run", help="run a pipeline (YAML) with a run config")

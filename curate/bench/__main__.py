@@ -18,6 +18,7 @@ BENCHMARKS = {
     "caption_dedup": "curate.bench.caption_dedup",
     "clip_loss": "curate.bench.clip_loss",
     "fusion": "curate.bench.fusion",
+    "text_mask": "curate.bench.text_mask",
 }
 
 

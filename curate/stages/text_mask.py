@@ -13,6 +13,7 @@ images are decoded reduced to ``detect_side`` on their longer side and never enl
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import polars as pl
@@ -28,6 +29,9 @@ from curate.stages.registry import register_stage
 from curate.stages.row_filter import Measured, RowFilter, Rule
 
 
+_ALNUM = re.compile(r"[^\W_]")
+
+
 @register_stage
 class TextMaskStage(RowFilter):
     """Text regions in the image (RapidOCR): boxes, covered share, recognised text, caption overlap (T-MARS, CAT)."""
@@ -35,10 +39,11 @@ class TextMaskStage(RowFilter):
     name = "text_mask"
     version = "1"
     columns = {
-        "text_boxes": "detected text regions, each [x0, y0, x1, y1] in fractions of the image width and "
-                      "height (the axis-aligned hull of the detected quadrilateral), in reading order",
+        "text_boxes": "text regions, each [x0, y0, x1, y1] in fractions of the image width and height (the "
+                      "axis-aligned hull of the detected quadrilateral), in reading order; with recognise, "
+                      "only regions that read as text",
         "text_area": "share of the image covered by the text regions (their union)",
-        "ocr_text": "the text recognised with at least min_text_confidence, regions joined by spaces",
+        "ocr_text": "the text of the regions (recognise: true), in reading order, joined by spaces",
         "caption_text_overlap": "share of the caption's words (3+ letters or digits) found in ocr_text "
                                 "(spaces and punctuation ignored); null for a caption without words",
     }
@@ -46,11 +51,12 @@ class TextMaskStage(RowFilter):
     class Params(Strict):
         detect_side: int = Field(640, ge=64, le=4096, description="images are detected at most this many "
                                  "pixels on their longer side (larger ones are reduced, smaller ones kept)")
-        recognise: bool = Field(True, description="read the text of each region (ocr_text, caption_text_overlap) "
-                                "and drop regions where nothing is read (the detector also fires on some "
-                                "shapes); false: every detected box, no text, about 15 % faster")
-        min_text_confidence: float = Field(0.5, ge=0, le=1, description="recognised text below this "
-                                           "confidence is left out of ocr_text (its box is still kept)")
+        recognise: bool = Field(True, description="read each region and keep only those that read as text "
+                                "(min_text_confidence, min_text_chars: the detector also fires on shapes, a "
+                                "circle reads as 'O'); false: every detected box, no text, about 15 % faster")
+        min_text_confidence: float = Field(0.5, ge=0, le=1, description="a region counts as text when the "
+                                           "recogniser reads it with at least this confidence...")
+        min_text_chars: int = Field(2, ge=1, description="...and at least this many letters or digits in it")
         max_text_area: float | None = Field(None, gt=0, le=1, description="drop images whose text covers "
                                             "more than this share (text_mask:text_area)")
         max_caption_overlap: float | None = Field(None, ge=0, le=1, description="drop pairs whose caption "
@@ -124,13 +130,14 @@ class TextMaskStage(RowFilter):
                 continue
             ctx.count("images_decoded")
             regions = detect_text(engine, rgb, p.recognise)
-            if p.recognise:  # a region the recogniser reads nothing in is an edge, not text
-                regions = [r for r in regions if r.text.strip()]
+            if p.recognise:
+                regions = [r for r in regions if r.confidence >= p.min_text_confidence
+                           and len(_ALNUM.findall(r.text)) >= p.min_text_chars]
             boxes = [r.box for r in regions]
             vals: dict[str, Any] = {"text_boxes": boxes, "text_area": covered_share(boxes),
                                     "ocr_text": None, "caption_text_overlap": None}
             if p.recognise:
-                text = " ".join(r.text for r in regions if r.confidence >= p.min_text_confidence and r.text)
+                text = " ".join(r.text for r in regions)
                 vals["ocr_text"] = text
                 vals["caption_text_overlap"] = caption_overlap(captions[i] or "", text)
             got[i] = (vals, None)

@@ -86,8 +86,17 @@ JUNK = ["IMG_{d4}.jpg", "DSC_{d4}", "DSC{d4}.JPG", "image", "photo", "untitled",
         "http://www.example.com/img/{hex}.jpg", "{word}", "{d6}", "!!! ...", "placeholder",
         "click here to enlarge", "no description available", "image.png"]
 
+# Words rendered into the image of a ``text_caption`` sample, which its caption only repeats.
+SIGN_TEXTS = ["SUMMER SALE", "GRAND OPENING", "FREE WIFI", "OPEN 24 HOURS", "HAPPY BIRTHDAY", "BEST PRICE",
+              "NEW ARRIVALS", "THANK YOU", "BIG DEAL", "SOLD OUT", "HOT COFFEE", "PARKING ONLY"]
+# Spam captions of ``templated_caption`` samples: one shop's template, only the item number varies.
+SPAM = "Buy cheap stickers online, best price, free shipping worldwide, new designs daily, item no. {d5}"
+
 DEFECTS = ["non_english", "junk_caption", "tiny_image", "extreme_aspect", "blank_image", "blurry",
-           "corrupt_image", "mismatch", "exact_duplicate", "near_duplicate"]
+           "corrupt_image", "mismatch", "exact_duplicate", "near_duplicate", "text_caption",
+           "templated_caption"]
+# text_caption and templated_caption are opt-in (``fractions``): the demo's pipeline has no text
+# detector, and its pool stays as it was.
 DEFAULT_FRACTIONS = {"non_english": 0.04, "junk_caption": 0.04, "tiny_image": 0.03,
                      "extreme_aspect": 0.03, "blank_image": 0.03, "blurry": 0.03, "corrupt_image": 0.02,
                      "mismatch": 0.06, "exact_duplicate": 0.03, "near_duplicate": 0.03}
@@ -175,6 +184,24 @@ def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> Ima
     return im
 
 
+def render_text(im: Image.Image, text: str, rng: np.random.Generator) -> Image.Image:
+    """``im`` with ``text`` across a band of it, large and legible (a poster, a sign, a banner), in
+    Pillow's embedded font."""
+    from PIL import ImageFont
+
+    im = im.copy()
+    w, h = im.size
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default(size=max(12, int(w / (0.62 * len(text) + 2))))
+    x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font)
+    x = (w - (x1 - x0)) / 2 - x0
+    y = rng.uniform(0.1, 0.7) * h - y0
+    pad = 0.15 * (y1 - y0)
+    d.rectangle([x + x0 - pad, y + y0 - pad, x + x1 + pad, y + y1 + pad], fill=(250, 250, 245))
+    d.text((x, y), text, font=font, fill=(20, 20, 20))
+    return im
+
+
 def encode_jpeg(im: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
@@ -239,6 +266,12 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
         long, short = int(rng.integers(800, 1200)), int(rng.integers(210, 240))
         size = (long, short) if rng.random() < 0.5 else (short, long)
     img = render(scene, size, rng)
+    if label == "text_caption":
+        text = SIGN_TEXTS[int(rng.integers(len(SIGN_TEXTS)))]
+        img = render_text(img, text, rng)
+        caption = text.capitalize() if rng.random() < 0.5 else text.lower()
+    elif label == "templated_caption":
+        caption = SPAM.format(d5=f"{int(rng.integers(100_000)):05d}")
     if label == "blank_image":
         col = np.array(list(BACKGROUNDS.values())[int(rng.integers(len(BACKGROUNDS)))], dtype=np.int16)
         arr = np.clip(col[None, None, :] + rng.integers(-2, 3, size=(size[1], size[0], 1)), 0, 255)
@@ -291,6 +324,8 @@ def synthesize(out: str | Path, samples: int = 5000, shards: int = 10, seed: int
     unknown = set(fr) - set(DEFECTS)
     if unknown:
         raise ValueError(f"unknown defect(s) {sorted(unknown)} (allowed: {', '.join(DEFECTS)})")
+    if any(not 0 <= v <= 1 for v in fr.values()):
+        raise ValueError(f"defect fractions must lie in [0, 1]: {fr}")
     if sum(fr.values()) > 1:
         raise ValueError("defect fractions sum to more than 1")
     shards = max(1, min(shards, samples)) if samples else 1

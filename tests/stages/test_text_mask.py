@@ -115,7 +115,7 @@ def test_text_regions_caption_rules_and_broken_images(text_pool: Path, tmp_path:
     assert boxes["ocr_text"].is_null().all()
     b = {r["key"]: r for r in boxes.to_dicts()}
     assert b["spelled"]["text_boxes"] == spelled["text_boxes"] and b["spelled"]["reason_text_mask"] == "text_mask:text_area"
-    # unread, the detector's region on the red disc stays (recognition reads nothing there and drops it)
+    # unread, the detector's region on the red disc stays (read, it is no text and is dropped)
     assert len(b["plain"]["text_boxes"]) == 1 and 0.3 < b["plain"]["text_boxes"][0][0] < 0.5
 
 
@@ -168,3 +168,40 @@ def test_real_photos_with_signs():
     for r in read("000000142585.jpg"):
         assert 0 <= r.box[0] < r.box[2] <= 1 and 0 <= r.box[1] < r.box[3] <= 1
     assert read("000000011813.jpg") == [] and read("000000019221.jpg") == []  # no text in these
+
+
+def test_synthetic_text_defects_are_what_the_rules_remove(tmp_path: Path):
+    """The pool's opt-in defects: a sign's words in the image that the caption only repeats (CAT's
+    rule drops them, and no clean pair), and one spam template (caption MinHash groups them)."""
+    from curate.tools.synth import synthesize
+
+    synthesize(tmp_path / "pool", samples=120, shards=2, seed=5,
+               fractions={"text_caption": 0.2, "templated_caption": 0.1})
+    truth = pl.read_parquet(tmp_path / "pool" / "ground_truth.parquet", columns=["uid", "label"])
+    assert set(truth["label"]) == {"clean", "text_caption", "templated_caption"}
+    work = tmp_path / "w"
+    s = run_pipeline(make_pipeline(("text_mask", {"max_caption_overlap": 0.5}),
+                                   ("dedup", {"exact": [], "phash_radius": None, "caption_jaccard": 0.85})),
+                     make_config(str(tmp_path / "pool" / "*.tar"), work))
+    assert s.ok, s.problems()
+    tm = pl.read_parquet(work / "text_mask" / "*.parquet").join(truth, on="uid")
+    dropped = tm.filter(pl.col("reason_text_mask") == "text_mask:caption_is_text")
+    signs = tm.filter(pl.col("label") == "text_caption").height
+    assert set(dropped["label"]) == {"text_caption"} and dropped.height >= 0.9 * signs
+    dd = pl.read_parquet(work / "dedup" / "*.parquet").join(truth, on="uid")
+    spam = dd.filter(pl.col("label") == "templated_caption")
+    # one template: one group, one kept (clean captions of the same scene may group too: same words)
+    assert spam.height >= 5 and spam["dup_group"].null_count() == 0 and spam["dup_group"].n_unique() == 1
+    assert spam["keep_dedup"].sum() == 1 and set(spam["reason_dedup"].drop_nulls()) == {"dedup:caption_near"}
+
+
+def test_filled_regions_leave_no_text_to_read():
+    """T-MARS's masking removes what the detector read: detected again, the masked image has no text."""
+    from curate.models.text_detector import detect_text, load_text_detector
+
+    engine = load_text_detector(640)
+    for words, bg in (("SUMMER SALE", (30, 110, 190)), ("FREE WIFI", (200, 200, 60)), ("OPEN 24 HOURS", (90, 20, 20))):
+        rgb = np.asarray(rendered(words, bg=bg))
+        boxes = [r.box for r in detect_text(engine, rgb) if r.confidence >= 0.5]
+        assert boxes
+        assert [r for r in detect_text(engine, fill_regions(rgb, boxes)) if r.confidence >= 0.5] == []
