@@ -9,7 +9,9 @@ import hashlib
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.core.config import Strict
 from curate.io.images import image_header
@@ -29,6 +31,29 @@ def read_url_list(f, path: str) -> pa.Table:
     text_cols = ["uid", "url", "URL", "text", "caption", "TEXT", "key", "sha256"]
     return csv.read_csv(f, parse_options=csv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"'),
                         convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in text_cols}))
+
+
+# The characters str.isspace() accepts (Python 3.11): a caption of only these is empty, as
+# ``not caption.strip()`` says (RE2's \\s knows only the ASCII ones).
+_ONLY_SPACE = ("^[\\x{9}-\\x{d}\\x{1c}-\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
+               "\\x{202f}\\x{205f}\\x{3000}]*$")
+
+
+def _sizes(c: pa.ChunkedArray | None, n: int) -> pa.Array:
+    """Original sizes as ``_int_or_none`` takes them, for a whole column: integers and floats in
+    [0, 2**31) (floats truncated), anything else (booleans, strings, NaN) null."""
+    if c is None or not (pa.types.is_integer(c.type) or pa.types.is_floating(c.type)):
+        return pa.nulls(n, pa.int32())
+    if pa.types.is_floating(c.type):
+        c = pc.cast(c, pa.float64())
+        ok = pc.and_(pc.greater_equal(c, 0.0), pc.less(c, float(2**31)))  # NaN: false
+        kept = pc.floor(pc.if_else(ok, c, pa.scalar(None, c.type)))
+    else:  # each bound in the column's own type (a uint64 does not compare with an int64)
+        ok = pc.greater_equal(c, pa.scalar(0, c.type))
+        if c.type.bit_width > 32 or c.type == pa.uint32():
+            ok = pc.and_(ok, pc.less(c, pa.scalar(2**31, c.type)))
+        kept = pc.if_else(ok, c, pa.scalar(None, c.type))
+    return pc.cast(kept, pa.int32()).combine_chunks()
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -171,21 +196,34 @@ class IndexStage(MapStage):
         ctx.read_result.n_bytes = t.nbytes
         n = t.num_rows
 
-        def col(*names: str) -> list:
+        def first(*names: str) -> pa.ChunkedArray | None:
             name = next((c for c in names if c in t.column_names), None)
-            return t.column(name).to_pylist() if name else [None] * n
+            return t.column(name) if name else None
 
-        uids, captions = col("uid"), col("text", "caption", "TEXT")
-        cols: dict[str, list] = {f.name: [None] * n for f in self.value_fields()}
-        cols.update(key=col("key") if "key" in t.column_names else [str(i) for i in range(n)],
-                    shard=[ctx.shard] * n, url=col("url", "URL"), caption=captions, sha256=col("sha256"),
-                    original_width=[_int_or_none(v) for v in col("original_width")],
-                    original_height=[_int_or_none(v) for v in col("original_height")],
-                    clip_b32_similarity_score=col("clip_b32_similarity_score"),
-                    clip_l14_similarity_score=col("clip_l14_similarity_score"))
-        cols["uid"] = [str(u) if u is not None else make_uid(ctx.shard, k) for u, k in zip(uids, cols["key"])]
-        problems = ["missing_caption" if c is None else "empty_caption" if not str(c).strip() else None
-                    for c in captions]
-        cols["status"] = [p or "ok" for p in problems]
-        cols["error"] = problems
+        def text(*names: str) -> pa.Array:
+            c = first(*names)
+            return pa.nulls(n, pa.string()) if c is None else pc.cast(c, pa.string()).combine_chunks()
+
+        def score(name: str) -> pa.Array:
+            c = first(name)
+            return pa.nulls(n, pa.float64()) if c is None else pc.cast(c, pa.float64()).combine_chunks()
+
+        key = text("key") if "key" in t.column_names else pc.cast(pa.array(np.arange(n)), pa.string())
+        uid = text("uid")
+        if uid.null_count:  # rows without a uid get one from (shard, key), as tar samples do
+            missing = np.flatnonzero(uid.is_null().to_numpy(zero_copy_only=False))
+            made = dict(zip(missing.tolist(), (make_uid(ctx.shard, k) for k in key.take(missing).to_pylist())))
+            uid = pa.array([made.get(i, u) for i, u in enumerate(uid.to_pylist())], pa.string())
+        captions = text("text", "caption", "TEXT")
+        problem = pc.if_else(pc.is_null(captions), pa.scalar("missing_caption"),
+                             pc.if_else(pc.match_substring_regex(captions, _ONLY_SPACE),
+                                        pa.scalar("empty_caption"), pa.scalar(None, pa.string())))
+        cols: dict[str, Any] = {f.name: pa.nulls(n, f.type) for f in self.value_fields()}
+        cols.update(uid=uid, key=key, shard=pa.array([ctx.shard] * n, pa.string()), url=text("url", "URL"),
+                    caption=captions, sha256=text("sha256"),
+                    original_width=_sizes(first("original_width"), n),
+                    original_height=_sizes(first("original_height"), n),
+                    clip_b32_similarity_score=score("clip_b32_similarity_score"),
+                    clip_l14_similarity_score=score("clip_l14_similarity_score"),
+                    status=pc.fill_null(problem, "ok"), error=problem)
         return StageOutput(cols, [None] * n)

@@ -111,3 +111,25 @@ def test_header_sizes_ignore_exif_orientation():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 on display
     assert image_header(_encoded("JPEG", (40, 10), exif=exif.tobytes())) == ("jpeg", 40, 10)
+
+
+def test_metadata_columns_follow_the_row_rules():
+    """The metadata path works on whole columns; its size rule is _int_or_none's (any integer or
+    float type) and its empty-caption rule is ``not caption.strip()`` (every Unicode space)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curate.stages.index import _ONLY_SPACE, _int_or_none, _sizes
+
+    values = {"int8": [None, -3, 0, 127], "uint8": [0, 255, None], "uint32": [0, 2**31 - 1, 2**31, 2**32 - 1],
+              "int64": [-1, 2**31 - 1, 2**31, 2**62], "uint64": [0, 2**31, 2**63 + 5],
+              "float32": [2.0**31, 3.9, -0.5, float("nan")], "float64": [float("inf"), 2**31 - 0.5, 0.0, None],
+              "bool_": [True, False], "string": ["300", None]}
+    for name, v in values.items():
+        arr = pa.array(v, getattr(pa, name)())
+        assert _sizes(pa.chunked_array([arr]), len(v)).to_pylist() == [_int_or_none(x) for x in arr.to_pylist()], name
+    assert _sizes(None, 3).to_pylist() == [None] * 3
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    captions = ["", *spaces, "".join(spaces), " a ", "\u200b", "\ufeff", "x\n", "\n\t\u3000", "\x00", "日本"]
+    got = pc.match_substring_regex(pa.array(captions), _ONLY_SPACE).to_pylist()
+    assert got == [not c.strip() for c in captions]
