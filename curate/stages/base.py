@@ -136,18 +136,16 @@ class ShardContext:
         n = self.n_rows
         if len(rows) == n:  # every row computed (rows are sorted positions): nothing to spread
             return StageOutput({k: list(v) for k, v in values.items()}, None if reasons is None else list(reasons))
-        cols: dict[str, list] = {}
-        for name, vals in values.items():
-            full: list = [None] * n
-            for i, v in zip(rows, vals):
-                full[i] = v
-            cols[name] = full
-        full_reasons: list[str | None] | None = None
-        if reasons is not None:
-            full_reasons = [None] * n
-            for i, r in zip(rows, reasons):
-                full_reasons[i] = r
-        return StageOutput(cols, full_reasons)
+        at = np.asarray(rows, dtype=np.int64)
+
+        def spread(vals: Sequence) -> list:
+            # object arrays copy references in C; fromiter keeps a list value (an embedding) one object
+            full = np.full(n, None, dtype=object)
+            full[at] = np.fromiter(vals, dtype=object, count=len(at))
+            return full.tolist()
+
+        return StageOutput({name: spread(vals) for name, vals in values.items()},
+                           None if reasons is None else spread(reasons))
 
     def reader(self) -> Callable[..., Iterator[tuple[int, RawSample]]]:
         """``(result, want) -> (row, sample)`` over the shard, as ``iter_indexed_samples`` takes

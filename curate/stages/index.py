@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curate.algorithms.whitespace import ONLY_SPACE
 from curate.core.config import Strict
 from curate.io.images import image_header
 from curate.io.shards import is_metadata_shard, make_uid, sample_uid
@@ -31,12 +32,6 @@ def read_url_list(f, path: str) -> pa.Table:
     text_cols = ["uid", "url", "URL", "text", "caption", "TEXT", "key", "sha256"]
     return csv.read_csv(f, parse_options=csv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"'),
                         convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in text_cols}))
-
-
-# The characters str.isspace() accepts (Python 3.11): a caption of only these is empty, as
-# ``not caption.strip()`` says (RE2's \\s knows only the ASCII ones).
-_ONLY_SPACE = ("^[\\x{9}-\\x{d}\\x{1c}-\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}"
-               "\\x{202f}\\x{205f}\\x{3000}]*$")
 
 
 def _sizes(c: pa.ChunkedArray | None, n: int) -> pa.Array:
@@ -216,7 +211,7 @@ class IndexStage(MapStage):
             uid = pa.array([made.get(i, u) for i, u in enumerate(uid.to_pylist())], pa.string())
         captions = text("text", "caption", "TEXT")
         problem = pc.if_else(pc.is_null(captions), pa.scalar("missing_caption"),
-                             pc.if_else(pc.match_substring_regex(captions, _ONLY_SPACE),
+                             pc.if_else(pc.match_substring_regex(captions, ONLY_SPACE),
                                         pa.scalar("empty_caption"), pa.scalar(None, pa.string())))
         cols: dict[str, Any] = {f.name: pa.nulls(n, f.type) for f in self.value_fields()}
         cols.update(uid=uid, key=key, shard=pa.array([ctx.shard] * n, pa.string()), url=text("url", "URL"),

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.algorithms.concepts import get_matcher
+from curate.algorithms.whitespace import split_count
 from curate.algorithms.wordnet import FirstSenseMatcher
 from curate.core.config import Strict
 from curate.models.caption_language import decide, second_detector
@@ -205,10 +206,10 @@ class TextStage(RowFilter):
                        for n, pr in zip(norms, preds)]
         else:
             decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
-        lowers = [n.lower() for n in norms]
-        words = [lo.split() for lo in lowers]
         wanted = self.optional_measures()
         n = len(captions)
+        lowers = [x.lower() for x in norms] if wanted & {"junk", "unique_word_ratio", "max_repeat_run"} else []
+        words = [lo.split() for lo in lowers] if wanted & {"unique_word_ratio", "max_repeat_run"} else []
         vals = {
             "lang": [pr[0][0] if pr else None for pr in preds],
             "lang_prob": [pr[0][1] if pr else None for pr in preds],
@@ -217,7 +218,7 @@ class TextStage(RowFilter):
             "lang_final": [d[0] for d in decided],
             "lang_rule": [d[1] for d in decided],
             "n_chars": [len(x) for x in norms],
-            "n_words": ([len(w) for w in words] if p.word_count == "split"
+            "n_words": (split_count(norms) if p.word_count == "split"
                         # parity counts the raw caption: its newlines are tokens to fastText
                         else [fasttext_token_count(c or "") for c in (norms if p.normalise else captions)]),
         } | {m: [None] * n for m in OPTIONAL_MEASURES}

@@ -119,7 +119,8 @@ def test_metadata_columns_follow_the_row_rules():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.stages.index import _ONLY_SPACE, _int_or_none, _sizes
+    from curate.algorithms.whitespace import ONLY_SPACE, split_count
+    from curate.stages.index import _int_or_none, _sizes
 
     values = {"int8": [None, -3, 0, 127], "uint8": [0, 255, None], "uint32": [0, 2**31 - 1, 2**31, 2**32 - 1],
               "int64": [-1, 2**31 - 1, 2**31, 2**62], "uint64": [0, 2**31, 2**63 + 5],
@@ -131,5 +132,7 @@ def test_metadata_columns_follow_the_row_rules():
     assert _sizes(None, 3).to_pylist() == [None] * 3
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     captions = ["", *spaces, "".join(spaces), " a ", "\u200b", "\ufeff", "x\n", "\n\t\u3000", "\x00", "日本"]
-    got = pc.match_substring_regex(pa.array(captions), _ONLY_SPACE).to_pylist()
+    got = pc.match_substring_regex(pa.array(captions), ONLY_SPACE).to_pylist()
     assert got == [not c.strip() for c in captions]
+    words = [*captions, " ".join(spaces), "a\u3000b\x1cc\u200bd e\n", "ein  Wort\t und\xa0mehr"]
+    assert split_count(words) == [len(c.split()) for c in words]
