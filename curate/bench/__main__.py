@@ -19,6 +19,7 @@ BENCHMARKS = {
     "clip_loss": "curate.bench.clip_loss",
     "fusion": "curate.bench.fusion",
     "text_mask": "curate.bench.text_mask",
+    "storage": "curate.bench.storage",
 }
 
 

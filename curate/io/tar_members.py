@@ -8,7 +8,7 @@ For an uncompressed tar we read the 512-byte headers ourselves: POSIX ustar with
 headers ('x', 'g') and GNU long names ('L', 'K'), which is what img2dataset, webdataset and
 GNU/BSD tar write. A member whose data is not wanted is skipped with a seek, so a reader that
 wants a few rows of a shard pays for headers only. Anything we do not parse (a compressed shard,
-a header we do not understand mid-way) goes through ``tarfile``, which stays the reference: the
+a stream that cannot seek, a header we do not understand mid-way) goes through ``tarfile``, which stays the reference: the
 tests check that both readers agree on every shard they read, damaged ones included.
 """
 from __future__ import annotations
@@ -36,12 +36,9 @@ def iter_members(f: BinaryIO) -> Iterator[Member]:
     before the damage."""
     head = f.read(6)
     f.seek(0)
-    try:
-        f.fileno()  # the header reader needs the file's size; in-memory buffers have none
-        on_disk = True
-    except (AttributeError, OSError):
-        on_disk = False
-    if head.startswith(_COMPRESSED_MAGIC) or not on_disk:
+    # the header reader seeks (to skip unwanted data, and to learn the size): local files, object
+    # storage files and in-memory buffers can; a pipe cannot
+    if head.startswith(_COMPRESSED_MAGIC) or not f.seekable():
         yield from _tarfile_members(f)
     else:
         yield from _plain_members(f)
@@ -106,7 +103,7 @@ _KNOWN_TYPES = _FILE_TYPES + (b"1", b"2", b"3", b"4", b"5", b"6")
 
 
 def _plain_members(f: BinaryIO) -> Iterator[Member]:
-    file_size = os.fstat(f.fileno()).st_size
+    file_size = f.seek(0, os.SEEK_END)  # no request on object storage: fsspec knows the size
     pos = entry = 0  # entry: where the current member's first header (maybe a pax one) starts
     long_name: bytes | None = None
     pax: dict[str, bytes] = {}
