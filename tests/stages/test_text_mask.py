@@ -115,6 +115,10 @@ def test_text_regions_caption_rules_and_broken_images(text_pool: Path, tmp_path:
     assert boxes["ocr_text"].is_null().all()
     b = {r["key"]: r for r in boxes.to_dicts()}
     assert b["spelled"]["text_boxes"] == spelled["text_boxes"] and b["spelled"]["reason_text_mask"] == "text_mask:text_area"
+    # a decompression-bomb cap is a reason before any decode
+    capped = _run(text_pool, tmp_path / "w4", ("text_mask", {"max_pixels": 100_000})).sort("key")
+    assert set(capped.filter(pl.col("key").is_in(["spelled", "beside", "plain"]))["reason_text_mask"]) == \
+        {"text_mask:too_many_pixels"}
     # unread, the detector's region on the red disc stays (read, it is no text and is dropped)
     assert len(b["plain"]["text_boxes"]) == 1 and 0.3 < b["plain"]["text_boxes"][0][0] < 0.5
 
