@@ -13,6 +13,7 @@ images are decoded reduced to ``detect_side`` on their longer side and never enl
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -29,6 +30,7 @@ from curate.stages.registry import register_stage
 from curate.stages.row_filter import Measured, RowFilter, Rule
 
 
+log = logging.getLogger(__name__)
 _ALNUM = re.compile(r"[^\W_]")
 
 
@@ -129,7 +131,12 @@ class TextMaskStage(RowFilter):
                 got[i] = (empty, "text_mask:decode_timeout")
                 continue
             ctx.count("images_decoded")
-            regions = detect_text(engine, rgb, p.recognise)
+            try:
+                regions = detect_text(engine, rgb, p.recognise)
+            except Exception as e:  # one odd image is a reason, never a failed shard
+                log.warning("%s: text detection failed on row %d of %s: %s", self.stage_id, i, ctx.shard, e)
+                got[i] = (empty, "text_mask:detector_failed")
+                continue
             if p.recognise:
                 regions = [r for r in regions if r.confidence >= p.min_text_confidence
                            and len(_ALNUM.findall(r.text)) >= p.min_text_chars]

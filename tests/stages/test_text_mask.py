@@ -209,3 +209,20 @@ def test_filled_regions_leave_no_text_to_read():
         boxes = [r.box for r in detect_text(engine, rgb) if r.confidence >= 0.5]
         assert boxes
         assert [r for r in detect_text(engine, fill_regions(rgb, boxes)) if r.confidence >= 0.5] == []
+
+
+def test_a_detector_failure_is_a_reason_not_a_failed_shard(text_pool: Path, tmp_path: Path, monkeypatch):
+    import curate.models.text_detector as td
+
+    real = td.detect_text
+
+    def flaky(engine, rgb, recognise=True):
+        if rgb.mean() < 100:  # the textless green scene: darker than the blue posters
+            raise RuntimeError("onnxruntime: invalid input")
+        return real(engine, rgb, recognise)
+
+    monkeypatch.setattr(td, "detect_text", flaky)
+    t = _run(text_pool, tmp_path / "w", ("text_mask", {}))
+    by = {r["key"]: r for r in t.to_dicts()}
+    assert by["plain"]["reason_text_mask"] == "text_mask:detector_failed"
+    assert by["spelled"]["keep_text_mask"] and "SUMMER" in by["spelled"]["ocr_text"]
