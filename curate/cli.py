@@ -131,17 +131,28 @@ def _executor_for(config: str | None):
     return make_executor(load_run_config(config))
 
 
+def _storage_from(config: str | None) -> None:
+    """Storage options (an S3 endpoint...) of a run config, for commands that read a work dir on
+    object storage; credentials come from the environment as for `curate run`."""
+    from curate.core.config import load_run_config
+    from curate.io.storage import set_storage_options
+
+    if config:
+        set_storage_options(load_run_config(config).storage_options)
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from curate.core.decisions import run_record
     from curate.core.export import ExportSpec, check_output, check_url_output, export, run_storage_options
     from curate.io.storage import is_url, set_storage_options
 
+    _storage_from(a.config)
     run = run_record(a.workdir, a.run)  # a clear error for a folder that is not a work dir
     if is_url(a.out):  # before any worker starts
         set_storage_options(run_storage_options(a.workdir, run["run_id"]))
         check_url_output(a.out, run["shards"], a.overwrite)
     else:
-        check_output(Path(a.out).resolve(), Path(a.workdir).resolve(), run["shards"], a.overwrite)
+        check_output(Path(a.out).resolve(), a.workdir, run["shards"], a.overwrite)
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
                       hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema)
     with _executor_for(a.config) as ex:
@@ -157,14 +168,16 @@ def cmd_report(a: argparse.Namespace) -> int:
     from curate.core.decisions import run_record
     from curate.report.html import write_comparison, write_report
 
+    _storage_from(a.config)
     for w in a.workdir:  # before anything is written: a clear error for a folder that is not a work dir
         run_record(w)
+    out = Path(a.out) if a.out else None
     if len(a.workdir) == 2:
-        print(write_comparison(*a.workdir))
+        print(write_comparison(*a.workdir, out=out))
         return 0
     if len(a.workdir) > 2:
         raise ConfigError("report takes one work dir, or two to compare")
-    print(write_report(a.workdir[0]))
+    print(write_report(a.workdir[0], out=out))
     return 0
 
 
@@ -203,6 +216,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from curate.core.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
+    _storage_from(a.config)
     rows = funnel(a.workdir, a.run)
     glob = global_summaries(a.workdir, a.run)
     stale = stale_stages(a.workdir, a.run)
@@ -340,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = add("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
     x.add_argument("workdir")
     x.add_argument("--out", required=True)
-    x.add_argument("--config", default=None, help="run config for the executor (default: LocalCluster)")
+    x.add_argument("--config", default=None, help="run config for the executor (default: LocalCluster) and the "
+                                                  "storage options of a work dir on object storage")
     x.add_argument("--shard-size", type=int, default=10_000)
     x.add_argument("--shuffle-seed", type=int, default=None)
     x.add_argument("--no-pool", action="store_true", help="skip OUT/pool (every row with its reason)")
@@ -355,11 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp = add("report", help="write WORK/report/index.html with plots and galleries; with two "
                         "work dirs, WORK_A/report/compare.html (two runs side by side)")
     rp.add_argument("workdir", nargs="+")
+    rp.add_argument("--out", default=None, help="folder for the report (default WORK/report; required for a "
+                                                "work dir on object storage)")
+    rp.add_argument("--config", default=None, help="run config whose storage_options reach a work dir on object "
+                                                   "storage")
     rp.set_defaults(fn=cmd_report)
 
     st = add("stats", help="print the funnel read back from the stats Parquet")
     st.add_argument("workdir")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--config", default=None, help="run config whose storage_options reach a work dir on object "
+                                                   "storage")
     st.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     st.set_defaults(fn=cmd_stats)
     return p

@@ -8,6 +8,7 @@ import polars as pl
 
 from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
+from curate.io.parquet import column_names, read_frame
 
 
 def run_record(workdir: str | Path, run_id: str | None = None) -> dict:
@@ -38,7 +39,7 @@ def filter_stage_ids(workdir: str | Path, run_id: str | None = None) -> list[str
     out = []
     for s in run_record(workdir, run_id)["stages"]:
         tables = sorted((work.root / s["id"]).glob("*.parquet"))
-        if tables and f"keep_{s['id']}" in pl.read_parquet_schema(tables[0]):
+        if tables and f"keep_{s['id']}" in column_names(tables[0]):
             out.append(s["id"])
     return out
 
@@ -64,8 +65,8 @@ def decisions(workdir: str | Path, shard: str | None = None, run_id: str | None 
     work = WorkDir.at(workdir)
     stage_ids = filter_stage_ids(workdir, run_id)
     pattern = f"{shard}.parquet" if shard else "*.parquet"
-    df = pl.read_parquet(str(work.root / "index" / pattern), columns=["uid", "shard", "key"])
+    df = read_frame(work.root / "index" / pattern, columns=["uid", "shard", "key"])
     for sid in stage_ids:
-        t = pl.read_parquet(str(work.root / sid / pattern), columns=["uid", f"keep_{sid}", f"reason_{sid}"])
+        t = read_frame(work.root / sid / pattern, columns=["uid", f"keep_{sid}", f"reason_{sid}"])
         df = df.join(t, on="uid", how="left")
     return df.select("uid", "shard", "key", *decision_exprs(stage_ids))

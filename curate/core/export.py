@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.core.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
-from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, write_table
+from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, read_frame, write_table
 from curate.io.shards import is_metadata_shard, iter_samples, shard_name
 from curate.io import storage
-from curate.io.storage import call_with_options, is_url, set_storage_options
+from curate.io.storage import call_with_options, is_url, set_storage_options, work_path
 
 log = logging.getLogger(__name__)
 ROW_GROUP = 16_384
@@ -73,13 +73,13 @@ def datacomp_names(run: dict) -> dict[str, str]:
     return names
 
 
-def check_output(out: Path, workdir: Path, inputs: list[str], overwrite: bool) -> None:
+def check_output(out: Path, workdir: str | Path, inputs: list[str], overwrite: bool) -> None:
     """Refuse any output folder where writing could destroy data: one that overlaps the run's inputs
     or work dir, one holding files export did not write, and an earlier export without ``overwrite``."""
     def overlaps(a: Path, b: Path) -> bool:
         return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
-    if overlaps(out, workdir):
+    if not is_url(workdir) and overlaps(out, Path(workdir).resolve()):
         raise WorkDirError(f"--out {out} overlaps the work dir {workdir}: choose a folder outside it")
     folders = {Path(p).resolve().parent for p in inputs if not is_url(p)}
     hit = next((f for f in sorted(folders) if overlaps(out, f)), None)
@@ -102,11 +102,11 @@ def _order_key(uid: str, seed: int) -> bytes:
 def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame:
     """Every column of every stage for one shard (index order), plus kept / dropped_by / reason."""
     work = WorkDir.at(workdir)
-    df = pl.read_parquet(work.stage_table("index", shard))
+    df = read_frame(work.stage_table("index", shard))
     for sid in stage_ids:
         if sid == "index":
             continue
-        t = pl.read_parquet(work.stage_table(sid, shard))
+        t = read_frame(work.stage_table(sid, shard))
         t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS])
         # a second stage of one kind (two clip_score stages): its columns are suffixed with its id
         t = t.rename({c: f"{c}_{sid}" for c in t.columns if c != "uid" and c in df.columns})
@@ -224,7 +224,8 @@ def _export_to_url(workdir: str, url: str, ex: Executor, spec: ExportSpec) -> di
     run = run_record(workdir, spec.run_id)
     set_storage_options(run_storage_options(workdir, run["run_id"]))
     check_url_output(url, run["shards"], spec.overwrite)
-    staging = Path(workdir) / f".export-{secrets.token_hex(4)}"
+    staging = (Path(tempfile.mkdtemp(prefix="curate-export-")) if is_url(workdir)
+               else Path(workdir) / f".export-{secrets.token_hex(4)}")
     fs, root = storage.filesystem(url)
     root = root.rstrip("/")
     try:
@@ -248,11 +249,13 @@ def export(workdir: str | Path, out: str | Path, ex: Executor, spec: ExportSpec 
     hidden folder beside ``out`` first and moved into place when complete, so ``out`` holds either
     the previous export or the new one, never a mix and never a half-written folder. ``out`` may be
     an fsspec URL (``s3://bucket/prefix``): see _export_to_url."""
+    workdir = str(work_path(workdir))
     if is_url(str(out)):
-        return _export_to_url(str(Path(workdir).resolve()), str(out), ex, spec)
-    workdir, final = str(Path(workdir).resolve()), Path(out).resolve()
+        return _export_to_url(workdir, str(out), ex, spec)
+    final = Path(out).resolve()
     run = run_record(workdir, spec.run_id)
-    check_output(final, Path(workdir), run["shards"], spec.overwrite)
+    set_storage_options(run_storage_options(workdir, run["run_id"]))
+    check_output(final, workdir, run["shards"], spec.overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
     try:
@@ -303,7 +306,8 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     if spec.shuffle_seed is not None:
         order.sort(key=lambda p: _order_key(shard_name(p), spec.shuffle_seed))
     names = datacomp_names(run) if spec.schema == "datacomp" else None
-    res = ex.map(functools.partial(export_metadata, workdir, out, all_ids, spec, names=names), order,
+    res = ex.map(functools.partial(call_with_options, options, export_metadata, workdir, out, all_ids, spec,
+                                   names=names), order,
                  label="export:metadata")
     failed = [r for r in res if not r.ok]
     if failed:

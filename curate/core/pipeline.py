@@ -10,7 +10,6 @@ import platform
 import secrets
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,7 +18,7 @@ from curate.core.config import ConfigError, PipelineConfig, RunConfig, fingerpri
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
-from curate.io.parquet import atomic_write_bytes
+from curate.io.parquet import atomic_write_bytes, read_table
 from curate.io.shards import expand_input, is_metadata_shard, shard_name
 from curate.io.storage import is_url, redacted, set_storage_options
 from curate.stages import execute
@@ -138,14 +137,12 @@ def _collect(res: StageResult, outcomes) -> set[str]:
 
 def _bad_shards_from_stats(work: WorkDir, stage_id: str, shards: list[str]) -> dict[str, str]:
     """Damaged shards read back from stats files, so a resumed run reports them too."""
-    import pyarrow.parquet as pq
-
     bad = {}
     for s in shards:
         p = work.stage_stats(stage_id, s)
         if not p.exists():
             continue
-        t = pq.read_table(p)
+        t = read_table(p)
         if "detail" not in t.column_names:  # written before stats carried details
             continue
         for metric, detail in zip(t.column("metric").to_pylist(), t.column("detail").to_pylist()):
@@ -158,9 +155,6 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
                  executor: Executor | None = None) -> RunSummary:
     if cfg.input is None:
         raise ConfigError("no input shards: set `input` in the config or pass --input")
-    if is_url(cfg.workdir):
-        raise ConfigError(f"work dir {cfg.workdir}: a URL work dir is not supported yet; give a local or "
-                          "mounted path (input shards may be URLs)")
     set_storage_options(cfg.storage_options)
     shard_paths = expand_input(cfg.input)
     shards = [shard_name(p) for p in shard_paths]
@@ -291,7 +285,8 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
     problems = [f"input shard {p} cannot be read" for p in shard_paths
                 if not is_url(p) and not (os.path.isfile(p) and os.access(p, os.R_OK))][:5]
     try:
-        work.root.mkdir(parents=True, exist_ok=True)
+        if not work.remote:  # object storage has no folders to make
+            work.root.mkdir(parents=True, exist_ok=True)
         probe = work.root / f".write-probe-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -312,21 +307,24 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
 def check_shared_paths(ex: Executor, work: WorkDir, shard_paths: list[str]) -> None:
     """Every worker must see the work dir and the local input shards at the driver's paths (a
     cluster of nodes with no shared disk cannot run on local paths): checked with a probe file
-    written by the driver, before any task."""
-    probe = work.root / f".shared-probe-{secrets.token_hex(4)}"
-    probe.write_bytes(b"")
-    try:
-        local = [p for p in shard_paths if not is_url(p)][:3]
-        unseen = ex.unseen_paths([str(probe), *local])
-    finally:
-        probe.unlink()
+    written by the driver, before any task. A work dir on object storage is reached by URL."""
+    local = [p for p in shard_paths if not is_url(p)][:3]
+    if work.remote:
+        unseen = ex.unseen_paths(local) if local else {}
+    else:
+        probe = work.root / f".shared-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        try:
+            unseen = ex.unseen_paths([str(probe), *local])
+        finally:
+            probe.unlink()
     if unseen:
-        lines = [f"  - worker {w} cannot see {', '.join('the work dir ' + str(work.root) if m == str(probe) else m for m in miss)}"
+        lines = [f"  - worker {w} cannot see {', '.join('the work dir ' + str(work.root) if '.shared-probe-' in m else m for m in miss)}"
                  for w, miss in list(unseen.items())[:5]]
         raise ConfigError("workers do not see the driver's paths (no shared disk?); nothing was run:\n"
                           + "\n".join(lines) + "\n  every worker needs the work dir and the input shards at the same "
-                          "paths as the driver: mount a shared filesystem there, or put the inputs on object storage "
-                          "(s3://...) and the work dir on a shared mount")
+                          "paths as the driver: mount a shared filesystem there, or put the inputs and the work dir on "
+                          "object storage (--input 's3://bucket/pool/*.tar' --workdir s3://bucket/work)")
 
 
 def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], only: list[str],

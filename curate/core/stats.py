@@ -9,7 +9,7 @@ import polars as pl
 
 from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
-from curate.io.parquet import read_meta
+from curate.io.parquet import read_frame, read_meta
 
 
 def load_stats(workdir: str | Path) -> pl.DataFrame:
@@ -17,7 +17,7 @@ def load_stats(workdir: str | Path) -> pl.DataFrame:
     work = WorkDir.at(workdir)
     if not (work.root / "stats").exists():
         return load_stats_empty()
-    return pl.read_parquet(work.stats_glob(), missing_columns="insert")  # detail: absent in old files
+    return read_frame(work.stats_glob())
 
 
 def stage_order(workdir: str | Path, run_id: str | None = None) -> list[str]:
@@ -43,8 +43,8 @@ def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any
     rows = []
     for st in run["stages"]:
         paths = [work.stage_stats(st["id"], s) for s in shards]
-        done = [str(p) for p in paths if p.exists() and (read_meta(p) or {}).get("fingerprint") == st["fingerprint"]]
-        d = pl.read_parquet(done, missing_columns="insert") if done else load_stats_empty()
+        done = [p for p in paths if (read_meta(p) or {}).get("fingerprint") == st["fingerprint"]]
+        d = read_frame(done) if done else load_stats_empty()
         sums = dict(d.group_by("metric").agg(pl.col("value").sum()).iter_rows())
         dropped = {m.split(":", 1)[1]: int(v) for m, v in sums.items() if m.startswith("dropped:")}
         rows.append({

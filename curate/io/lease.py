@@ -1,4 +1,5 @@
-"""One run at a time per work dir: a lease file (run id, host, pid) made with an exclusive create.
+"""One run at a time per work dir: a lease file (run id, host, pid) made with an exclusive create
+(O_EXCL on a local disk, a conditional PUT on object storage).
 
 A second run on the same work dir refuses with the holder's details instead of writing beside it.
 A lease whose process is gone (same host, pid not alive: a driver killed with SIGKILL) is taken
@@ -13,10 +14,10 @@ import json
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Iterator
 
 from curate.core.config import ConfigError
+from curate.io.storage import WorkPath, exclusive_create
 
 log = logging.getLogger(__name__)
 LEASE = ".curate-run.lease"
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict | None:
+def _holder(path: WorkPath) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -40,14 +41,14 @@ def _holder(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def run_lease(workdir: Path, run_id: str) -> Iterator[None]:
+def run_lease(workdir: WorkPath, run_id: str) -> Iterator[None]:
     """Hold the work dir's lease for the duration of a run."""
     path = workdir / LEASE
     me = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
           "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            exclusive_create(path, json.dumps(me).encode())
         except FileExistsError:
             held = _holder(path)
             if held and held.get("host") == me["host"] and not _alive(int(held.get("pid", -1))):
@@ -59,8 +60,6 @@ def run_lease(workdir: Path, run_id: str) -> Iterator[None]:
                    if held else "another run")
             raise ConfigError(f"work dir {workdir} is in use by {who}; wait for it to finish, use another "
                               f"--workdir, or delete {path} if no run is active") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         break
     try:
         yield

@@ -1,4 +1,9 @@
-"""Atomic Parquet writes: a reader never sees a half-written file, a crash never leaves one."""
+"""Atomic Parquet writes: a reader never sees a half-written file, a crash never leaves one.
+
+Paths may be local or URLs (a work dir on object storage): a URL is written from a local temp
+file with one upload (an S3 PUT is atomic per object; a failed multipart upload is aborted), and
+read through fsspec.
+"""
 from __future__ import annotations
 
 import json
@@ -8,8 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curate.io import storage
 
 META_KEY = b"curate"
 
@@ -38,6 +46,10 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     All or nothing: on any error the temp file is removed and OSErrors become WorkDirError
     naming the path (full disk, read-only or blocked work dir).
     """
+    if storage.is_url(path):
+        with _upload_on_success(str(path)) as tmp:
+            yield tmp
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +69,20 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         _unlink_quiet(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def _upload_on_success(url: str) -> Iterator[str]:
+    fd, tmp = tempfile.mkstemp(prefix=".curate-upload-", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        fs, key = storage.filesystem(url)
+        fs.put_file(tmp, key)
+    except OSError as e:
+        raise WorkDirError(f"cannot write {url}: {e.strerror or e}") from e
+    finally:
+        _unlink_quiet(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -85,7 +111,8 @@ def write_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None =
 def read_meta(path: str | Path) -> dict[str, Any] | None:
     """The curate metadata of a Parquet file, or None when missing or unreadable."""
     try:
-        schema = pq.read_schema(path)
+        where, fs = _where(path)
+        schema = pq.read_schema(where, filesystem=fs)
     except (OSError, pa.ArrowInvalid):
         return None
     raw = (schema.metadata or {}).get(META_KEY)
@@ -97,5 +124,45 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(path, columns=columns)
+def _where(path) -> tuple[str, Any]:
+    """(path, filesystem) for pyarrow: a URL goes through its fsspec filesystem."""
+    if storage.is_url(path):
+        fs, key = storage.filesystem(str(path))
+        return key, fs
+    return str(path), None
+
+
+def column_names(path) -> list[str]:
+    where, fs = _where(path)
+    return pq.read_schema(where, filesystem=fs).names
+
+
+def read_table(path, columns: list[str] | None = None) -> pa.Table:
+    where, fs = _where(path)
+    return pq.read_table(where, columns=columns, filesystem=fs)
+
+
+def num_rows(path) -> int:
+    where, fs = _where(path)
+    if fs is None:
+        return pq.read_metadata(where).num_rows
+    with fs.open(where, "rb") as f:
+        return pq.read_metadata(f).num_rows
+
+
+def read_frame(path, columns: list[str] | None = None) -> pl.DataFrame:
+    """One Parquet file, every file a glob matches, or a list of files, as one polars frame;
+    files without some of the columns get nulls there (stats files of older versions)."""
+    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+    if not any(storage.is_url(p) for p in paths):
+        return pl.read_parquet(paths if isinstance(path, (list, tuple)) else paths[0], columns=columns,
+                               missing_columns="insert")
+    fs, _ = storage.filesystem(paths[0])
+    files = []
+    for p in paths:
+        key = storage.filesystem(p)[1]
+        files += sorted(fs.glob(key)) if any(c in key for c in "*?[") else [key]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files match {path}")
+    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+    return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))

@@ -7,10 +7,15 @@ Options per protocol (an S3 endpoint, a profile, anonymous access) come from the
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import fsspec
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _OPTIONS: dict[str, dict[str, Any]] = {}
@@ -21,8 +26,36 @@ READ_BUFFER = 1024 * 1024
 _SECRET = re.compile(r"key|secret|token|password|credential|passwd", re.I)
 
 
-def is_url(path: str) -> bool:
+def is_url(path: "str | Path | UPath") -> bool:
     return bool(_URL.match(str(path))) and not str(path).startswith("file://")
+
+
+# A path inside a work dir: a local Path, or a UPath (pathlib's API over fsspec) for a URL.
+WorkPath = Union[Path, "UPath"]
+
+
+def work_path(path: "str | Path | UPath") -> WorkPath:
+    """``path`` as a work-dir path: a resolved local Path, or a UPath on the URL's filesystem
+    with this process's storage options (so ``/``, ``exists``, ``read_text``, ``glob`` work alike)."""
+    if not is_url(path):
+        return Path(path).resolve()
+    from upath import UPath
+
+    url = str(path).rstrip("/")
+    return UPath(url, **_OPTIONS.get(url.split("://", 1)[0], {}))
+
+
+def exclusive_create(path: WorkPath, data: bytes) -> None:
+    """Create ``path`` holding ``data``, or raise FileExistsError when it exists (an O_EXCL
+    create locally; a conditional PUT, If-None-Match, on object storage)."""
+    if not is_url(path):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    fs, p = filesystem(str(path))
+    with fs.open(p, "xb") as f:
+        f.write(data)
 
 
 def set_storage_options(options: dict[str, dict[str, Any]] | None) -> None:

@@ -15,6 +15,7 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     counts for both."""
     from curate.core.decisions import decisions
     from curate.io.layout import WorkDir
+    from curate.io.parquet import read_frame
 
     work = WorkDir.at(workdir)
     art_path = work.global_dir() / f"{stage_id}.json"
@@ -24,7 +25,7 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     by_label = art.get("label_centroids")
     if not by_label:
         return None
-    assigned = pl.read_parquet(work.stage_glob(stage_id), columns=["uid", "centroid"]).drop_nulls("centroid")
+    assigned = read_frame(work.stage_glob(stage_id), columns=["uid", "centroid"]).drop_nulls("centroid")
     final = decisions(work.root).select(["uid", "kept"])
     d = assigned.join(final, on="uid", how="left")
     n_kept = int(final["kept"].sum())

@@ -13,7 +13,9 @@ from pathlib import Path
 import polars as pl
 
 from curate.core.decisions import run_record
+from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
+from curate.io.parquet import column_names, read_frame
 from curate.io.shards import iter_samples
 from curate.core.stats import funnel
 
@@ -41,9 +43,9 @@ def _read_stage(work: WorkDir, stage: str, columns: list[str]) -> pl.DataFrame |
     files = sorted((work.root / stage).glob("*.parquet"))
     if not files:
         return None
-    have = pl.read_parquet_schema(files[0])
+    have = column_names(files[0])
     cols = [c for c in columns if c in have]
-    return pl.read_parquet([str(f) for f in files], columns=cols) if cols else None
+    return read_frame(files, columns=cols) if cols else None
 
 
 def plot_funnel(rows: list[dict], out: Path) -> str:
@@ -300,11 +302,15 @@ def _concept_table(cc: pl.DataFrame, top: int = 15) -> list[str]:
     return h + ["</table>"]
 
 
-def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
+def write_report(workdir: str | Path, run_id: str | None = None, out: Path | None = None) -> Path:
+    """WORK/report/index.html, or ``out``/index.html (required for a work dir on object storage:
+    a report is opened from a local folder)."""
     work = WorkDir.at(workdir)
     run = run_record(work.root, run_id)
-    out = work.root / "report"
-    out.mkdir(exist_ok=True)
+    if out is None and work.remote:
+        raise ConfigError(f"{workdir} is on object storage: pass --out LOCAL_FOLDER for the report")
+    out = Path(out) if out is not None else work.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
     rows = funnel(work.root, run["run_id"])
     params = {s["id"]: s["params"] for s in run["stages"]}
     figs: list[tuple[str, str | None, list[str]]] = [("Dropped samples by reason", plot_reasons(rows, out), []),
@@ -329,7 +335,7 @@ def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
                                              "clip_score.png", threshold=thr), []))
     cc_path = work.global_artifact("concept_counts")
     if cc_path.exists() and "balance" in params:
-        cc = pl.read_parquet(cc_path)
+        cc = read_frame(cc_path)
         figs.append(("Concepts: head and tail before/after balancing", plot_concepts(cc, out), _concept_table(cc)))
     gal = gallery(work, run, out)
     total = sum(r["seconds"] for r in rows)
@@ -363,17 +369,19 @@ def write_report(workdir: str | Path, run_id: str | None = None) -> Path:
     return out / "index.html"
 
 
-def write_comparison(work_a: str | Path, work_b: str | Path) -> Path:
+def write_comparison(work_a: str | Path, work_b: str | Path, out: Path | None = None) -> Path:
     """Two runs side by side (``curate report A B``): each funnel, and how their kept sets overlap.
-    Written to ``A/report/compare.html``."""
+    Written to ``A/report/compare.html`` (or ``out``/compare.html)."""
     from curate.core.decisions import decisions
 
     a, b = WorkDir.at(work_a), WorkDir.at(work_b)
+    if out is None and a.remote:
+        raise ConfigError(f"{work_a} is on object storage: pass --out LOCAL_FOLDER for the report")
     runs = [run_record(w.root) for w in (a, b)]
     kept = [set(decisions(w.root).filter(pl.col("kept"))["uid"].to_list()) for w in (a, b)]
     both, union = len(kept[0] & kept[1]), len(kept[0] | kept[1])
-    out = a.root / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out is not None else a.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>curate: two runs</title>",
          f"<style>{CSS}</style>{CHECK_IMAGES}</head><body><h1>Two runs side by side</h1>",
          "<table><tr><th></th><th>A</th><th>B</th></tr>",

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from curate.algorithms.concepts import get_matcher, load_vocabulary
 from curate.core.config import Strict, require_exactly_one
-from curate.io.parquet import write_table
+from curate.io.parquet import read_frame, write_table
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
 
@@ -151,7 +151,7 @@ class BalanceStage(GlobalStage):
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         p = self.params
         vocab = load_vocabulary(p.vocabulary)
-        frames = [pl.read_parquet(path).with_columns(pl.lit(s).alias("shard"))
+        frames = [read_frame(path).with_columns(pl.lit(s).alias("shard"))
                   for s, path in zip(ctx.shards, ctx.partials())]
         df = pl.concat(frames).sort("uid").with_row_index("row")
         v = len(vocab.entries)

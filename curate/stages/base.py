@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from curate.core.config import Strict
 from curate.io.layout import WorkDir
-from curate.io.parquet import atomic_write_bytes, read_meta, read_table
+from curate.io.parquet import atomic_write_bytes, read_frame, read_meta, read_table
 from curate.io.shards import RawSample, ShardReadResult, SharedShard, iter_indexed_samples
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ class ShardContext:
     def lookup(self, artifact: Path, columns: list[str]) -> dict[str, list]:
         """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
         rows not evaluated, or absent from the artifact, get None."""
-        import polars as pl
-
-        art = pl.read_parquet(artifact, columns=["uid", *columns])
+        art = read_frame(artifact, columns=["uid", *columns])
         by = {r[0]: r[1:] for r in art.iter_rows()}
         empty = (None,) * len(columns)
         uids = self.column("uid")
@@ -380,7 +378,9 @@ class GlobalStage(Stage):
 
     def write_results(self, ctx: GlobalContext, results: "pl.DataFrame") -> None:
         """Per-sample results of combine (``uid``, ``shard``, the stage's value columns and
-        ``reason``), one Parquet per shard, swapped in whole: a crash leaves the old set or none."""
+        ``reason``), one Parquet per shard, swapped in whole: a crash leaves the old set or none.
+        On object storage (no rename) each shard's object is replaced whole; ``apply`` runs only
+        after the stage's done marker, which is written after every object."""
         import shutil
         import secrets
 
@@ -389,9 +389,17 @@ class GlobalStage(Stage):
         from curate.io.parquet import write_table
 
         final = self.results_dir(ctx.work)
-        tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
         parts = {key[0]: part for key, part in results.partition_by("shard", as_dict=True).items()}
         empty = results.clear()
+        if ctx.work.remote:  # no rename on object storage: each object is replaced whole, stale ones removed
+            for shard in ctx.shards:
+                write_table(parts.pop(shard, empty).drop("shard").to_arrow(), final / f"{shard}.parquet")
+            mine = {f"{s}.parquet" for s in ctx.shards}
+            for old in final.glob("*.parquet"):
+                if old.name not in mine:
+                    old.unlink()
+            return
+        tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
         for shard in ctx.shards:  # one pass over the results, not one filter per shard
             part = parts.pop(shard, empty).drop("shard")
             write_table(part.to_arrow(), tmp / f"{shard}.parquet")

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from curate.algorithms.class_vocabulary import CaptionConfirmer, ClassVocabulary, VocabularyError, load_classes
 from curate.core.config import ConfigError, Strict, fingerprint
+from curate.io import storage
 from curate.io.embeddings import embeddings
 from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
 from curate.stages.registry import register_stage
@@ -54,6 +55,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _write_once(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data`` unless it exists: the first writer wins, so every shard of a run
     uses the same class embeddings even when several workers computed them at once."""
+    if storage.is_url(path):  # a conditional PUT: created whole, or not at all
+        try:
+            storage.exclusive_create(path, data)
+        except FileExistsError:
+            pass
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     tmp.write_bytes(data)
@@ -172,7 +179,7 @@ class ClassifierStage(MapStage):
             else:
                 _write_once(path, buf.getvalue())
         if self._weights is None:
-            with np.load(path) as z:
+            with np.load(io.BytesIO(path.read_bytes())) as z:
                 self._weights = (z["weights"], float(z["logit_scale"]))
         self._info = {"scorer": scorer.describe(), "vocabulary": self.params.vocabulary,
                       "vocabulary_sha256": vocab.sha256, "classes": len(vocab.names),

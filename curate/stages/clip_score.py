@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate.engine.background import in_background
@@ -26,7 +25,7 @@ from curate.core.config import Strict, require_exactly_one
 from curate.algorithms.text_regions import fill_regions
 from curate.io.embeddings import fixed_list
 from curate.io.images import draft_short_side, open_checked, to_rgb
-from curate.io.parquet import write_table
+from curate.io.parquet import read_table, write_table
 from curate.io import storage
 from curate.io.shards import expand_input, iter_indexed_samples
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
@@ -475,7 +474,7 @@ class ClipRankStage(GlobalStage):
         hist = np.zeros(p.hist_bins, dtype=np.int64)
         n = 0
         for path in ctx.partials():  # pass 1: streaming, bounded memory
-            s = pq.read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
+            s = read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
             hist += np.histogram(np.clip(s, -1, 1), bins=edges)[0]
             n += len(s)
         art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else
@@ -491,7 +490,7 @@ class ClipRankStage(GlobalStage):
         elif n == 0:
             art.update(threshold=None, tie_uid=None, k=0, exact=True)
         elif p.datacomp_parity:
-            s = np.sort(np.concatenate([pq.read_table(x, columns=["clip_score"]).column(0).to_numpy()
+            s = np.sort(np.concatenate([read_table(x, columns=["clip_score"]).column(0).to_numpy()
                                         for x in ctx.partials()]))[::-1]
             art.update(threshold=float(s[min(n - 1, math.floor(n * p.top_fraction))]), tie_uid=None,
                        k=None, exact=True, rule="datacomp_top_fraction")
@@ -543,14 +542,14 @@ def kth_ranked(partials: list, k: int, bins: int) -> tuple[float, str]:
     file's scores plus one bin's rows."""
     counts = np.zeros(bins + 1, dtype=np.int64)  # slot 0: NaN, then the bins
     for path in partials:
-        s = pq.read_table(path, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
+        s = read_table(path, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
         counts += np.bincount(_score_bins(s, bins) + 1, minlength=bins + 1)
     from_top = np.cumsum(counts[::-1])  # rows in the bins from the top down to each
     slot = bins - int(np.searchsorted(from_top, k))  # the slot holding the k-th row
     above = int(from_top[bins - slot - 1]) if slot < bins else 0
     scores, uids = [], []
     for path in partials:
-        t = pq.read_table(path, columns=["uid", "clip_score"])
+        t = read_table(path, columns=["uid", "clip_score"])
         s = t.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
         mine = np.flatnonzero(_score_bins(s, bins) + 1 == slot)
         if len(mine):

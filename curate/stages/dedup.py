@@ -24,7 +24,6 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
@@ -32,6 +31,7 @@ from curate.algorithms.components import component_roots
 from curate.algorithms.minhash import signatures, similar_pairs
 from curate.algorithms.vectors import nearest, train_centroids
 from curate.core.config import Strict
+from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage
 from curate.stages.registry import register_stage
@@ -175,7 +175,7 @@ class DedupStage(GlobalStage):
         p = self.params
         shard_type = pl.Enum(ctx.shards)  # 4 bytes a row, not a string
         columns = self._partial_columns()
-        frames = [pl.read_parquet(path, columns=columns).with_columns(pl.lit(shard, dtype=shard_type).alias("shard"))
+        frames = [read_frame(path, columns=columns).with_columns(pl.lit(shard, dtype=shard_type).alias("shard"))
                   for shard, path in zip(ctx.shards, ctx.partials())]
         df = pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
         del frames
@@ -298,7 +298,7 @@ class DedupStage(GlobalStage):
         k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)
         # 2) stream every shard: append each embedding to its cluster's file
-        tmp = ctx.work.global_dir() / f"{ctx.stage_id}_clusters"
+        tmp = ctx.work.scratch(f"{ctx.stage_id}_clusters")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for s in shards:

@@ -61,7 +61,7 @@ def _meta(task: StageTask, shard: str) -> dict[str, Any]:
 
 
 def _has_fp(path, fp: str) -> bool:
-    meta = read_meta(path) if path.exists() else None
+    meta = read_meta(path)
     return bool(meta) and meta.get("fingerprint") == fp
 
 

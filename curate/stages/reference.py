@@ -21,11 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.core.config import Strict
-from curate.io.parquet import atomic_write_bytes
+from curate.io.parquet import atomic_write_bytes, num_rows, read_table
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
 from curate.stages.registry import register_stage
@@ -208,7 +207,7 @@ class ReferenceFilterStage(GlobalStage):
         return {"uid": [u for u, e in zip(uids, ctx.evaluate) if e]}
 
     def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> np.ndarray:
-        keep = set(pq.read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
+        keep = set(read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
         return ctx.unit_embeddings(self.params.embeddings_from, "image_emb", shard, keep)[1]
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
@@ -228,7 +227,7 @@ class ReferenceFilterStage(GlobalStage):
             if side.exists() and json.loads(side.read_text()).get("model_identity") != ident:
                 raise ReferenceError(f"{p.centroids}: centroids were trained on another model's embeddings")
         else:
-            n_pool = sum(pq.read_metadata(work.partial(ctx.stage_id, s)).num_rows for s in ctx.shards)
+            n_pool = sum(num_rows(work.partial(ctx.stage_id, s)) for s in ctx.shards)
             per = max(1, p.kmeans_sample // max(1, len(ctx.shards)))
             sample = []
             for s in ctx.shards:
@@ -269,7 +268,7 @@ class ReferenceFilterStage(GlobalStage):
         gdir = ctx.work.global_dir()
         art = json.loads((gdir / f"{ctx.stage_id}.json").read_text())
         chosen = set(art["reference_centroids"])
-        cent = np.load(gdir / f"{ctx.stage_id}_centroids.npy")
+        cent = np.load(io.BytesIO((gdir / f"{ctx.stage_id}_centroids.npy").read_bytes()))
         col = ctx.read(self.params.embeddings_from, ["image_emb"]).column("image_emb").combine_chunks()
         ev = ctx.evaluate
         n = len(col)

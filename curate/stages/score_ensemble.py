@@ -14,6 +14,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.core.config import Strict
+from curate.io.parquet import read_frame
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
 
@@ -60,7 +61,7 @@ class ScoreEnsembleStage(GlobalStage):
         return out
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
-        frames = [pl.read_parquet(p).with_columns(pl.lit(s).alias("shard")) for s, p in zip(ctx.shards, ctx.partials())]
+        frames = [read_frame(p).with_columns(pl.lit(s).alias("shard")) for s, p in zip(ctx.shards, ctx.partials())]
         df = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String})
         cols = [f"s{k}" for k in range(len(self.params.inputs))]
         complete = df.drop_nulls(cols) if df.height else df

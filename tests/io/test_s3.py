@@ -5,6 +5,7 @@ bytes; credentials come from the environment and are never saved; a missing URL 
 """
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def s3(tmp_path_factory):
     mp.undo()
 
 
-def _cfg(inputs, work: Path, endpoint: str) -> RunConfig:
+def _cfg(inputs, work: Path | str, endpoint: str) -> RunConfig:
     return make_config(inputs, work).model_copy(update={"storage_options": {"s3": {"endpoint_url": endpoint}}})
 
 
@@ -109,10 +110,78 @@ def test_credentials_are_never_saved(s3, tmp_path: Path):
         "endpoint_url": endpoint, "key": "***", "secret": "***"}
 
 
-def test_a_url_work_dir_is_refused_before_any_work(tmp_path: Path):
-    with pytest.raises(ConfigError, match="a URL work dir is not supported yet"):
-        run_pipeline(make_pipeline(("text", {})), make_config("x.tar", tmp_path).model_copy(
-            update={"workdir": "s3://bucket/work"}))
+def _full_pipe(ckpt: Path):
+    """The demo's stage kinds: map filters, a CLIP scorer, and the three global stages."""
+    return make_pipeline(
+        ("text", {"min_words": 3}),
+        ("image", {"min_side": 200, "min_blur_var": 20.0}),
+        ("clip_score", {"model": "curate-tiny", "pretrained": str(ckpt), "batch_size": 64}),
+        ("clip_rank", {"top_fraction": 0.8}),
+        ("dedup", {"exact": ["image"], "phash_radius": 4, "keep": "clip_score"}),
+        ("balance", {"vocabulary": "imagenet21k", "case_sensitive": False, "target_size": 150, "unmatched": "keep"}))
+
+
+def test_input_work_dir_and_export_all_on_s3_equal_the_local_run(s3, tmp_path: Path, tiny_ckpt: Path):
+    """Nothing local but the model: pool, work dir and export on s3://. Every stage table, the
+    decisions, the funnel and the exported bytes equal the local run's; a second run recomputes
+    nothing; a second run while one holds the work dir is refused; stats and the report read it."""
+    import s3fs
+
+    from curate.cli import main
+    from curate.core.decisions import decisions
+    from curate.core.stats import funnel
+    from curate.io.parquet import read_frame
+
+    endpoint, pool = s3
+    pipe = _full_pipe(tiny_ckpt)
+    work = f"s3://{BUCKET}/runs/w1"
+    remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", work, endpoint))
+    local = run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw"))
+    assert remote.ok and local.ok, remote.problems()
+    assert remote.workdir == work
+    set_storage_options({"s3": {"endpoint_url": endpoint}})  # the local run cleared them
+    for stage in ("index", "text", "image", "clip_score", "clip_rank", "dedup", "balance"):
+        assert read_frame(f"{work}/{stage}/*.parquet").equals(pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
+    d_remote, d_local = decisions(work), decisions(tmp_path / "lw")
+    assert d_remote.equals(d_local) and 0 < d_remote["kept"].sum() < d_remote.height
+    drop_seconds = [{k: v for k, v in r.items() if k != "seconds"} for r in funnel(work)]
+    assert drop_seconds == [{k: v for k, v in r.items() if k != "seconds"} for r in funnel(tmp_path / "lw")]
+
+    again = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", work, endpoint))
+    assert again.ok and all(r.done == 0 for r in again.stages), [(r.stage_id, r.done) for r in again.stages]
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    assert not fs.exists(f"{BUCKET}/runs/w1/.curate-run.lease")  # released at the end of each run
+    fs.pipe(f"{BUCKET}/runs/w1/.curate-run.lease", json.dumps(
+        {"run_id": "other", "host": "node-7", "pid": 1, "since": "2026-01-01T00:00:00+00:00"}).encode())
+    with pytest.raises(ConfigError, match="in use by run other on node-7"):
+        run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", work, endpoint))
+    fs.rm(f"{BUCKET}/runs/w1/.curate-run.lease")
+
+    with make_executor(make_config(str(pool / "*.tar"), tmp_path / "lw")) as ex:
+        m = export(work, f"s3://{BUCKET}/exports/from-s3", ex, ExportSpec(shard_size=50))
+        lm = export(tmp_path / "lw", tmp_path / "lout", ex, ExportSpec(shard_size=50))
+    assert m["samples_kept"] == lm["samples_kept"] > 0 and m["output_shards"] == lm["output_shards"]
+    for name in ("uids.npy", "shards/00000.tar", "metadata/00001.parquet"):
+        assert fs.cat(f"{BUCKET}/exports/from-s3/{name}") == (tmp_path / "lout" / name).read_bytes(), name
+
+    cfg_file = tmp_path / "s3.yaml"
+    cfg_file.write_text(yaml.safe_dump({"storage_options": {"s3": {"endpoint_url": endpoint}}}))
+    assert main(["stats", work, "--config", str(cfg_file), "--json"]) == 0
+    assert main(["report", work, "--config", str(cfg_file), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").stat().st_size > 0
+    assert not fs.exists(f"{BUCKET}/runs/w1/report")
+
+
+def test_work_dir_mistakes_on_s3_are_named_before_any_work(s3, tmp_path: Path):
+    endpoint, _ = s3
+    with pytest.raises(ConfigError, match="work dir s3://no-such-bucket/w is not writable"):
+        run_pipeline(make_pipeline(("text", {})), _cfg(f"s3://{BUCKET}/pool/*.tar", "s3://no-such-bucket/w", endpoint))
+    set_storage_options({"s3": {"endpoint_url": endpoint}})
+    with pytest.raises(ConfigError, match="work dir not found"):
+        from curate.core.decisions import run_record
+
+        run_record(f"s3://{BUCKET}/never-written")
 
 
 def test_connections_reset_mid_read_are_retried(s3, tmp_path: Path):
