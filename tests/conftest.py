@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tarfile
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from PIL import ImageFile
 
 from curate.core.config import PipelineConfig, RunConfig, StageSpec
+from curate.io.storage import set_storage_options
 from curate.tools.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,42 @@ def shared_data(rel: str) -> Path:
     if not p.exists():
         pytest.skip(f"real data {p} not present (../shared/data missing)")
     return p
+
+
+BUCKET = "curate-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """(endpoint, local pool folder): a moto S3 server holding the pool under s3://curate-test/pool/."""
+    from moto.server import ThreadedMotoServer
+    import s3fs
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(k, v)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    pool = tmp_path_factory.mktemp("s3pool")
+    synthesize(pool, samples=240, shards=3, seed=5)
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    fs.mkdir(BUCKET)
+    for p in sorted(pool.glob("*.tar")):
+        fs.put(str(p), f"{BUCKET}/pool/{p.name}")
+    fs.pipe(f"{BUCKET}/lists/two.txt", b"# two shards\n../pool/00000.tar\ns3://curate-test/pool/00002.tar\n")
+    yield endpoint, pool
+    server.stop()
+    set_storage_options({})
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Input shards on object storage: a real S3-protocol server (moto's server mode) on 127.0.0.1.
+"""Input shards, work dir and exports on object storage: a real S3-protocol server (moto's server
+mode, the ``s3`` fixture) on 127.0.0.1.
 
 The same pool read from s3:// and from local disk gives the same tables and the same exported
 bytes; credentials come from the environment and are never saved; a missing URL is a clear error.
@@ -6,7 +7,6 @@ bytes; credentials come from the environment and are never saved; a missing URL 
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import polars as pl
@@ -19,43 +19,7 @@ from curate.core.pipeline import run_pipeline
 from curate.engine import make_executor
 from curate.io.shards import InputError, expand_input
 from curate.io.storage import set_storage_options
-from curate.tools.synth import synthesize
-from tests.conftest import make_config, make_pipeline
-
-BUCKET = "curate-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """(endpoint, local pool folder): a moto S3 server holding the pool under s3://curate-test/pool/."""
-    from moto.server import ThreadedMotoServer
-    import s3fs
-
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(k, v)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    pool = tmp_path_factory.mktemp("s3pool")
-    synthesize(pool, samples=240, shards=3, seed=5)
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-    fs.mkdir(BUCKET)
-    for p in sorted(pool.glob("*.tar")):
-        fs.put(str(p), f"{BUCKET}/pool/{p.name}")
-    fs.pipe(f"{BUCKET}/lists/two.txt", b"# two shards\n../pool/00000.tar\ns3://curate-test/pool/00002.tar\n")
-    yield endpoint, pool
-    server.stop()
-    set_storage_options({})
-    mp.undo()
+from tests.conftest import BUCKET, make_config, make_pipeline
 
 
 def _cfg(inputs, work: Path | str, endpoint: str) -> RunConfig:
