@@ -1,6 +1,6 @@
 """A TCP proxy on 127.0.0.1 in front of a server that cuts chosen connections mid-response, or
 answers them with S3's 503 SlowDown: fault injection for object storage (a connection reset in
-the middle of a ranged GET, a throttled request)."""
+the middle of a ranged GET, a throttled request, an upload whose connection is reset)."""
 from __future__ import annotations
 
 import socket
@@ -13,11 +13,14 @@ class FlakyProxy:
                  b"<Message>Please reduce your request rate.</Message></Error>")
 
     def __init__(self, target_port: int, cut: set[int] = frozenset(), cut_after: int = 200_000,
-                 busy: set[int] = frozenset()):
+                 busy: set[int] = frozenset(), reset_puts: int = 0):
         """Connections numbered from 1; those in ``cut`` are reset after ``cut_after`` response
-        bytes; those in ``busy`` get a 503 SlowDown answer to their first request."""
+        bytes; those in ``busy`` get a 503 SlowDown answer to their first request; the first
+        ``reset_puts`` PUT requests (uploads) have their connection reset before they arrive."""
         self.target_port, self.cut, self.cut_after, self.busy = target_port, cut, cut_after, busy
-        self.throttled = 0
+        self.reset_puts = reset_puts
+        self.throttled = self.put_resets = 0
+        self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -37,13 +40,16 @@ class FlakyProxy:
                 continue
             limit = self.cut_after if self.connections in self.cut else None
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, None, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None, requests: bool = False) -> None:
         sent = 0
         try:
             while data := src.recv(65536):
+                if requests and data.startswith(b"PUT ") and self._take_put_reset():
+                    src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    break
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[:limit - sent])
                     self.cuts += 1
@@ -56,6 +62,13 @@ class FlakyProxy:
         finally:
             src.close()
             dst.close()
+
+    def _take_put_reset(self) -> bool:
+        with self._lock:
+            if self.put_resets >= self.reset_puts:
+                return False
+            self.put_resets += 1
+            return True
 
     def _slow_down(self, client: socket.socket) -> None:
         try:

@@ -188,6 +188,33 @@ def test_throttled_requests_are_retried(s3, tmp_path: Path):
             pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
 
 
+def test_uploads_to_an_s3_work_dir_survive_resets_and_throttling(s3, tmp_path: Path):
+    """Work dir on S3 behind a proxy that resets the connection of three uploads and throttles three
+    connections: every upload is retried, the tables equal the local run's, and nothing partial
+    (no temp object, no table without its stats) is left in the bucket."""
+    import s3fs
+
+    from curate.io.parquet import read_frame
+    from tests.io.flaky_proxy import FlakyProxy
+
+    endpoint, pool = s3
+    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), busy={2, 5, 8}, reset_puts=3)
+    work = f"s3://{BUCKET}/flaky/work"
+    pipe = make_pipeline(("text", {}), ("dedup", {"exact": ["image"]}))
+    try:
+        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", work, f"http://127.0.0.1:{proxy.port}"))
+    finally:
+        proxy.close()
+    assert proxy.put_resets == 3 and proxy.throttled == 3  # the faults really happened
+    assert remote.ok, remote.problems()
+    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
+    set_storage_options({"s3": {"endpoint_url": endpoint}})
+    for stage in ("index", "text", "dedup"):
+        assert read_frame(f"{work}/{stage}/*.parquet").equals(pl.read_parquet(tmp_path / "lw" / stage / "*.parquet"))
+    keys = s3fs.S3FileSystem(endpoint_url=endpoint).find(f"{BUCKET}/flaky/work")
+    assert not [k for k in keys if k.endswith(".tmp") or "/." in k.split("/work/", 1)[1]]
+
+
 def test_export_to_s3_is_complete_or_absent_and_never_over_foreign_objects(s3, tmp_path: Path):
     """Export to s3://: the same files as a local export; the marker is written last; an earlier
     export is replaced only with overwrite; a prefix holding other objects is refused."""
