@@ -42,6 +42,7 @@ def work_path(path: "str | Path | UPath") -> WorkPath:
     from upath import UPath
 
     url = str(path).rstrip("/")
+    filesystem(url)  # an option the filesystem does not take is named here, not at the first write
     return UPath(url, **_OPTIONS.get(url.split("://", 1)[0], {}))
 
 
@@ -77,7 +78,14 @@ def redacted(options: dict[str, Any]) -> dict[str, Any]:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``url`` (with this process's options) and the path inside it."""
     protocol = url.split("://", 1)[0]
-    fs, path = fsspec.core.url_to_fs(url, **_OPTIONS.get(protocol, {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_OPTIONS.get(protocol, {}))
+        if protocol in ("s3", "s3a"):  # s3fs makes its client lazily: its options are checked here
+            fs.connect()
+    except TypeError as e:  # an option the filesystem does not take: the user's config
+        from curate.core.config import ConfigError
+
+        raise ConfigError(f"storage_options.{protocol}: {e}") from None
     return fs, path
 
 

@@ -13,13 +13,14 @@ class FlakyProxy:
                  b"<Message>Please reduce your request rate.</Message></Error>")
 
     def __init__(self, target_port: int, cut: set[int] = frozenset(), cut_after: int = 200_000,
-                 busy: set[int] = frozenset(), reset_puts: int = 0):
+                 busy: set[int] = frozenset(), reset_puts: int = 0, pass_puts: int = 0):
         """Connections numbered from 1; those in ``cut`` are reset after ``cut_after`` response
-        bytes; those in ``busy`` get a 503 SlowDown answer to their first request; the first
-        ``reset_puts`` PUT requests (uploads) have their connection reset before they arrive."""
+        bytes; those in ``busy`` get a 503 SlowDown answer to their first request; after
+        ``pass_puts`` PUT requests (uploads) went through, the next ``reset_puts`` have their
+        connection reset before they arrive."""
         self.target_port, self.cut, self.cut_after, self.busy = target_port, cut, cut_after, busy
-        self.reset_puts = reset_puts
-        self.throttled = self.put_resets = 0
+        self.reset_puts, self.pass_puts = reset_puts, pass_puts
+        self.throttled = self.put_resets = self.puts = 0
         self._lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -65,7 +66,8 @@ class FlakyProxy:
 
     def _take_put_reset(self) -> bool:
         with self._lock:
-            if self.put_resets >= self.reset_puts:
+            self.puts += 1
+            if self.puts <= self.pass_puts or self.put_resets >= self.reset_puts:
                 return False
             self.put_resets += 1
             return True

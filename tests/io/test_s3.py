@@ -141,78 +141,14 @@ def test_work_dir_mistakes_on_s3_are_named_before_any_work(s3, tmp_path: Path):
     endpoint, _ = s3
     with pytest.raises(ConfigError, match="work dir s3://no-such-bucket/w is not writable"):
         run_pipeline(make_pipeline(("text", {})), _cfg(f"s3://{BUCKET}/pool/*.tar", "s3://no-such-bucket/w", endpoint))
+    with pytest.raises(ConfigError, match="storage_options.s3: .*retries"):
+        run_pipeline(make_pipeline(("text", {})), _cfg(f"s3://{BUCKET}/pool/*.tar", f"s3://{BUCKET}/w", endpoint)
+                     .model_copy(update={"storage_options": {"s3": {"endpoint_url": endpoint, "retries": 1}}}))
     set_storage_options({"s3": {"endpoint_url": endpoint}})
     with pytest.raises(ConfigError, match="work dir not found"):
         from curate.core.decisions import run_record
 
         run_record(f"s3://{BUCKET}/never-written")
-
-
-def test_connections_reset_mid_read_are_retried(s3, tmp_path: Path):
-    """Two ranged GETs cut mid-response by a proxy: the reads are retried and the tables equal the
-    local run's; nothing half-read is committed."""
-    from tests.io.flaky_proxy import FlakyProxy
-
-    endpoint, pool = s3
-    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), cut={2, 4})
-    try:
-        pipe = make_pipeline(("text", {}), ("image", {"min_blur_var": 20.0}))
-        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", tmp_path / "s3w", f"http://127.0.0.1:{proxy.port}"))
-    finally:
-        proxy.close()
-    assert proxy.cuts == 2  # the faults really happened
-    assert remote.ok, remote.problems()
-    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
-    for stage in ("index", "text", "image"):
-        assert pl.read_parquet(tmp_path / "s3w" / stage / "*.parquet").equals(
-            pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
-
-
-def test_throttled_requests_are_retried(s3, tmp_path: Path):
-    """503 SlowDown on several connections (S3's throttling answer): retried with backoff, the
-    tables equal the local run's."""
-    from tests.io.flaky_proxy import FlakyProxy
-
-    endpoint, pool = s3
-    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), busy={1, 3, 4, 7})
-    try:
-        pipe = make_pipeline(("text", {}))
-        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", tmp_path / "s3w", f"http://127.0.0.1:{proxy.port}"))
-    finally:
-        proxy.close()
-    assert proxy.throttled == 4
-    assert remote.ok, remote.problems()
-    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
-    for stage in ("index", "text"):
-        assert pl.read_parquet(tmp_path / "s3w" / stage / "*.parquet").equals(
-            pl.read_parquet(tmp_path / "lw" / stage / "*.parquet")), stage
-
-
-def test_uploads_to_an_s3_work_dir_survive_resets_and_throttling(s3, tmp_path: Path):
-    """Work dir on S3 behind a proxy that resets the connection of three uploads and throttles three
-    connections: every upload is retried, the tables equal the local run's, and nothing partial
-    (no temp object, no table without its stats) is left in the bucket."""
-    import s3fs
-
-    from curate.io.parquet import read_frame
-    from tests.io.flaky_proxy import FlakyProxy
-
-    endpoint, pool = s3
-    proxy = FlakyProxy(int(endpoint.rsplit(":", 1)[1]), busy={2, 5, 8}, reset_puts=3)
-    work = f"s3://{BUCKET}/flaky/work"
-    pipe = make_pipeline(("text", {}), ("dedup", {"exact": ["image"]}))
-    try:
-        remote = run_pipeline(pipe, _cfg(f"s3://{BUCKET}/pool/*.tar", work, f"http://127.0.0.1:{proxy.port}"))
-    finally:
-        proxy.close()
-    assert proxy.put_resets == 3 and proxy.throttled == 3  # the faults really happened
-    assert remote.ok, remote.problems()
-    assert run_pipeline(pipe, make_config(str(pool / "*.tar"), tmp_path / "lw")).ok
-    set_storage_options({"s3": {"endpoint_url": endpoint}})
-    for stage in ("index", "text", "dedup"):
-        assert read_frame(f"{work}/{stage}/*.parquet").equals(pl.read_parquet(tmp_path / "lw" / stage / "*.parquet"))
-    keys = s3fs.S3FileSystem(endpoint_url=endpoint).find(f"{BUCKET}/flaky/work")
-    assert not [k for k in keys if k.endswith(".tmp") or "/." in k.split("/work/", 1)[1]]
 
 
 def test_export_to_s3_is_complete_or_absent_and_never_over_foreign_objects(s3, tmp_path: Path):
