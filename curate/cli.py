@@ -252,6 +252,7 @@ def cmd_stages(a: argparse.Namespace) -> int:
 def cmd_models_fetch(a: argparse.Namespace) -> int:
     from curate.models.weights import fetch_weights
 
+    _storage_from(a.config)
     try:
         path = fetch_weights(a.model, a.pretrained, a.to)
     except (LookupError, ConnectionError) as e:
@@ -293,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                            parents=[common], formatter_class=_Help)
     mf.add_argument("model", help="open_clip model name, e.g. ViT-L-14")
     mf.add_argument("pretrained", help="open_clip pretrained tag, e.g. openai")
-    mf.add_argument("--to", required=True, help="the model cache folder (set model_cache to it in the run config)")
+    mf.add_argument("--to", required=True, help="the model cache: a folder, or a URL (s3://bucket/models) that "
+                                                "workers copy from (set model_cache to it in the run config)")
+    mf.add_argument("--config", default=None, help="run config whose storage_options reach a URL cache")
     mf.set_defaults(fn=cmd_models_fetch)
 
     s = add("synth", help="write a synthetic pool with injected defects and ground truth")

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from curate.models.remote_cache import local_model_cache
+
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -55,7 +57,8 @@ def resolve_checkpoint(pretrained: str | None, model_cache: str | None) -> str |
     """A local path for ``pretrained`` when it names a file; None for a tag or random weights."""
     if not pretrained:
         return None
-    for cand in (Path(pretrained).expanduser(), Path(model_cache or ".") / pretrained):
+    local = local_model_cache(model_cache)
+    for cand in (Path(pretrained).expanduser(), Path(local or ".") / pretrained):
         if cand.is_file():
             return str(cand.resolve())
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -80,6 +83,7 @@ def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precis
     from curate.models.weights import cached_weights, hub_offline
 
     register_configs()
+    model_cache = local_model_cache(model_cache)
     ckpt = resolve_checkpoint(pretrained, model_cache)
     tag = pretrained if pretrained and ckpt is None else None
     # A cached tag loads without asking the hub (no retries on a machine without internet).

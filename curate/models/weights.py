@@ -13,6 +13,9 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from curate.io.storage import is_url
+from curate.models.remote_cache import local_model_cache, upload_model_cache
+
 HUB_HOST = "huggingface.co"
 
 
@@ -35,7 +38,9 @@ def cache_dirs(model_cache: str | None) -> list[str | None]:
 
 
 def cached_weights(model: str, tag: str, model_cache: str | None) -> str | None:
-    """The local file of an open_clip tag if it is already in a cache, without any network call."""
+    """The local file of an open_clip tag if it is already in a cache, without any network call
+    (a cache on object storage is first copied to this machine)."""
+    model_cache = local_model_cache(model_cache)
     cfg = pretrained_cfg(model, tag)
     if cfg.get("file"):
         return cfg["file"] if os.path.isfile(cfg["file"]) else None
@@ -71,9 +76,15 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def fetch_weights(model: str, tag: str, cache: str | None) -> str:
-    """Download an open_clip tag into ``cache`` (needs the hub); return the local file."""
+    """Download an open_clip tag into ``cache`` (needs the hub); return the local file. A cache
+    on object storage gets the tag through a local copy of it, then an upload."""
     import open_clip
 
+    if cache and is_url(cache):
+        local = local_model_cache(cache)
+        path = fetch_weights(model, tag, local)
+        upload_model_cache(local, cache)
+        return path
     hit = cached_weights(model, tag, cache)
     if hit:
         return hit
@@ -114,6 +125,11 @@ def weights_problem(model: str, pretrained: str | None, model_cache: str | None)
         return f"unknown open_clip model {model!r}"
     if not pretrained:
         return None
+    if model_cache and is_url(model_cache):
+        try:
+            local_model_cache(model_cache)
+        except Exception as e:  # unreachable bucket, missing credentials: one line, before any shard
+            return f"model_cache {model_cache} cannot be read: {e}"
     try:
         if resolve_checkpoint(pretrained, model_cache):
             return None

@@ -181,3 +181,49 @@ def test_export_to_s3_is_complete_or_absent_and_never_over_foreign_objects(s3, t
         with pytest.raises(Exception, match="did not write"):
             export(work, f"s3://{BUCKET}/exports/foreign", ex, ExportSpec(overwrite=True))
     assert fs.cat(f"{BUCKET}/exports/foreign/data.bin") == b"someone else's"
+
+
+def test_a_model_cache_on_s3_is_copied_to_each_machine_once(s3, tmp_path: Path, tiny_ckpt: Path, monkeypatch):
+    """model_cache: s3://... holds the checkpoint; the run copies it to the machine's mirror and
+    scores exactly as with the local file; a missing checkpoint is named in preflight with the URL;
+    huggingface_hub's layout is uploaded with its links followed and without blobs/."""
+    import s3fs
+
+    from curate.models import remote_cache
+
+    endpoint, pool = s3
+    monkeypatch.setenv("CURATE_MODEL_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setattr(remote_cache, "_MIRRORS", {})
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    fs.put_file(str(tiny_ckpt), f"{BUCKET}/models/tiny.pt")
+
+    def pipe(pretrained: str):
+        return make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": pretrained, "batch_size": 64}))
+
+    cfg = _cfg(str(pool / "00000.tar"), tmp_path / "w", endpoint).model_copy(
+        update={"model_cache": f"s3://{BUCKET}/models"})
+    assert run_pipeline(pipe("tiny.pt"), cfg).ok
+    assert run_pipeline(pipe(str(tiny_ckpt)), make_config(str(pool / "00000.tar"), tmp_path / "local")).ok
+    assert pl.read_parquet(tmp_path / "w" / "clip_score" / "*.parquet").equals(
+        pl.read_parquet(tmp_path / "local" / "clip_score" / "*.parquet"))
+    copies = list((tmp_path / "mirror").rglob("tiny.pt"))
+    assert len(copies) == 1 and copies[0].read_bytes() == tiny_ckpt.read_bytes()
+
+    with pytest.raises(ConfigError, match=f"checkpoint 'other.pt' not found \\(model_cache: s3://{BUCKET}/models\\)"):
+        run_pipeline(pipe("other.pt"), cfg.model_copy(update={"workdir": str(tmp_path / "w2")}))
+    assert not (tmp_path / "w2" / "clip_score").exists()
+
+    hub = tmp_path / "hub" / "models--org--m"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "blobs" / "abc123").write_bytes(b"weights")
+    (hub / "snapshots" / "rev1").mkdir(parents=True)
+    (hub / "snapshots" / "rev1" / "open_clip_model.safetensors").symlink_to(hub / "blobs" / "abc123")
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("rev1")
+    url = f"s3://{BUCKET}/hubcache"
+    assert remote_cache.upload_model_cache(tmp_path / "hub", url) == 2
+    assert remote_cache.upload_model_cache(tmp_path / "hub", url) == 0  # already there
+    assert sorted(k.split("/hubcache/", 1)[1] for k in fs.find(f"{BUCKET}/hubcache")) == [
+        "models--org--m/refs/main", "models--org--m/snapshots/rev1/open_clip_model.safetensors"]
+    local = Path(remote_cache.local_model_cache(url))
+    assert (local / "models--org--m" / "snapshots" / "rev1" / "open_clip_model.safetensors").read_bytes() == b"weights"
