@@ -187,7 +187,10 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     if a.from_work:
         if a.source:
             raise ConfigError("give a source or --from WORK, not both")
-        if not (Path(a.from_work) / "index").is_dir():
+        from curate.io.storage import work_path
+
+        _storage_from(a.config)
+        if not (work_path(a.from_work) / "index").is_dir():
             raise ConfigError(f"--from {a.from_work}: not a work dir (no index/ folder)")
         r = ingest_survivors(a.from_work, a.out, IngestSpec(processes=a.processes, threads=a.threads,
                                                              samples_per_shard=a.samples_per_shard, timeout=a.timeout))
@@ -345,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--from", dest="from_work", default=None, metavar="WORK",
                     help="download only the samples a metadata run in WORK kept (uids preserved)")
     ig.add_argument("--out", required=True)
+    ig.add_argument("--config", default=None, help="with --from: run config whose storage_options reach a work "
+                                                   "dir on object storage")
     ig.add_argument("--input-format", default=None, help="parquet, csv, tsv (default: from the suffix)")
     ig.add_argument("--url-col", default="url")
     ig.add_argument("--caption-col", default="caption")

@@ -144,3 +144,35 @@ def test_ingest_from_a_metadata_run_downloads_only_its_survivors(synthetic_site:
     bad = subprocess.run([str(BIN / "curate"), "ingest", "--from", str(tmp_path), "--out", str(out)],
                          capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "not a work dir" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ingest_from_a_metadata_run_whose_work_dir_is_on_s3(synthetic_site: str, s3, tmp_path: Path):
+    """The same filter-before-download with the metadata run's work dir on S3 (`--config` gives
+    the endpoint): the survivors are downloaded and ingest.json lands in the bucket."""
+    import s3fs
+    import yaml
+
+    from curate.core.pipeline import run_pipeline
+    from tests.conftest import BUCKET, make_config, make_pipeline
+
+    endpoint, _ = s3
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    texts = [f"a photo of a red car number {i} on the street" if i % 3 else "xx" for i in range(30)]
+    pl.DataFrame({"uid": [f"{i:032x}" for i in range(30)], "url": [f"{synthetic_site}/{i}.jpg" for i in range(30)],
+                  "text": texts}).write_parquet(meta / "00000.parquet")
+    work = f"s3://{BUCKET}/ingest/work"
+    options = {"s3": {"endpoint_url": endpoint}}
+    cfg = make_config(str(meta / "*.parquet"), work).model_copy(update={"storage_options": options})
+    assert run_pipeline(make_pipeline(("text", {"min_words": 3})), cfg).ok
+    (tmp_path / "s3.yaml").write_text(yaml.safe_dump({"storage_options": options}))
+    out = tmp_path / "shards"
+    env = {"PATH": str(BIN), "HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    r = subprocess.run([str(BIN / "curate"), "ingest", "--from", work, "--config", str(tmp_path / "s3.yaml"),
+                        "--out", str(out), "--processes", "1", "--threads", "4", "--timeout", "5"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "10 of 30 dropped before download" in r.stdout
+    report = json.loads(s3fs.S3FileSystem(endpoint_url=endpoint).cat(f"{BUCKET}/ingest/work/ingest.json"))
+    assert report["kept_by_metadata_run"] == 20

@@ -63,11 +63,12 @@ def ingest_survivors(workdir: str | Path, out: str | Path, spec: IngestSpec = In
 
     from curate.core.config import ConfigError
     from curate.core.decisions import decisions
-    from curate.io.parquet import atomic_write_bytes
+    from curate.io.parquet import atomic_write_bytes, read_frame
+    from curate.io.storage import work_path
 
-    work = Path(workdir)
+    work = work_path(workdir)
     d = decisions(work)
-    idx = pl.read_parquet(str(work / "index" / "*.parquet"), columns=["uid", "url", "caption"])
+    idx = read_frame(work / "index" / "*.parquet", columns=["uid", "url", "caption"])
     kept = d.filter(pl.col("kept")).select("uid").join(idx, on="uid", how="left").sort("uid")
     if kept.is_empty():
         raise ConfigError(f"{work}: the latest run kept no sample; nothing to download")
