@@ -52,12 +52,14 @@ class ExecutorConfig(Strict):
 
 class RunConfig(Strict):
     input: str | list[str] | None = None
-    workdir: str = "work"
+    workdir: str = Field("work", description="where every table, stats file and run record goes: a folder, "
+                         "or a URL (s3://bucket/work) when workers share no disk")
     executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    model_cache: str | None = Field(None, description="folder with local CLIP checkpoints")
+    model_cache: str | None = Field(None, description="folder (or URL, copied to each machine once) with CLIP "
+                                    "checkpoints and open_clip tags staged by `curate models fetch`")
     storage_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="fsspec options per protocol for input shards on object storage, "
+        default_factory=dict, description="fsspec options per protocol for input shards, work dir and model cache on object storage, "
         "e.g. {s3: {endpoint_url: http://minio:9000}}; credentials from the environment (never saved)")
 
 
