@@ -12,7 +12,7 @@ DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
 # One target per stage kind (a test keeps this list equal to the stage registry).
-STAGES  := index text image url_domain text_mask clip_score metadata_embeddings clip_loss score_ensemble embedding_head clip_rank classifier dedup balance reference_filter
+STAGES  := index text image url_domain text_mask nsfw clip_score metadata_embeddings clip_loss score_ensemble embedding_head clip_rank classifier dedup balance reference_filter
 
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 

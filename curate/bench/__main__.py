@@ -20,6 +20,7 @@ BENCHMARKS = {
     "fusion": "curate.bench.fusion",
     "text_mask": "curate.bench.text_mask",
     "storage": "curate.bench.storage",
+    "nsfw": "curate.bench.nsfw",
 }
 
 
