@@ -42,8 +42,18 @@ def recipes(heldout: Path) -> dict[str, PipelineConfig]:
             StageSpec(name="clip_rank", params={"scores_from": "clip_loss", "score_column": "negclip_loss",
                                                 "top_fraction": 0.3})]),
         "classifier": classifier_recipe(demo),
+        "tmars_top30": with_scorer(load_pipeline(ROOT / "pipelines" / "tmars.yaml"), clip.params),
+        "nsfw": load_pipeline(ROOT / "pipelines" / "nsfw.yaml"),
         "full": demo,
     }
+
+
+def with_scorer(pipe: PipelineConfig, scorer: dict) -> PipelineConfig:
+    """``pipe`` with the demo's tiny CLIP in place of its scorer's model (the recipe's other
+    clip_score parameters, such as T-MARS's ``mask_text_from``, stay)."""
+    stages = [s.model_copy(update={"params": s.params | {k: scorer[k] for k in ("model", "pretrained", "batch_size")}})
+              if s.name == "clip_score" else s for s in pipe.stages]
+    return pipe.model_copy(update={"stages": stages})
 
 
 def classifier_recipe(demo: PipelineConfig) -> PipelineConfig:
