@@ -76,6 +76,8 @@ class ShardContext:
     read_result: ShardReadResult = field(default_factory=ShardReadResult)
     counters: dict[str, float] = field(default_factory=dict)
     shared: SharedShard | None = None  # the tar read shared by fused map stages (None: read the tar)
+    # tables the earlier stages of a fused task wrote for this shard, as written (not read back)
+    written: dict[str, pa.Table] = field(default_factory=dict)
     _cache: dict[str, pa.Table] = field(default_factory=dict)
     _evaluate: np.ndarray | None = None
 
@@ -88,6 +90,9 @@ class ShardContext:
         return WorkDir.at(self.run.workdir)
 
     def _table(self, stage_id: str, columns: list[str] | None) -> pa.Table:
+        if stage_id in self.written:
+            t = self.written[stage_id]
+            return t.select(columns) if columns is not None else t
         return read_table(self.work.stage_table(stage_id, self.shard), columns)
 
     def read(self, stage_id: str, columns: list[str] | None = None) -> pa.Table:

@@ -86,12 +86,12 @@ def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
 
 
 def _context(task: StageTask, shard_path: str, shared: SharedShard | None = None,
-             keep: tuple[str, ...] = ()) -> ShardContext:
+             keep: tuple[str, ...] = (), written: dict[str, pa.Table] | None = None) -> ShardContext:
     set_storage_options(task.run.storage_options)
     st = task.stage(keep)
     return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
                         upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all,
-                        reads=tuple(st.reads()), shared=shared)
+                        reads=tuple(st.reads()), shared=shared, written=written if written is not None else {})
 
 
 def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Table, Counter, int, int]:
@@ -152,18 +152,22 @@ def _stats_table(task: StageTask, shard: str, metrics: dict[str, float],
 
 
 def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, shared: SharedShard | None = None,
-              keep: tuple[str, ...] = ()) -> dict[str, Any]:
+              keep: tuple[str, ...] = (), written: dict[str, pa.Table] | None = None) -> dict[str, Any]:
     """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs.
-    ``shared``: the tar read of a fused task; ``keep``: the fingerprints of that task's stages."""
+    ``shared``: the tar read of a fused task; ``keep``: the fingerprints of that task's stages;
+    ``written``: the tables its earlier stages wrote (later stages read them from memory, not back
+    from the work dir, which may be a bucket), and this stage's table is added to it."""
     t0 = time.perf_counter()
     stage = task.stage(keep)
-    ctx = _context(task, shard_path, shared, keep)
+    ctx = _context(task, shard_path, shared, keep, written)
     work = ctx.work
     if is_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}
     table, counts, n_in, n_kept = finalize(stage, ctx, getattr(stage, phase)(ctx))
     meta = _meta(task, ctx.shard) | {"describe": stage.describe()}
     write_table(table, work.stage_table(task.stage_id, ctx.shard), meta=meta)
+    if written is not None:
+        written[task.stage_id] = table
     metrics: dict[str, float] = {"n_rows": table.num_rows, "n_in": n_in, "n_kept": n_kept,
                                  "seconds": time.perf_counter() - t0,
                                  "bytes_read": ctx.read_result.n_bytes}
@@ -198,9 +202,10 @@ def run_fused(tasks: tuple[StageTask, ...], shard_path: str) -> dict[str, Any]:
     last_reader = max((k for k, st in enumerate(stages) if k > 0 and st.needs_pixels()), default=-1)
     shared = SharedShard(shard_path) if last_reader > 0 else None
     done: dict[str, Any] = {}
+    written: dict[str, pa.Table] = {}
     for k, task in enumerate(tasks):
         try:
-            done[task.stage_id] = run_shard(task, shard_path, shared=shared, keep=keep)
+            done[task.stage_id] = run_shard(task, shard_path, shared=shared, keep=keep, written=written)
         except Exception as e:
             raise FusedStageError(f"stage {task.stage_id}: {describe_exception(e)}") from e
         if shared is not None and k >= last_reader:
