@@ -18,7 +18,7 @@ from curate.core.config import ConfigError, PipelineConfig, RunConfig, fingerpri
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
-from curate.io.parquet import atomic_write_bytes, read_table
+from curate.io.parquet import atomic_write_bytes, read_tables_if_present
 from curate.io.shards import expand_input, is_metadata_shard, shard_name
 from curate.io.storage import is_url, redacted, set_storage_options
 from curate.stages import execute
@@ -138,12 +138,8 @@ def _collect(res: StageResult, outcomes) -> set[str]:
 def _bad_shards_from_stats(work: WorkDir, stage_id: str, shards: list[str]) -> dict[str, str]:
     """Damaged shards read back from stats files, so a resumed run reports them too."""
     bad = {}
-    for s in shards:
-        p = work.stage_stats(stage_id, s)
-        if not p.exists():
-            continue
-        t = read_table(p)
-        if "detail" not in t.column_names:  # written before stats carried details
+    for s, t in zip(shards, read_tables_if_present([work.stage_stats(stage_id, s) for s in shards])):
+        if t is None or "detail" not in t.column_names:  # written before stats carried details
             continue
         for metric, detail in zip(t.column("metric").to_pylist(), t.column("detail").to_pylist()):
             if metric == "shard_error":

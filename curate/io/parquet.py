@@ -174,5 +174,26 @@ def read_frame(path, columns: list[str] | None = None) -> pl.DataFrame:
         files += sorted(fs.glob(key)) if any(c in key for c in "*?[") else [key]
     if not files:
         raise FileNotFoundError(f"no Parquet files match {path}")
-    tables = [pq.read_table(pa.BufferReader(fs.cat_file(f)), columns=columns) for f in files]
+    blobs = fs.cat(files, on_error="raise") if len(files) > 1 else {files[0]: fs.cat_file(files[0])}
+    tables = [pq.read_table(pa.BufferReader(blobs[f]), columns=columns) for f in files]
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
+
+
+def read_tables_if_present(paths: list) -> list[pa.Table | None]:
+    """Each Parquet file of ``paths``, or None where it does not exist; on object storage the
+    objects are fetched concurrently."""
+    if not paths or not storage.is_url(paths[0]):
+        return [pq.read_table(str(p)) if os.path.exists(str(p)) else None for p in paths]
+    fs, _ = storage.filesystem(str(paths[0]))
+    keys = [storage.filesystem(str(p))[1] for p in paths]
+    blobs = fs.cat(keys, on_error="return")
+    out: list[pa.Table | None] = []
+    for k in keys:
+        b = blobs.get(k)
+        if isinstance(b, FileNotFoundError) or b is None:
+            out.append(None)
+        elif isinstance(b, Exception):
+            raise b
+        else:
+            out.append(pq.read_table(pa.BufferReader(b)))
+    return out
