@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the pool is seed 0)")
     ap.add_argument("--epochs", type=int, default=None, help="default: 3 on CPU, 10 on a GPU")
     ap.add_argument("--samples-per-epoch", type=int, default=None, help="default: 4096 on CPU, 16384 on a GPU")
+    ap.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipes (no_filter, the "
+                    "baseline, is always run)")
     a = ap.parse_args(argv)
     gpu = _cuda_available()
     a.epochs = a.epochs or (10 if gpu else 3)
@@ -167,8 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=5000, shards=10, seed=0)
     base = load_run_config(ROOT / "configs" / "demo.yaml")
+    chosen = recipes(heldout)
+    unknown = sorted(set(a.recipes or []) - set(chosen))
+    if unknown:
+        ap.error(f"unknown recipe(s) {unknown}; known: {', '.join(chosen)}")
+    if a.recipes:
+        chosen = {k: v for k, v in chosen.items() if k == "no_filter" or k in a.recipes}
     rows = []
-    for name, pipe in recipes(heldout).items():
+    for name, pipe in chosen.items():
         d = ROOT / "demo" / "compare" / name
         cfg = base.model_copy(update={"input": str(pool / "*.tar"), "workdir": str(d / "work"),
                                       "model_cache": str(models)})
