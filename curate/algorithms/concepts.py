@@ -54,7 +54,8 @@ class Vocabulary:
 
 @lru_cache(maxsize=8)
 def load_vocabulary(source: str = "imagenet21k") -> Vocabulary:
-    """A built-in vocabulary by name, or a user file (one entry a line); unique, in first-seen order."""
+    """A built-in vocabulary by name, or a user file (one entry a line, lines starting with ``#``
+    are comments); unique, in first-seen order."""
     if source in BUILTIN:
         raw = BUILTIN[source]()
     else:
@@ -62,7 +63,7 @@ def load_vocabulary(source: str = "imagenet21k") -> Vocabulary:
         if not p.is_file():
             raise FileNotFoundError(f"vocabulary {source!r}: not a built-in ({', '.join(BUILTIN)}) "
                                     "and no such file")
-        raw = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        raw = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if not ln.lstrip().startswith("#")]
     seen: dict[str, None] = {}
     for e in raw:
         if e and e not in seen:

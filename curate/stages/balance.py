@@ -75,7 +75,7 @@ class BalanceStage(GlobalStage):
     version = "2"
 
     class Params(Strict):
-        vocabulary: str = Field("imagenet21k", description="imagenet21k, imagenet1k or a file (one entry a line)")
+        vocabulary: str = Field("imagenet21k", description="imagenet21k, imagenet1k or a file (one entry a line; lines starting with # are comments)")
         case_sensitive: bool = Field(True, description="MetaCLIP matches case-sensitively")
         t: float | None = Field(None, gt=0, description="per-entry cap (MetaCLIP: 20k for 400M)")
         target_size: int | None = Field(None, ge=1, description="or solve t for this expected size")

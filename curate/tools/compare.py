@@ -15,37 +15,96 @@ from pathlib import Path
 import numpy as np
 
 from curate.cli import _setup_logging
-from curate.core.config import PipelineConfig, StageSpec, load_pipeline, load_run_config
+from curate.core.config import PipelineConfig, RunConfig, StageSpec, load_pipeline, load_run_config
 from curate.tools.demo import ROOT, ensure_scorer, with_heldout
 from curate.engine import make_executor
 from curate.core.export import ExportSpec, export
 from curate.core.pipeline import run_pipeline
 from curate.tools.synth import SYNTH_VERSION, synthesize
 from curate.tools.evaluation import evaluate_clip
+from curate.tools.quality_head import train_quality_head
 from curate.tools.training import TrainSpec, train_clip
 
 log = logging.getLogger("curate.tools.compare")
 
 
-def recipes(heldout: Path) -> dict[str, PipelineConfig]:
+SECOND_SCORER = "curate-tiny-synth-v2-seed1"
+
+
+def recipes(heldout: Path, models: Path) -> dict[str, PipelineConfig]:
+    """Every compared recipe on the demo pool, with the demo's tiny CLIP as the scorer. The models
+    some recipes name (a second scorer, the quality head) are made by ``prepare`` when chosen."""
     demo = with_heldout(load_pipeline(ROOT / "pipelines" / "demo.yaml"), heldout)
     clip = next(s for s in demo.stages if s.name == "clip_score")
+    scored = StageSpec(name="clip_score", params=dict(clip.params, all_rows=True))
+    basic = load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml")
     return {
         "no_filter": load_pipeline(ROOT / "pipelines" / "no_filter.yaml"),
-        "datacomp_basic": load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"),
+        "datacomp_basic": basic,
         "clip_score_top30": PipelineConfig(name="clip_score_top30", stages=[
-            StageSpec(name="clip_score", params=dict(clip.params, all_rows=True)),
-            StageSpec(name="clip_rank", params={"top_fraction": 0.3})]),
+            scored, StageSpec(name="clip_rank", params={"top_fraction": 0.3})]),
         "negclip_top30": PipelineConfig(name="negclip_top30", stages=[
-            StageSpec(name="clip_score", params=dict(clip.params, all_rows=True)),
+            scored,
             StageSpec(name="clip_loss", params={"all_rows": True}),
             StageSpec(name="clip_rank", params={"scores_from": "clip_loss", "score_column": "negclip_loss",
                                                 "top_fraction": 0.3})]),
+        "ensemble_top30": ensemble_recipe(clip.params),
         "classifier": classifier_recipe(demo),
         "tmars_top30": with_scorer(load_pipeline(ROOT / "pipelines" / "tmars.yaml"), clip.params),
         "nsfw": load_pipeline(ROOT / "pipelines" / "nsfw.yaml"),
+        "quality_head": PipelineConfig(name="quality_head", stages=[
+            scored, StageSpec(name="embedding_head", id="quality", params={
+                "checkpoint": str(models / "quality_head" / "quality_head.pt"), "output": "sigmoid",
+                "min_score": 0.5})]),
+        "caption_dedup": PipelineConfig(name="caption_dedup", stages=[
+            *basic.stages, StageSpec(name="dedup", params={"exact": [], "phash_radius": None,
+                                                           "caption_jaccard": 0.85})]),
+        **metaclip_recipes(),
         "full": demo,
     }
+
+
+def ensemble_recipe(scorer: dict) -> PipelineConfig:
+    """pipelines/ensemble_b32_l14.yaml with two tiny CLIPs (trained with different seeds) as its
+    two scorers: their pool-wide ranks averaged, top 30 % kept."""
+    real = load_pipeline(ROOT / "pipelines" / "ensemble_b32_l14.yaml")
+    first, second = (s.id for s in real.stages if s.name == "clip_score")
+    weights = {first: scorer["pretrained"], second: f"{SECOND_SCORER}.pt"}
+    stages = [s.model_copy(update={"params": s.params | {k: scorer[k] for k in ("model", "batch_size")}
+                                   | {"pretrained": weights[s.id]}})
+              if s.name == "clip_score" else s for s in real.stages]
+    return real.model_copy(update={"name": "ensemble_top30", "stages": stages})
+
+
+def metaclip_recipes() -> dict[str, PipelineConfig]:
+    """pipelines/metaclip2_multilingual.yaml (every language kept, concepts balanced per language)
+    and the same recipe English-only, with the pool's shape words in every language it writes as
+    the vocabulary and the cap solved for 2,000 samples (the demo's balancing budget)."""
+    real = load_pipeline(ROOT / "pipelines" / "metaclip2_multilingual.yaml")
+    vocab = str(ROOT / "pipelines" / "vocab" / "synthetic_shapes_multilingual.txt")
+
+    def variant(name: str, multilingual: bool) -> PipelineConfig:
+        stages = []
+        for s in real.stages:
+            if s.name == "balance":
+                params = {k: v for k, v in s.params.items() if k != "t"}
+                s = s.model_copy(update={"params": params | {"vocabulary": vocab, "target_size": 2000,
+                                                             "per_language": multilingual}})
+            elif s.name == "text" and not multilingual:
+                s = s.model_copy(update={"params": s.params | {"languages": ["en"]}})
+            stages.append(s)
+        return real.model_copy(update={"name": name, "stages": stages})
+
+    return {"metaclip_en": variant("metaclip_en", False),
+            "metaclip2_multilingual": variant("metaclip2_multilingual", True)}
+
+
+def prepare(name: str, models: Path, cfg: RunConfig, scorer: dict) -> None:
+    """Make the models a chosen recipe names: the ensemble's second scorer, the quality head."""
+    if name == "ensemble_top30":
+        ensure_scorer(models, 0, name=SECOND_SCORER, train_seed=1)
+    elif name == "quality_head":
+        train_quality_head(models / "quality_head", cfg, scorer)
 
 
 def with_scorer(pipe: PipelineConfig, scorer: dict) -> PipelineConfig:
@@ -164,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(False)
     models = ROOT / "demo" / "models"
     ensure_scorer(models, 0)
+    scorer = next(s for s in load_pipeline(ROOT / "pipelines" / "demo.yaml").stages if s.name == "clip_score").params
     pool = ROOT / "demo" / f"pool-v{SYNTH_VERSION}-5000x10-seed0"
     heldout = ROOT / "demo" / f"heldout-v{SYNTH_VERSION}"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=5000, shards=10, seed=0)
     base = load_run_config(ROOT / "configs" / "demo.yaml")
-    chosen = recipes(heldout)
+    chosen = recipes(heldout, models)
     unknown = sorted(set(a.recipes or []) - set(chosen))
     if unknown:
         ap.error(f"unknown recipe(s) {unknown}; known: {', '.join(chosen)}")
@@ -180,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         d = ROOT / "demo" / "compare" / name
         cfg = base.model_copy(update={"input": str(pool / "*.tar"), "workdir": str(d / "work"),
                                       "model_cache": str(models)})
+        prepare(name, models, cfg, scorer)
         s = run_pipeline(pipe, cfg)
         if not s.ok:
             log.error("%s: %s", name, s.problems())

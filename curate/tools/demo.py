@@ -94,16 +94,18 @@ def _scorer_spec():
     return TrainSpec(epochs=6, batch_size=64, warmup=50)
 
 
-def ensure_scorer(models: Path, seed: int = 0) -> Path:
-    """The tiny CLIP the demo scores with, trained on clean synthetic pairs. Training is
+def ensure_scorer(models: Path, seed: int = 0, name: str = Path(SCORER).stem, train_seed: int | None = None) -> Path:
+    """The tiny CLIP the demo scores with, trained on clean synthetic pairs (the sets of ``seed``)
+    with training seed ``train_seed`` (default ``seed``), saved as ``models/<name>.pt``. Training is
     deterministic (curate.models.train_entry): every machine gets the same checkpoint bytes, and a
     checkpoint made by the same spec from the same data is reused."""
     from curate.tools.evaluation import evaluate_clip
     from curate.tools.training import file_sha256, train_clip
 
     train_dir, heldout = demo_sets(seed)
-    path = train_clip(str(train_dir / "*.tar"), models, replace(_scorer_spec(), seed=seed), name=Path(SCORER).stem)
-    side = models / f"{Path(SCORER).stem}.eval.json"
+    spec = replace(_scorer_spec(), seed=seed if train_seed is None else train_seed)
+    path = train_clip(str(train_dir / "*.tar"), models, spec, name=name)
+    side = models / f"{name}.eval.json"
     digest = file_sha256(path)
     metrics = json.loads(side.read_text()) if side.exists() else {}
     if metrics.get("sha256") != digest:

@@ -49,6 +49,12 @@ def test_matching_whole_phrases_and_case(vocab_file: Path):
     assert spacing("a,b.") == " a , b .  "
 
 
+def test_vocabulary_file_comments(tmp_path: Path):
+    p = tmp_path / "v.txt"
+    p.write_text("# shapes of the pool\ncircle\n  # indented comment\nC#\ncircle\n\n")
+    assert get_matcher(str(p), True).vocab.entries == ("circle", "C#")
+
+
 def test_counts_and_probabilities_by_hand(vocab_file: Path, tmp_path: Path):
     caps = ["a cat here"] * 8 + ["a dog there"] * 2 + ["a cat and a dog"] * 2 + ["nothing at all"] * 3
     pool = _pool(tmp_path / "pool", caps, shards=2)
