@@ -82,6 +82,43 @@ def near_pairs(hashes: np.ndarray, radius: int, other: np.ndarray | None = None)
     return unique_pairs(np.concatenate(found))
 
 
+def search_tables(radius: int, pool_size: int) -> list[np.uint64]:
+    """The lookup tables ``near_pairs`` uses for a pool of ``pool_size`` hashes: every part of a
+    partitioned search must use the same ones."""
+    return _tables(radius, max(1.0, pool_size * (pool_size - 1) / 2))
+
+
+def key_parts(hashes: np.ndarray, tables: list[np.uint64], parts: int) -> np.ndarray:
+    """(rows, tables) partition of each hash's key in each table. Equal keys share a partition, so
+    a part holds whole runs of its tables and finds every pair within them; a mixing hash of the
+    key spreads the runs evenly."""
+    h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
+    out = np.empty((len(h), len(tables)), dtype=np.int32)
+    with np.errstate(over="ignore"):
+        for t, mask in enumerate(tables):
+            key, _ = _key(h, mask)
+            x = (key + np.uint64(t + 1)) * np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+            out[:, t] = ((x ^ (x >> np.uint64(29))) % np.uint64(parts)).astype(np.int32)
+    return out
+
+
+def near_pairs_in_part(hashes: np.ndarray, radius: int, tables: list[np.uint64], parts_of: np.ndarray,
+                       part: int) -> np.ndarray:
+    """The pairs (i < j, indices into ``hashes``) within ``radius`` that share a key of some table
+    falling in ``part`` (``parts_of`` from ``key_parts``). ``hashes`` may hold only the rows with a
+    key in this part: the union over parts is ``near_pairs``'s result; a pair can come from several."""
+    h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
+    found = []
+    for t, mask in enumerate(tables):
+        rows = np.flatnonzero(parts_of[:, t] == part)
+        if len(rows) > 1:
+            pr = _pairs_within(h[rows], mask, radius)
+            if len(pr):
+                a, b = rows[pr[:, 0]], rows[pr[:, 1]]
+                found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+    return unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), dtype=np.int64)
+
+
 def unique_pairs(pairs: np.ndarray) -> np.ndarray:
     """``np.unique(pairs, axis=0)`` for non-negative int64 pairs, as one 1-D sort of packed pairs
     when both ids fit in 32 bits (the axis form sorts rows as records, several times slower)."""

@@ -6,7 +6,9 @@ copies, 64-bit pHashes with planted near-copies (1-3 bits flipped), caption and 
 scores; for ``clip_rank`` the scores; for ``balance`` concept ids drawn head-heavy (Zipf) from the
 ImageNet-21k vocabulary. Then runs each stage's real ``combine`` in its own process (so its peak
 memory, VmHWM, is its own): seconds, peak RSS, disk used, and for dedup the recall of the planted
-copies (both rows of a planted pair in one duplicate group).
+copies (both rows of a planted pair in one duplicate group). ``dedup_partitioned`` is the same
+dedup split over PARTS combine tasks (``partitions``), each in its own process, then the final
+combine over their edge lists.
 
     python -m curate.bench.scale 1280000 12800000
 """
@@ -34,6 +36,7 @@ STAGES = {
     "balance": {"vocabulary": "imagenet21k", "unmatched": "keep"},
 }
 EXACT_SHARE, NEAR_SHARE = 0.03, 0.03  # planted copies
+PARTS = 4  # the partitioned dedup row: its parts run one after another here, each in its own process
 
 
 def _hex(values: np.ndarray, width: int) -> list[str]:
@@ -99,26 +102,70 @@ def _hwm_mb() -> float:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
 
 
-def combine(stage: str, root: Path, n: int) -> dict:
-    """One stage's combine on the synthesised partials (run in its own process)."""
+def _stage_and_context(stage: str, root: Path, n: int):
     from curate.core.config import StageSpec
     from curate.stages.base import GlobalContext, RunInfo
     from curate.stages.registry import build_stage
 
-    params = dict(STAGES[stage])
+    name = "dedup" if stage == "dedup_partitioned" else stage
+    params = dict(STAGES[name])
     if stage == "balance":
         params["t"] = max(1.0, 20_000 * n / 400e6)
-    st = build_stage(StageSpec(name=stage, params=params))
+    if stage == "dedup_partitioned":
+        params["partitions"] = PARTS
+    st = build_stage(StageSpec(name=name, params=params))
     shards = json.loads((root / "shards.json").read_text())
-    ctx = GlobalContext(stage_id=stage, shards=shards, run=RunInfo(run_id="scale", workdir=str(root), device="cpu"),
-                        reads=tuple(st.reads()))
+    ctx = GlobalContext(stage_id=name, shards=shards, run=RunInfo(run_id="scale", workdir=str(root), device="cpu"),
+                        reads=tuple(st.reads()), fingerprint=f"scale-{n}")
+    return st, ctx
+
+
+def combine_part(root: Path, n: int, part: int) -> dict:
+    """One part of the partitioned dedup combine (run in its own process, as on a worker)."""
+    from curate.io.parquet import write_table
+
+    st, ctx = _stage_and_context("dedup_partitioned", root, n)
+    t0 = time.perf_counter()
+    table = st.combine_part(ctx, part, PARTS)
+    write_table(table, ctx.parts(PARTS)[part])
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_hwm_mb()), "edges": table.num_rows}
+
+
+def combine(stage: str, root: Path, n: int) -> dict:
+    """One stage's combine on the synthesised partials (run in its own process)."""
+    st, ctx = _stage_and_context(stage, root, n)
     t0 = time.perf_counter()
     summary = st.combine(ctx)
     out = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_hwm_mb())}
-    if stage == "dedup":
+    if stage.startswith("dedup"):
         out["recall_planted"] = round(_recall(root, st.results_dir(ctx.work), n), 5)
         out["groups"] = summary.get("groups")
     return out
+
+
+def _in_process(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-m", "curate.bench.scale", *args], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def partitioned_dedup(root: Path, n: int) -> dict:
+    """The dedup combine split in PARTS tasks, then the final combine over their edge lists:
+    seconds of the slowest part (the parts run in parallel on a cluster) and of all of them, the
+    largest part's peak RSS, the final combine's."""
+    parts = [_in_process(["--part", str(root), str(n), str(k)]) for k in range(PARTS)]
+    if any("error" in p for p in parts):
+        return next(p for p in parts if "error" in p)
+    final = _in_process(["--combine", "dedup_partitioned", str(root), str(n)])
+    if "error" in final:
+        return final
+    return {"seconds": round(max(p["seconds"] for p in parts) + final["seconds"], 1),
+            "parts_total_s": round(sum(p["seconds"] for p in parts), 1),
+            "part_peak_rss_mb": max(p["peak_rss_mb"] for p in parts), "final_s": final["seconds"],
+            "peak_rss_mb": max(final["peak_rss_mb"], *(p["peak_rss_mb"] for p in parts)),
+            "final_peak_rss_mb": final["peak_rss_mb"], "recall_planted": final["recall_planted"],
+            "groups": final["groups"], "parts": PARTS}
 
 
 def _recall(root: Path, results: Path, n: int) -> float:
@@ -149,20 +196,17 @@ def run(sizes: list[int] | None = None, shard_rows: int = 50_000) -> dict:
         info["synthesis_s"] = round(time.perf_counter() - t0, 1)
         info["partials_mb"] = _disk_mb(root)
         for stage in STAGES:
-            r = subprocess.run([sys.executable, "-m", "curate.bench.scale", "--combine", stage, str(root), str(n)],
-                               capture_output=True, text=True, cwd=ROOT)
-            if r.returncode != 0:
-                info[stage] = {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
-            else:
-                info[stage] = json.loads(r.stdout.strip().splitlines()[-1])
+            info[stage] = _in_process(["--combine", stage, str(root), str(n)])
             print(f"N={n} {stage}: {info[stage]}", flush=True)
+        info["dedup_partitioned"] = partitioned_dedup(root, n)
+        print(f"N={n} dedup_partitioned: {info['dedup_partitioned']}", flush=True)
         info["work_dir_mb"] = _disk_mb(root)
         info["global_stages_s"] = round(sum(info[s].get("seconds", 0) for s in STAGES), 1)
         res[str(n)] = info
     if len(sizes) > 1:
         a, b = str(sizes[0]), str(sizes[-1])
         res["growth"] = {s: round(res[b][s]["seconds"] / max(res[a][s]["seconds"], 1e-9), 2)
-                         for s in STAGES if "seconds" in res[a][s] and "seconds" in res[b][s]}
+                         for s in [*STAGES, "dedup_partitioned"] if "seconds" in res[a][s] and "seconds" in res[b][s]}
         res["growth_rows"] = round(sizes[-1] / sizes[0], 2)
     save("scale", res)
     return res
@@ -173,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sizes", nargs="*", type=int, help="pool sizes (default 1280000)")
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--combine", nargs=3, metavar=("STAGE", "ROOT", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--part", nargs=3, metavar=("ROOT", "N", "PART"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.part:
+        root, n, part = a.part
+        print(json.dumps(combine_part(Path(root), int(n), int(part))))
+        return 0
     if a.combine:
         stage, root, n = a.combine
         print(json.dumps(combine(stage, Path(root), int(n))))

@@ -337,7 +337,8 @@ def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], onl
 
 def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
                 live: list[str], shards: list[str], res: StageResult) -> set[str]:
-    """summarize (map) -> combine (one task) -> apply (map); needs every shard of the pool."""
+    """summarize (map) -> combine (parts in parallel when the stage partitions it, then one
+    task) -> apply (map); needs every shard of the pool."""
     if len(live) != len(shards):
         log.error("stage %s skipped: it needs the whole pool and %d shard(s) failed earlier",
                   st.stage_id, len(shards) - len(live))
@@ -352,6 +353,14 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
         res.failed.update(failed)
         return set()
     if not execute.is_global_done(work, st.stage_id, fp):
+        parts = execute.combine_parts(task)
+        if parts:
+            outs = ex.map(functools.partial(execute.run_combine_part, task, parts=parts), list(range(parts)),
+                          label=f"{st.stage_id}:combine-part", resources=st.resources(task.run.device))
+            failed = {f"<combine part {o.item}>": o.error or "failed" for o in outs if not o.ok}
+            if failed:
+                res.failed.update(failed)
+                return set()
         out = ex.call(functools.partial(execute.run_combine, task), label=f"{st.stage_id}:combine")
         if not out.ok:
             res.failed["<combine>"] = out.error or "combine failed"

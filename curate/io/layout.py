@@ -45,6 +45,11 @@ class WorkDir:
     def global_artifact(self, stage: str, suffix: str = ".parquet") -> WorkPath:
         return self.root / "global" / f"{stage}{suffix}"
 
+    def combine_part(self, stage: str, fingerprint: str, part: int) -> WorkPath:
+        """One share of a partitioned combine (``GlobalStage.combine_part``); the folder is named
+        by the stage's fingerprint, so parts of another configuration are never read."""
+        return self.root / "global" / f"{stage}.parts-{fingerprint[:16]}" / f"{part:05d}.parquet"
+
     def scratch(self, name: str) -> Path:
         """A local folder for a step's temporary spill files: under WORK/global/ when the work dir
         is local (it is sized for the pool), else in this machine's temp dir."""

@@ -211,6 +211,7 @@ class GlobalContext:
     shards: list[str]  # shard names, sorted
     run: RunInfo
     reads: tuple[str, ...] = ()
+    fingerprint: str = ""
 
     @property
     def work(self) -> WorkDir:
@@ -218,6 +219,10 @@ class GlobalContext:
 
     def partials(self) -> list[Path]:
         return [self.work.partial(self.stage_id, s) for s in self.shards]
+
+    def parts(self, n: int) -> list[Path]:
+        """Where the ``n`` tasks of a partitioned combine stored their results (``combine_part``)."""
+        return [self.work.combine_part(self.stage_id, self.fingerprint, k) for k in range(n)]
 
     def read(self, stage_id: str, shard: str, columns: list[str] | None = None) -> pa.Table:
         """The table a declared earlier stage wrote for one shard."""
@@ -376,6 +381,16 @@ class GlobalStage(Stage):
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         """Read every partial, write the artifact(s) under WORK/global/, return a small summary."""
+        raise NotImplementedError
+
+    def combine_parts(self, ctx: GlobalContext) -> int:
+        """How many ``combine_part`` tasks run (in parallel) before ``combine``; 0: none, combine
+        does all the work in one task."""
+        return 0
+
+    def combine_part(self, ctx: GlobalContext, part: int, parts: int) -> pa.Table:
+        """One share of the combine work, as its own task: the engine stores the table at
+        ``ctx.parts(parts)[part]`` for ``combine`` to read, and skips parts stored before."""
         raise NotImplementedError
 
     def results_dir(self, work: WorkDir) -> Path:

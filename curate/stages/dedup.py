@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
 from curate.algorithms.components import component_roots
@@ -33,12 +33,14 @@ from curate.algorithms.vectors import nearest, train_centroids
 from curate.core.config import Strict
 from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
+from curate.stages import dedup_parts
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage
 from curate.stages.registry import register_stage
 from curate.stages.text import normalise
 
 log = logging.getLogger(__name__)
 KIND_RANK = {"exact": 0, "phash": 1, "crop": 2, "semantic": 3, "caption_near": 4}
+PART_ROWS = 4_000_000  # samples per combine part by default: a part's keys then take ~1 GB
 
 
 def key_hash(text: str | None) -> int | None:
@@ -48,8 +50,10 @@ def key_hash(text: str | None) -> int | None:
 
 
 def caption_key(caption: str | None) -> str | None:
-    """NFKC, case-folded, whitespace collapsed."""
-    return normalise(caption).casefold() if caption else None
+    """NFKC, case-folded, whitespace collapsed; None for a caption with no text (blank captions
+    are missing text, not copies of each other)."""
+    key = normalise(caption).casefold() if caption else None
+    return key or None
 
 
 @register_stage
@@ -61,7 +65,7 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "3"
+    version = "4"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
@@ -91,7 +95,23 @@ class DedupStage(GlobalStage):
                                         "the sample a group keeps (null, or absent: smallest uid)")
         embeddings_from: str | None = Field("clip_score", description="id of the clip_score stage whose image "
                                             "embeddings semantic dedup and eval_embeddings read")
+        partitions: int | None = Field(None, ge=1, description="tasks the exact and pHash searches are split "
+                                       "over (by key hash), each holding its share of the pool; null: one per "
+                                       f"{PART_ROWS:,} samples. Only with exact and pHash kinds (the others need "
+                                       "the whole pool in one task)")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
+
+        def partitionable(self) -> bool:
+            return (self.crop_radius is None and self.semantic_eps is None and self.caption_jaccard is None
+                    and not self.eval_sets and not self.eval_embeddings)
+
+        @model_validator(mode="after")
+        def _partitions_need_key_kinds(self):
+            if (self.partitions or 1) > 1 and not self.partitionable():
+                raise ValueError("partitions > 1 works with the exact and pHash kinds only; crop_radius, "
+                                 "semantic_eps, caption_jaccard and eval sets need the whole pool in one task "
+                                 "(set partitions: 1 or null)")
+            return self
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("dup_group", pa.string()), pa.field("dup_of", pa.string())]
@@ -171,8 +191,43 @@ class DedupStage(GlobalStage):
                 "color_sig": [sig[i] for i in rows], "caption_mh": mh}
 
     # -- combine -----------------------------------------------------------------------------
+    def combine_parts(self, ctx: GlobalContext) -> int:
+        p = self.params
+        if not p.partitionable() or p.partitions == 1:
+            return 0
+        parts = p.partitions or math.ceil(dedup_parts.pool_rows(ctx.partials()) / PART_ROWS)
+        return parts if parts > 1 else 0
+
+    def combine_part(self, ctx: GlobalContext, part: int, parts: int) -> pa.Table:
+        return dedup_parts.part_edges(ctx.partials(), self.params.exact, self.params.phash_radius if
+                                      self._phash_source() else None, part, parts,
+                                      KIND_RANK["exact"], KIND_RANK["phash"])
+
+    def _combine_from_parts(self, ctx: GlobalContext, parts: int) -> dict[str, Any]:
+        """The groups from the parts' edge lists (see dedup_parts): same results as ``combine``'s
+        one-task path, written for the grouped samples only (apply gives the others nulls)."""
+        edges, kind = dedup_parts.read_edges(ctx.parts(parts), KIND_RANK["phash"])
+        counts = dict.fromkeys(KIND_RANK, 0)
+        for k, rank in KIND_RANK.items():
+            counts[k] = int((kind == rank).sum())
+        out = pl.DataFrame(schema={"uid": pl.String, "shard": pl.Enum(ctx.shards), "dup_group": pl.String,
+                                   "dup_of": pl.String, "reason": pl.String})
+        groups = 0
+        if len(edges):
+            rows = dedup_parts.grouped_rows(ctx.partials(), ctx.shards, edges, kind,
+                                            scored=self.params.keep == "clip_score")
+            groups = rows["root"].n_unique()
+            out = dedup_parts.group_results(rows, {r: f"dedup:{k}" for k, r in KIND_RANK.items()})
+        self.write_results(ctx, out)
+        dropped = out.filter(pl.col("reason").is_not_null())
+        return {"samples": dedup_parts.pool_rows(ctx.partials()), "edges": counts, "groups": groups,
+                "dropped": dict(dropped.group_by("reason").len().iter_rows()), "partitions": parts}
+
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         p = self.params
+        parts = self.combine_parts(ctx)
+        if parts:
+            return self._combine_from_parts(ctx, parts)
         shard_type = pl.Enum(ctx.shards)  # 4 bytes a row, not a string
         columns = self._partial_columns()
         frames = [read_frame(path, columns=columns).with_columns(pl.lit(shard, dtype=shard_type).alias("shard"))

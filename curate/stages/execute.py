@@ -234,13 +234,39 @@ def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
     return {"shard": ctx.shard, "skipped": False, "rows": table.num_rows}
 
 
+def _global_context(task: StageTask, stage: Stage) -> GlobalContext:
+    return GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run,
+                         reads=tuple(stage.reads()), fingerprint=task.fingerprint)
+
+
+def combine_parts(task: StageTask) -> int:
+    """How many partitioned-combine tasks the stage asks for (0: none); read from the partials."""
+    set_storage_options(task.run.storage_options)
+    stage = task.stage()
+    return stage.combine_parts(_global_context(task, stage))
+
+
+def run_combine_part(task: StageTask, part: int, parts: int) -> int:
+    """One task of a partitioned combine: its table is stored atomically, and a part stored
+    before (same fingerprint) is not recomputed. Returns its row count."""
+    set_storage_options(task.run.storage_options)
+    stage = task.stage()
+    gctx = _global_context(task, stage)
+    path = gctx.parts(parts)[part]
+    if path.exists():
+        return -1
+    table = stage.combine_part(gctx, part, parts)
+    write_table(table, path)
+    return table.num_rows
+
+
 def run_combine(task: StageTask) -> dict[str, Any]:
-    """A global stage's combine step; its summary and seconds are stored with the done marker."""
+    """A global stage's combine step; its summary and seconds are stored with the done marker.
+    A partitioned combine's parts are removed once the marker is written."""
     t0 = time.perf_counter()
     set_storage_options(task.run.storage_options)
     stage = task.stage()
-    gctx = GlobalContext(stage_id=task.stage_id, shards=list(task.shards), run=task.run,
-                         reads=tuple(stage.reads()))
+    gctx = _global_context(task, stage)
     work = gctx.work
     if is_global_done(work, task.stage_id, task.fingerprint):
         return json.loads(global_marker(work, task.stage_id).read_text())["summary"]
@@ -248,4 +274,15 @@ def run_combine(task: StageTask) -> dict[str, Any]:
     atomic_write_bytes(global_marker(work, task.stage_id),
                        json.dumps({"fingerprint": task.fingerprint, "summary": summary,
                                    "seconds": time.perf_counter() - t0}, sort_keys=True, default=str).encode())
+    _remove_parts(gctx)
     return summary
+
+
+def _remove_parts(gctx: GlobalContext) -> None:
+    folder = gctx.parts(1)[0].parent
+    if not folder.exists():
+        return
+    for f in folder.glob("*.parquet"):
+        f.unlink()
+    if not gctx.work.remote:  # object storage has no folders to remove
+        folder.rmdir()

@@ -361,3 +361,10 @@ def test_minhash_pairs_match_exact_jaccard_on_templated_text():
     assert exact and exact <= found  # clear matches are all found
     assert all(len(shingles(texts[i], 5) & shingles(texts[j], 5)) / len(shingles(texts[i], 5) | shingles(texts[j], 5))
                >= 0.4 for i, j in found)  # and nothing far below the threshold
+
+
+def test_blank_captions_are_no_caption_key():
+    from curate.stages.dedup import caption_key
+
+    assert caption_key(None) is None and caption_key("") is None and caption_key(" \t\n ") is None
+    assert caption_key("A  Red\tSquare") == caption_key("a red square")
