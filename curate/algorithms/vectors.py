@@ -1,4 +1,5 @@
-"""Vector helpers shared by the global stages: spherical k-means (faiss) and top-1 assignment."""
+"""Vector helpers shared by the global stages: spherical k-means (faiss), top-1 assignment, and
+assignment that keeps rows near a border in both clusters (SemDeDup)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -44,3 +45,35 @@ def nearest(cent: np.ndarray, x: np.ndarray, rows_per_chunk: int = 4096) -> np.n
     for s in range(0, len(x), rows_per_chunk):
         out[s:s + rows_per_chunk] = np.argmax(x[s:s + rows_per_chunk] @ ct, axis=1)
     return out
+
+
+def nearest_with_boundary(cent: np.ndarray, x: np.ndarray, boundary: float,
+                          rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid, second centroid or -1): the second where its inner product is within
+    ``boundary`` of the nearest's, so a row near the border between two clusters is searched in
+    both (two close rows on either side of a border are then still compared)."""
+    first = np.empty(len(x), dtype=np.int64)
+    second = np.full(len(x), -1, dtype=np.int64)
+    if len(cent) < 2:
+        first[:] = 0
+        return first, second
+    ct = np.ascontiguousarray(cent.T)
+    for s in range(0, len(x), rows_per_chunk):
+        sim = x[s:s + rows_per_chunk] @ ct
+        top = np.argpartition(-sim, 1, axis=1)[:, :2]
+        ts = np.take_along_axis(sim, top, axis=1)
+        swap = ts[:, 1] > ts[:, 0]
+        top[swap] = top[swap][:, ::-1]
+        ts[swap] = ts[swap][:, ::-1]
+        first[s:s + rows_per_chunk] = top[:, 0]
+        second[s:s + rows_per_chunk] = np.where(ts[:, 0] - ts[:, 1] <= boundary, top[:, 1], -1)
+    return first, second
+
+
+def members(first: np.ndarray, second: np.ndarray, k: int) -> list[np.ndarray]:
+    """For each of ``k`` clusters, the rows assigned to it first or (near its border) second, in row order."""
+    rows = np.concatenate([np.arange(len(first)), np.flatnonzero(second >= 0)])
+    cluster = np.concatenate([first, second[second >= 0]])
+    order = np.lexsort((rows, cluster))
+    bounds = np.searchsorted(cluster[order], np.arange(k + 1))
+    return [rows[order[bounds[c]:bounds[c + 1]]] for c in range(k)]

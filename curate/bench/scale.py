@@ -97,6 +97,46 @@ def synthesise(n: int, shard_rows: int, root: Path, seed: int = 0) -> dict:
     return {"shards": len(shards), "planted_exact": int(len(exact_c)), "planted_near": int(len(near_c))}
 
 
+SEMANTIC = {"exact": [], "phash_radius": None, "semantic_eps": 0.01, "keep": "clip_score"}
+SEM_DIM, SEM_TOPICS, SEM_COPY_SHARE = 256, 20_000, 0.01
+
+
+def synthesise_embeddings(n: int, shard_rows: int, root: Path, seed: int = 1) -> dict:
+    """``clip_score`` tables (uid, 256-d float16 unit image embeddings) beside the partials, for
+    SemDeDup: samples around SEM_TOPICS topic directions (cosine to their topic ~0.6, to each other
+    ~0.35, as CLIP embeddings of one subject), and 1 % planted semantic copies at cosine >= 0.995 to
+    their source. The planted pairs replace ``planted_pairs.npy``."""
+    rng = np.random.default_rng(seed)
+    work = WorkDir.at(str(root))
+    topics = rng.standard_normal((SEM_TOPICS, SEM_DIM)).astype(np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    copies = np.sort(rng.permutation(n)[: int(n * SEM_COPY_SHARE)])
+    # a copy's source is another row of its shard (rows are made shard by shard)
+    shards = json.loads((root / "shards.json").read_text())
+    pairs = []
+    idx = np.arange(n, dtype=np.uint64)
+    for s, start in enumerate(range(0, n, shard_rows)):
+        stop = min(n, start + shard_rows)
+        m = stop - start
+        x = 0.75 * topics[rng.integers(0, SEM_TOPICS, m)] + rng.standard_normal((m, SEM_DIM)).astype(np.float32) / 16
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        mine = copies[(copies >= start) & (copies < stop)] - start
+        others = np.setdiff1d(np.arange(m), mine)  # a source is never itself a copy
+        src = others[rng.integers(0, len(others), len(mine))]
+        noise = rng.standard_normal((len(mine), SEM_DIM)).astype(np.float32) / 320
+        x[mine] = x[src] + noise
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        pairs.append(np.stack([mine + start, src + start], axis=1))
+        uid = pa.array(_hex(idx[start:stop] * np.uint64(2654435761) % np.uint64(2**61 - 1), 32))
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), SEM_DIM)
+        path = work.stage_table("clip_score", shards[s])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"uid": uid, "image_emb": emb}), path)
+    planted = np.concatenate(pairs)
+    np.save(root / "planted_pairs.npy", planted)
+    return {"planted_semantic": int(len(planted)), "dim": SEM_DIM}
+
+
 def _hwm_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
@@ -107,8 +147,8 @@ def _stage_and_context(stage: str, root: Path, n: int):
     from curate.stages.base import GlobalContext, RunInfo
     from curate.stages.registry import build_stage
 
-    name = "dedup" if stage == "dedup_partitioned" else stage
-    params = dict(STAGES[name])
+    name = "dedup" if stage in ("dedup_partitioned", "semantic") else stage
+    params = dict(SEMANTIC if stage == "semantic" else STAGES[name])
     if stage == "balance":
         params["t"] = max(1.0, 20_000 * n / 400e6)
     if stage == "dedup_partitioned":
@@ -137,10 +177,14 @@ def combine(stage: str, root: Path, n: int) -> dict:
     t0 = time.perf_counter()
     summary = st.combine(ctx)
     out = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(_hwm_mb())}
-    if stage.startswith("dedup"):
+    if name_is_dedup(stage):
         out["recall_planted"] = round(_recall(root, st.results_dir(ctx.work), n), 5)
         out["groups"] = summary.get("groups")
     return out
+
+
+def name_is_dedup(stage: str) -> bool:
+    return stage in ("dedup", "dedup_partitioned", "semantic")
 
 
 def _in_process(args: list[str]) -> dict:
@@ -184,6 +228,27 @@ def _disk_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
 
+def run_semantic(sizes: list[int], shard_rows: int = 50_000) -> dict:
+    """SemDeDup (dedup with ``semantic_eps`` 0.01 only) on 256-d embeddings at each size."""
+    res: dict = {}
+    for n in sizes:
+        root = BENCH_DIR / f"scale-semantic-{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        t0 = time.perf_counter()
+        info = synthesise(n, shard_rows, root) | synthesise_embeddings(n, shard_rows, root)
+        info["synthesis_s"] = round(time.perf_counter() - t0, 1)
+        info["inputs_mb"] = _disk_mb(root)
+        info["semantic"] = _in_process(["--combine", "semantic", str(root), str(n)])
+        print(f"N={n} semantic: {info['semantic']}", flush=True)
+        res[str(n)] = info
+        shutil.rmtree(root, ignore_errors=True)
+    if len(sizes) > 1 and all("seconds" in res[str(k)]["semantic"] for k in (sizes[0], sizes[-1])):
+        res["growth"] = round(res[str(sizes[-1])]["semantic"]["seconds"] / res[str(sizes[0])]["semantic"]["seconds"], 2)
+    save("scale_semantic", res)
+    return res
+
+
 def run(sizes: list[int] | None = None, shard_rows: int = 50_000) -> dict:
     sizes = sizes or [1_280_000]
     res: dict = {}
@@ -218,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--combine", nargs=3, metavar=("STAGE", "ROOT", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--part", nargs=3, metavar=("ROOT", "N", "PART"), help=argparse.SUPPRESS)
+    ap.add_argument("--semantic", action="store_true", help="SemDeDup on 256-d embeddings instead")
     a = ap.parse_args(argv)
     if a.part:
         root, n, part = a.part
@@ -226,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.combine:
         stage, root, n = a.combine
         print(json.dumps(combine(stage, Path(root), int(n))))
+        return 0
+    if a.semantic:
+        run_semantic(a.sizes or [1_280_000], a.shard_rows)
         return 0
     run(a.sizes or None, a.shard_rows)
     return 0

@@ -26,10 +26,10 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
+from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs, unique_pairs
 from curate.algorithms.components import component_roots
 from curate.algorithms.minhash import signatures, similar_pairs
-from curate.algorithms.vectors import nearest, train_centroids
+from curate.algorithms.vectors import members, nearest_with_boundary, train_centroids
 from curate.core.config import Strict
 from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
@@ -65,7 +65,7 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "4"
+    version = "5"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
@@ -83,6 +83,10 @@ class DedupStage(GlobalStage):
         caption_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations per caption")
         n_clusters: int | None = Field(None, ge=1, description="top-level k-means; null: pool / 200k (each fits in memory)")
         max_cluster_size: int = Field(1000, ge=2, description="larger clusters are split by k-means, recursively")
+        semantic_boundary: float = Field(0.02, ge=0, le=2, description="SemDeDup: a row whose similarity to a "
+                                         "second centroid is within this of its nearest's is searched in both "
+                                         "clusters, so copies on either side of a border still meet; 0: hard "
+                                         "assignment as in the SemDeDup paper (it misses such pairs)")
         kmeans_sample: int = Field(200_000, ge=100, description="rows sampled to train the SemDeDup top-level k-means")
         keep: Literal["clip_score", "smallest_uid"] = Field("clip_score", description="which sample of a duplicate group stays: highest CLIP score, or smallest uid")
         eval_sets: list[str] = Field(default_factory=list, description="folders of images or shards")
@@ -360,9 +364,10 @@ class DedupStage(GlobalStage):
             rows, emb = self._shard_embeddings(ctx, s, row_of)
             if not len(rows):
                 continue
-            assign = nearest(cent, emb)
-            for c in np.unique(assign):
-                sel = assign == c
+            first, second = nearest_with_boundary(cent, emb, p.semantic_boundary)
+            for c, sel in enumerate(members(first, second, len(cent))):
+                if not len(sel):
+                    continue
                 with open(tmp / f"{c}.f32", "ab") as f:
                     f.write(emb[sel].astype(np.float32).tobytes())
                 with open(tmp / f"{c}.rows", "ab") as f:
@@ -375,7 +380,8 @@ class DedupStage(GlobalStage):
                 continue
             emb = np.fromfile(fe, dtype=np.float32).reshape(-1, d)
             rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
-            out.append(_cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed))
+            out.append(_cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed,
+                                      p.semantic_boundary))
         shutil.rmtree(tmp, ignore_errors=True)
         out = [o for o in out if len(o)]
         return np.unique(np.concatenate(out), axis=0) if out else np.zeros((0, 2), dtype=np.int64)
@@ -446,23 +452,22 @@ def split_k(size: int, max_size: int) -> int:
     return int(min(MAX_BRANCH, max(2, math.ceil(ratio ** (1 / levels)))))
 
 
-def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int) -> np.ndarray:
+def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int,
+                   boundary: float = 0.0) -> np.ndarray:
     """(row, row) pairs with cosine > ``min_cos`` inside one cluster; a cluster larger than
-    ``max_size`` is split by k-means first (pairs across the split are missed, as in SemDeDup)."""
+    ``max_size`` is split by k-means first, rows within ``boundary`` of a border going to both
+    sides (with 0, pairs across the split are missed, as in SemDeDup)."""
     if len(rows) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     if len(rows) > max_size:
         k = split_k(len(rows), max_size)
-        a = nearest(train_centroids(emb, k, seed, niter=10, points_per_centroid=64), emb)
-        order = np.argsort(a, kind="stable")
-        bounds = np.searchsorted(a[order], np.arange(k + 1))
+        cent = train_centroids(emb, k, seed, niter=10, points_per_centroid=64)
         parts = []
-        for c in range(k):
-            sel = order[bounds[c]:bounds[c + 1]]
+        for sel in members(*nearest_with_boundary(cent, emb, boundary), len(cent)):
             if 2 <= len(sel) < len(rows):  # a split that moved nothing would recurse forever
-                parts.append(_cluster_pairs(emb[sel], rows[sel], min_cos, max_size, seed + 1))
+                parts.append(_cluster_pairs(emb[sel], rows[sel], min_cos, max_size, seed + 1, boundary))
         parts = [x for x in parts if len(x)]
-        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        return unique_pairs(np.concatenate(parts)) if parts else np.zeros((0, 2), dtype=np.int64)
     i, j = np.nonzero(emb @ emb.T > min_cos)
     upper = i < j
     a, b = rows[i[upper]], rows[j[upper]]
@@ -470,19 +475,16 @@ def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: 
 
 
 def semantic_pairs_in_memory(x: np.ndarray, min_cos: float, max_cluster_size: int, seed: int = 0,
-                             kmeans_sample: int = 200_000) -> tuple[np.ndarray, int]:
+                             kmeans_sample: int = 200_000, boundary: float = 0.02) -> tuple[np.ndarray, int]:
     """SemDeDup on vectors already in memory (the benchmark's path; the stage streams shards
     through the same three functions): pairs and the number of top-level clusters."""
     k = top_level_k(len(x))
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:kmeans_sample])
     cent = train_centroids(x[pick], k, seed)
-    a = nearest(cent, x) if k > 1 else np.zeros(len(x), dtype=np.int64)
-    order = np.argsort(a, kind="stable")
-    bounds = np.searchsorted(a[order], np.arange(len(cent) + 1))
-    out = [_cluster_pairs(x[order[bounds[c]:bounds[c + 1]]], order[bounds[c]:bounds[c + 1]], min_cos,
-                          max_cluster_size, seed) for c in range(len(cent))]
+    out = [_cluster_pairs(x[sel], sel, min_cos, max_cluster_size, seed, boundary)
+           for sel in members(*nearest_with_boundary(cent, x, boundary), len(cent))]
     out = [o for o in out if len(o)]
-    return (np.unique(np.concatenate(out), axis=0) if out else np.zeros((0, 2), dtype=np.int64)), len(cent)
+    return (unique_pairs(np.concatenate(out)) if out else np.zeros((0, 2), dtype=np.int64)), len(cent)
 
 
 def load_eval_hashes(sources: list[str]) -> tuple[set[str], list[int]]:

@@ -368,3 +368,33 @@ def test_blank_captions_are_no_caption_key():
 
     assert caption_key(None) is None and caption_key("") is None and caption_key(" \t\n ") is None
     assert caption_key("A  Red\tSquare") == caption_key("a red square")
+
+
+def test_semdedup_border_rows_are_searched_in_both_clusters():
+    """Close copies that a k-means split puts on either side of a border are found when rows near
+    the border join both clusters; SemDeDup's hard assignment (boundary 0) misses some."""
+    from curate.algorithms.vectors import members, nearest_with_boundary
+    from curate.stages.dedup import semantic_pairs_in_memory
+
+    cent = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    x = np.array([[1.0, 0.0], [0.71, 0.70], [0.0, 1.0]], dtype=np.float32)
+    first, second = nearest_with_boundary(cent, x, 0.05)
+    assert first.tolist() == [0, 0, 1] and second.tolist() == [-1, 1, -1]
+    assert [m.tolist() for m in members(first, second, 2)] == [[0, 1], [1, 2]]
+
+    rng = np.random.default_rng(3)
+    topics = rng.standard_normal((500, 64)).astype(np.float32)
+    x = 0.75 * topics[rng.integers(0, 500, 20_000)] / 8 + rng.standard_normal((20_000, 64)).astype(np.float32) / 8
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    copies = np.arange(0, 20_000, 50)
+    src = copies + 1
+    x[copies] = x[src] + rng.standard_normal((len(copies), 64)).astype(np.float32) / 400
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def recall(boundary: float) -> float:
+        pairs, _ = semantic_pairs_in_memory(x, 0.99, 300, boundary=boundary)
+        found = set(map(tuple, pairs.tolist()))
+        return sum((a, b) in found for a, b in zip(copies, src)) / len(copies)
+
+    hard, soft = recall(0.0), recall(0.02)
+    assert soft == 1.0 and hard < soft
