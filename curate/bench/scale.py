@@ -151,8 +151,8 @@ def _stage_and_context(stage: str, root: Path, n: int):
     params = dict(SEMANTIC if stage == "semantic" else STAGES[name])
     if stage == "balance":
         params["t"] = max(1.0, 20_000 * n / 400e6)
-    if stage == "dedup_partitioned":
-        params["partitions"] = PARTS
+    if name == "dedup":
+        params["partitions"] = PARTS if stage == "dedup_partitioned" else 1
     st = build_stage(StageSpec(name=name, params=params))
     shards = json.loads((root / "shards.json").read_text())
     ctx = GlobalContext(stage_id=name, shards=shards, run=RunInfo(run_id="scale", workdir=str(root), device="cpu"),
