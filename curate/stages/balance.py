@@ -149,37 +149,63 @@ class BalanceStage(GlobalStage):
         return hi
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        """Two streaming passes over the partials, one shard in memory at a time: the pool's
+        (row, entry) matches as integers (counts, t, keep probabilities), then per shard the uid
+        coins and that shard's results. Memory: about 12 bytes per match and 8 per sample."""
         p = self.params
         vocab = load_vocabulary(p.vocabulary)
-        frames = [read_frame(path).with_columns(pl.lit(s).alias("shard"))
-                  for s, path in zip(ctx.shards, ctx.partials())]
-        df = pl.concat(frames).sort("uid").with_row_index("row")
         v = len(vocab.entries)
-        # one slot per (language, entry); a single language "" without per_language
-        df = df.with_columns(pl.col("language").fill_null("und") if p.per_language else pl.lit("").alias("language"))
-        languages = sorted(set(df["language"].to_list())) or [""]
-        lang_idx = {lang: k for k, lang in enumerate(languages)}
-        entries = (df.select("row", "concepts", pl.col("language").replace_strict(lang_idx, return_dtype=pl.Int64)
-                             .alias("lang")).explode("concepts").drop_nulls()
-                   .select("row", (pl.col("lang") * v + pl.col("concepts")).alias("entry")))
+        langs_seen: dict[str, int] = {}
+        rows_per_shard, ent_rows, ent_ids = [], [], []
+        start = 0
+        for path in ctx.partials():  # pass 1: matches as (row, language * v + entry)
+            d = read_frame(path, columns=["concepts", "language"])
+            lang = (d["language"].fill_null("und") if p.per_language else pl.repeat("", d.height, eager=True))
+            codes = np.array([langs_seen.setdefault(x, len(langs_seen)) for x in lang.to_list()], dtype=np.int64)
+            e = d.select(pl.col("concepts"), pl.int_range(pl.len(), dtype=pl.Int64).alias("row")).explode("concepts") \
+                .drop_nulls()
+            r = e["row"].to_numpy()
+            ent_rows.append(r + start)
+            ent_ids.append(e["concepts"].to_numpy().astype(np.int64) + codes[r] * v if len(r) else np.zeros(0, np.int64))
+            rows_per_shard.append(d.height)
+            start += d.height
+        n = start
+        # language slots in sorted order, as the per-language caps are reported
+        languages = sorted(langs_seen) or [""]
+        remap = np.array([languages.index(x) for x in sorted(langs_seen, key=langs_seen.get)], dtype=np.int64)
+        ids = np.concatenate(ent_ids) if ent_ids else np.zeros(0, np.int64)
+        ids = remap[ids // v] * v + ids % v if len(ids) else ids
+        entries = pl.DataFrame({"row": np.concatenate(ent_rows) if ent_rows else np.zeros(0, np.int64), "entry": ids})
+        del ent_rows, ent_ids, ids
         counts = np.bincount(entries["entry"].to_numpy(), minlength=v * len(languages)).astype(np.float64)
-        n_unmatched = int((df["concepts"].list.len() == 0).sum())
+        matched = np.zeros(n, dtype=bool)
+        matched[entries["row"].to_numpy()] = True
+        n_unmatched = int(n - matched.sum())
         t = p.t if p.t is not None else self.solve_t(entries, counts, n_unmatched, p.target_size, v, languages)
         caps = self.caps(t, counts, v, languages)
         pk = keep_probability(entries, counts, caps)
-        df = df.join(pk.select("row", "p_keep"), on="row", how="left").with_columns(
-            pl.col("p_keep").fill_null(self._unmatched_p()))
-        p_keep = df["p_keep"].to_numpy()
-        # The coin decides only where 0 < p_keep < 1 (coin is in [0, 1)): hashed there alone.
-        kept = p_keep >= 1.0
-        toss = np.flatnonzero((p_keep > 0.0) & (p_keep < 1.0))
-        uids = df["uid"].gather(toss).to_list()
-        kept[toss] = np.array([uniform_hash(u, p.seed) for u in uids], dtype=np.float64) < p_keep[toss]
-        matched = df["concepts"].list.len().to_numpy() > 0
-        reason = [None if k else "balance:head" if m else "balance:no_concept" for k, m in zip(kept, matched)]
-        df = df.with_columns(pl.Series("kept", kept), pl.Series("reason", reason, dtype=pl.String))
-        after = np.bincount(entries.join(df.select("row", "kept"), on="row").filter(pl.col("kept"))["entry"].to_numpy(),
-                            minlength=len(counts))
+        p_keep = np.full(n, self._unmatched_p())
+        p_keep[pk["row"].to_numpy()] = pk["p_keep"].to_numpy()
+        del pk
+        kept = np.zeros(n, dtype=bool)
+        with self.results_writer(ctx) as put:  # pass 2: per shard, the coins and its results
+            start = 0
+            for shard, path, m in zip(ctx.shards, ctx.partials(), rows_per_shard):
+                d = read_frame(path, columns=["uid", "concepts"])
+                pk_s = p_keep[start:start + m]
+                k = pk_s >= 1.0
+                # the coin decides only where 0 < p_keep < 1 (coin is in [0, 1)): hashed there alone
+                toss = np.flatnonzero((pk_s > 0.0) & (pk_s < 1.0))
+                uids = d["uid"].gather(toss).to_list()
+                k[toss] = np.array([uniform_hash(u, p.seed) for u in uids], dtype=np.float64) < pk_s[toss]
+                kept[start:start + m] = k
+                reason = (pl.when(pl.Series(k)).then(pl.lit(None, dtype=pl.String))
+                          .when(pl.Series(matched[start:start + m])).then(pl.lit("balance:head"))
+                          .otherwise(pl.lit("balance:no_concept")))
+                put(shard, d.with_columns(pl.Series("p_keep", pk_s), reason.alias("reason")))
+                start += m
+        er = entries["row"].to_numpy()
+        after = np.bincount(entries["entry"].to_numpy()[kept[er]], minlength=len(counts))
         present = np.flatnonzero(counts > 0)
         concept_counts = pl.DataFrame({"entry_id": (present % v).astype(np.int32),
                                        "entry": [vocab.entries[i % v] for i in present],
@@ -189,9 +215,8 @@ class BalanceStage(GlobalStage):
                                        "p_entry": np.minimum(1.0, caps[present] / counts[present])},
                                       schema_overrides={"language": pl.String})
         write_table(concept_counts.to_arrow(), ctx.work.global_artifact("concept_counts"))
-        self.write_results(ctx, df.select("uid", "shard", "concepts", "p_keep", "reason"))
-        out = {"t": t, "samples": df.height, "kept": int(kept.sum()), "unmatched": n_unmatched,
-               "expected_kept": float(df["p_keep"].sum()), "head_tail": head_tail(counts, after)}
+        out = {"t": t, "samples": n, "kept": int(kept.sum()), "unmatched": n_unmatched,
+               "expected_kept": float(p_keep.sum()), "head_tail": head_tail(counts, after)}
         if p.per_language:
             out["t_by_language"] = {lang: float(caps[k * v]) for k, lang in enumerate(languages)}
         return out

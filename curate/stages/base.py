@@ -10,15 +10,19 @@ readable: what a stage reads is part of its fingerprint.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import polars as pl
 
 from curate.core.config import Strict
 from curate.io.layout import WorkDir
@@ -398,35 +402,52 @@ class GlobalStage(Stage):
 
     def write_results(self, ctx: GlobalContext, results: "pl.DataFrame") -> None:
         """Per-sample results of combine (``uid``, ``shard``, the stage's value columns and
-        ``reason``), one Parquet per shard, swapped in whole: a crash leaves the old set or none.
-        On object storage (no rename) each shard's object is replaced whole; ``apply`` runs only
-        after the stage's done marker, which is written after every object."""
-        import shutil
-        import secrets
+        ``reason``), one Parquet per shard (see ``results_writer``)."""
+        parts = {key[0]: part for key, part in results.partition_by("shard", as_dict=True).items()}
+        empty = results.clear()
+        with self.results_writer(ctx) as put:
+            for shard in ctx.shards:  # one pass over the results, not one filter per shard
+                put(shard, parts.pop(shard, empty).drop("shard"))
 
-        import polars as pl
+    @contextlib.contextmanager
+    def results_writer(self, ctx: GlobalContext) -> Iterator[Callable[[str, "pl.DataFrame"], None]]:
+        """``put(shard, frame)`` writes one shard's results (``uid``, value columns, ``reason``) as
+        combine streams them; a shard never put gets an empty file. The set is swapped in whole when
+        the block ends: a crash leaves the old set or none. On object storage (no rename) each
+        shard's object is replaced whole and stale ones removed; ``apply`` runs only after the
+        stage's done marker, which is written after every object."""
+        import secrets
+        import shutil
 
         from curate.io.parquet import write_table
 
         final = self.results_dir(ctx.work)
-        parts = {key[0]: part for key, part in results.partition_by("shard", as_dict=True).items()}
-        empty = results.clear()
-        if ctx.work.remote:  # no rename on object storage: each object is replaced whole, stale ones removed
+        target = final if ctx.work.remote else final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
+        schema: list = []
+
+        def put(shard: str, frame: "pl.DataFrame") -> None:
+            table = frame.to_arrow()
+            write_table(table, target / f"{shard}.parquet")
+            schema[:] = [table.schema]
+            written.add(shard)
+
+        written: set[str] = set()
+        yield put
+        if schema:
             for shard in ctx.shards:
-                write_table(parts.pop(shard, empty).drop("shard").to_arrow(), final / f"{shard}.parquet")
+                if shard not in written:
+                    write_table(schema[0].empty_table(), target / f"{shard}.parquet")
+        if ctx.work.remote:
             mine = {f"{s}.parquet" for s in ctx.shards}
             for old in final.glob("*.parquet"):
                 if old.name not in mine:
                     old.unlink()
             return
-        tmp = final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
-        for shard in ctx.shards:  # one pass over the results, not one filter per shard
-            part = parts.pop(shard, empty).drop("shard")
-            write_table(part.to_arrow(), tmp / f"{shard}.parquet")
         old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
         if final.exists():
             final.rename(old)
-        tmp.rename(final)
+        target.mkdir(parents=True, exist_ok=True)
+        target.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
     def apply(self, ctx: ShardContext) -> StageOutput:
