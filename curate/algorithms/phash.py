@@ -102,6 +102,13 @@ def key_parts(hashes: np.ndarray, tables: list[np.uint64], parts: int) -> np.nda
     return out
 
 
+def pairs_within_key(hashes: np.ndarray, mask: np.uint64, radius: int) -> np.ndarray:
+    """Pairs (i < j) within ``radius`` among rows that share their key under ``mask`` (one lookup
+    table of ``search_tables``)."""
+    h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
+    return _pairs_within(h, mask, radius) if len(h) > 1 else np.zeros((0, 2), dtype=np.int64)
+
+
 def near_pairs_in_part(hashes: np.ndarray, radius: int, tables: list[np.uint64], parts_of: np.ndarray,
                        part: int) -> np.ndarray:
     """The pairs (i < j, indices into ``hashes``) within ``radius`` that share a key of some table

@@ -1,7 +1,8 @@
 """Partitioned dedup combine: exact keys and pHash band keys split by hash over parallel tasks.
 
 Each part reads the partials one shard at a time and keeps only the rows whose key falls in its
-partition, so its memory is its share of the pool; it stores its duplicate edges as pairs of row
+partition (for pHash, per lookup table: a row has one band key per table), so its memory is its
+share of the pool, about ``tables x 16 / parts`` bytes a sample for pHash; it stores its duplicate edges as pairs of row
 ids (``shard index << 32 | row in the shard's partial``). The final combine reads the edge lists,
 builds the groups over the rows they touch only, and looks up uids and CLIP scores of those rows:
 its memory follows the number of duplicates, not the pool. Groups, kept samples and reasons are the
@@ -15,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from curate.algorithms.components import component_roots
-from curate.algorithms.phash import key_parts, near_pairs_in_part, search_tables, unique_pairs
+from curate.algorithms.phash import key_parts, pairs_within_key, search_tables, unique_pairs
 from curate.io.parquet import num_rows, read_frame
 
 ROW_BITS = 32
@@ -57,7 +58,8 @@ def part_edges(partials: list, exact: list[str], radius: int | None, part: int, 
     cols = sorted({c for k in exact for c in EXACT_COLUMNS[k]} | ({"phash"} if radius is not None else set()))
     tables = search_tables(radius, pool_rows(partials)) if radius is not None else []
     exact_rows: dict[str, list[pl.DataFrame]] = {k: [] for k in exact}
-    ph_rid, ph_hash, ph_parts = [], [], []
+    ph_rid: list[list[np.ndarray]] = [[] for _ in tables]  # per table: the rows whose key is in this part
+    ph_hash: list[list[np.ndarray]] = [[] for _ in tables]
     for si, path in enumerate(partials):
         df = read_frame(path, columns=cols)
         rid = (np.int64(si) << ROW_BITS) | np.arange(df.height, dtype=np.int64)
@@ -69,22 +71,26 @@ def part_edges(partials: list, exact: list[str], radius: int | None, part: int, 
                 exact_rows[k].append(sel)
         if radius is not None:
             valid = ~df["phash"].is_null().to_numpy()
-            h = df["phash"].to_numpy()[valid]
+            h, r = df["phash"].to_numpy()[valid], rid[valid]
             po = key_parts(h, tables, parts)
-            mine = (po == part).any(axis=1)
-            ph_rid.append(rid[valid][mine])
-            ph_hash.append(h[mine])
-            ph_parts.append(po[mine])
+            for t in range(len(tables)):
+                mine = po[:, t] == part
+                ph_rid[t].append(r[mine])
+                ph_hash[t].append(h[mine])
     edges, kinds = [], []
     for k in exact:
         e = _equal_key_edges(exact_rows[k], EXACT_COLUMNS[k])
         edges.append(e)
         kinds.append(np.full(len(e), exact_rank, dtype=np.int8))
-    if radius is not None and ph_rid:
-        rid, h, po = np.concatenate(ph_rid), np.concatenate(ph_hash), np.concatenate(ph_parts)
-        pr = near_pairs_in_part(h, radius, tables, po, part)
-        e = np.stack([rid[pr[:, 0]], rid[pr[:, 1]]], axis=1) if len(pr) else np.zeros((0, 2), dtype=np.int64)
-        e = np.sort(e, axis=1)
+    if radius is not None:
+        found = []
+        for t, mask in enumerate(tables):  # one table's share at a time
+            rid, h = np.concatenate(ph_rid[t]), np.concatenate(ph_hash[t])
+            ph_rid[t] = ph_hash[t] = []
+            pr = pairs_within_key(h, mask, radius)
+            if len(pr):
+                found.append(np.sort(np.stack([rid[pr[:, 0]], rid[pr[:, 1]]], axis=1), axis=1))
+        e = unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), dtype=np.int64)
         edges.append(e)
         kinds.append(np.full(len(e), phash_rank, dtype=np.int8))
     e = np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64)
