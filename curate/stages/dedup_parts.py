@@ -38,11 +38,21 @@ def _key_part(df: pl.DataFrame, column: str, parts: int) -> np.ndarray:
     return ((v % parts + parts) % parts).fill_null(-1).to_numpy()
 
 
-def _equal_key_edges(frames: list[pl.DataFrame], cols: list[str]) -> np.ndarray:
-    """(smallest row id, other row id) for every group of rows with equal keys."""
+def _compact(frame: pl.DataFrame) -> pl.DataFrame:
+    """A sha256 hex key as four 64-bit integers (the same equality, a quarter of a string's memory)."""
+    if "sha256" not in frame.columns:
+        return frame
+    words = [pl.col("sha256").str.slice(16 * i, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+             .alias(f"sha256_{i}") for i in range(4)]
+    return frame.with_columns(*words, pl.col("sha256").str.len_bytes().alias("sha256_len")).drop("sha256")
+
+
+def _equal_key_edges(frames: list[pl.DataFrame]) -> np.ndarray:
+    """(smallest row id, other row id) for every group of rows with equal keys (every column but rid)."""
     if not frames:
         return np.zeros((0, 2), dtype=np.int64)
     d = pl.concat(frames)
+    cols = [c for c in d.columns if c != "rid"]
     g = (d.group_by(cols).agg(pl.col("rid").min().alias("first"), pl.col("rid"))
          .filter(pl.col("rid").list.len() > 1))
     if g.is_empty():
@@ -68,7 +78,7 @@ def part_edges(partials: list, exact: list[str], radius: int | None, part: int, 
             mine = _key_part(df, kc[0], parts) == part
             sel = df.select(kc).with_columns(pl.Series("rid", rid)).filter(pl.Series(mine)).drop_nulls(kc)
             if sel.height:
-                exact_rows[k].append(sel)
+                exact_rows[k].append(_compact(sel))
         if radius is not None:
             valid = ~df["phash"].is_null().to_numpy()
             h, r = df["phash"].to_numpy()[valid], rid[valid]
@@ -79,7 +89,7 @@ def part_edges(partials: list, exact: list[str], radius: int | None, part: int, 
                 ph_hash[t].append(h[mine])
     edges, kinds = [], []
     for k in exact:
-        e = _equal_key_edges(exact_rows[k], EXACT_COLUMNS[k])
+        e = _equal_key_edges(exact_rows[k])
         edges.append(e)
         kinds.append(np.full(len(e), exact_rank, dtype=np.int8))
     if radius is not None:
