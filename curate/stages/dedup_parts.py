@@ -48,17 +48,23 @@ def _compact(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _equal_key_edges(frames: list[pl.DataFrame]) -> np.ndarray:
-    """(smallest row id, other row id) for every group of rows with equal keys (every column but rid)."""
+    """(smallest row id, other row id) for every group of rows with equal keys (every column but
+    rid, all integers): one sort of the keys, runs of equal keys, no hash table per row."""
     if not frames:
         return np.zeros((0, 2), dtype=np.int64)
     d = pl.concat(frames)
-    cols = [c for c in d.columns if c != "rid"]
-    g = (d.group_by(cols).agg(pl.col("rid").min().alias("first"), pl.col("rid"))
-         .filter(pl.col("rid").list.len() > 1))
-    if g.is_empty():
-        return np.zeros((0, 2), dtype=np.int64)
-    e = g.select("first", "rid").explode("rid").filter(pl.col("rid") != pl.col("first"))
-    return np.stack([e["first"].to_numpy(), e["rid"].to_numpy()], axis=1).astype(np.int64)
+    keys = [d[c].to_numpy() for c in d.columns if c != "rid"]
+    rid = d["rid"].to_numpy()
+    del d
+    order = np.lexsort([rid, *reversed(keys)])  # by the keys, then by row id
+    same = np.ones(len(order) - 1, dtype=bool)
+    for k in keys:
+        ks = k[order]
+        same &= ks[1:] == ks[:-1]
+    run_start = np.flatnonzero(np.r_[True, ~same])
+    first = np.repeat(run_start, np.diff(np.r_[run_start, len(order)]))  # each row's run start
+    member = np.flatnonzero(first != np.arange(len(order)))
+    return np.stack([rid[order[first[member]]], rid[order[member]]], axis=1).astype(np.int64)
 
 
 def part_edges(partials: list, exact: list[str], radius: int | None, part: int, parts: int,
