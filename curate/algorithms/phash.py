@@ -109,23 +109,6 @@ def pairs_within_key(hashes: np.ndarray, mask: np.uint64, radius: int) -> np.nda
     return _pairs_within(h, mask, radius) if len(h) > 1 else np.zeros((0, 2), dtype=np.int64)
 
 
-def near_pairs_in_part(hashes: np.ndarray, radius: int, tables: list[np.uint64], parts_of: np.ndarray,
-                       part: int) -> np.ndarray:
-    """The pairs (i < j, indices into ``hashes``) within ``radius`` that share a key of some table
-    falling in ``part`` (``parts_of`` from ``key_parts``). ``hashes`` may hold only the rows with a
-    key in this part: the union over parts is ``near_pairs``'s result; a pair can come from several."""
-    h = np.ascontiguousarray(hashes, dtype=np.int64).view(np.uint64)
-    found = []
-    for t, mask in enumerate(tables):
-        rows = np.flatnonzero(parts_of[:, t] == part)
-        if len(rows) > 1:
-            pr = _pairs_within(h[rows], mask, radius)
-            if len(pr):
-                a, b = rows[pr[:, 0]], rows[pr[:, 1]]
-                found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
-    return unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), dtype=np.int64)
-
-
 def unique_pairs(pairs: np.ndarray) -> np.ndarray:
     """``np.unique(pairs, axis=0)`` for non-negative int64 pairs, as one 1-D sort of packed pairs
     when both ids fit in 32 bits (the axis form sorts rows as records, several times slower)."""

@@ -228,13 +228,18 @@ def _disk_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
 
+def _fresh_root(name: str) -> Path:
+    root = BENCH_DIR / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return root
+
+
 def run_semantic(sizes: list[int], shard_rows: int = 50_000) -> dict:
     """SemDeDup (dedup with ``semantic_eps`` 0.01 only) on 256-d embeddings at each size."""
     res: dict = {}
     for n in sizes:
-        root = BENCH_DIR / f"scale-semantic-{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
+        root = _fresh_root(f"scale-semantic-{n}")
         t0 = time.perf_counter()
         info = synthesise(n, shard_rows, root) | synthesise_embeddings(n, shard_rows, root)
         info["synthesis_s"] = round(time.perf_counter() - t0, 1)
@@ -253,9 +258,7 @@ def run(sizes: list[int] | None = None, shard_rows: int = 50_000) -> dict:
     sizes = sizes or [1_280_000]
     res: dict = {}
     for n in sizes:
-        root = BENCH_DIR / f"scale-{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
+        root = _fresh_root(f"scale-{n}")
         t0 = time.perf_counter()
         info = synthesise(n, shard_rows, root)
         info["synthesis_s"] = round(time.perf_counter() - t0, 1)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curate.algorithms.phash import key_parts, near_pairs, near_pairs_in_part, search_tables
+from curate.algorithms.phash import key_parts, near_pairs, pairs_within_key, search_tables, unique_pairs
 from curate.core.config import ConfigError
 from curate.core.pipeline import run_pipeline
 from curate.stages.dedup import DedupStage
@@ -39,11 +39,14 @@ def test_partitioned_pairs_equal_one_search(parts: int):
     tables = search_tables(4, len(h))
     po = key_parts(h, tables, parts)
     found = []
-    for k in range(parts):  # each part holds only the rows with a key in it, as a combine part does
-        rows = np.flatnonzero((po == k).any(axis=1))
-        found.append(rows[near_pairs_in_part(h[rows], 4, tables, po[rows], k)])
-        assert len(rows) < len(h)
-    assert len(ref) >= 2_000 and np.array_equal(np.unique(np.concatenate(found), axis=0), ref)
+    for k in range(parts):  # each part holds, per table, only the rows whose key is in it
+        for t, mask in enumerate(tables):
+            rows = np.flatnonzero(po[:, t] == k)
+            assert len(rows) < len(h)
+            pr = pairs_within_key(h[rows], mask, 4)
+            if len(pr):
+                found.append(np.sort(rows[pr], axis=1))
+    assert len(ref) >= 2_000 and np.array_equal(unique_pairs(np.concatenate(found)), ref)
 
 
 def _dedup_tables(work: Path) -> pl.DataFrame:
