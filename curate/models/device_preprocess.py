@@ -55,6 +55,13 @@ class DevicePreprocess:
             return None
         return cls(resize, crop, mean, std)  # type: ignore[arg-type]
 
+    def resized(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) after torchvision's Resize(int): the short side becomes ``resize``,
+        the long side truncates."""
+        if h <= w:
+            return self.resize, int(self.resize * w / h)
+        return int(self.resize * h / w), self.resize
+
     def decode(self, jpegs: list, device: str) -> tuple[list, list[int]]:
         """Decode JPEG byte tensors to RGB uint8 CHW tensors on ``device``.
         Returns (images with None for failures, indices that failed). One corrupt file fails a
@@ -76,6 +83,18 @@ class DevicePreprocess:
                 failed.append(i)
         return images, failed
 
+    def images(self, jpegs: list, device: str) -> tuple[Any, list[int]]:
+        """(N, 3, crop, crop) model input for N JPEG byte tensors, zeros where a JPEG failed to
+        decode, and the indices that failed."""
+        import torch
+
+        decoded, failed = self.decode(jpegs, device)
+        out = torch.zeros(len(jpegs), 3, self.crop, self.crop, device=device)
+        ok = [k for k, im in enumerate(decoded) if im is not None]
+        if ok:
+            out[ok] = self([decoded[k] for k in ok])
+        return out, failed
+
     def __call__(self, images: list) -> Any:
         """(N, 3, crop, crop) float32 model input from RGB uint8 CHW tensors of any sizes."""
         import torch
@@ -85,11 +104,7 @@ class DevicePreprocess:
         out = torch.empty(len(images), 3, self.crop, self.crop, device=device)
         for i, im in enumerate(images):
             h, w = im.shape[-2:]
-            # torchvision's Resize(int): the short side becomes `resize`, the long side truncates
-            if h <= w:
-                nh, nw = self.resize, int(self.resize * w / h)
-            else:
-                nh, nw = int(self.resize * h / w), self.resize
+            nh, nw = self.resized(h, w)
             x = im.unsqueeze(0).float()
             if (nh, nw) != (h, w):
                 x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)

@@ -28,6 +28,7 @@ from curate.io.images import draft_short_side, open_checked, to_rgb
 from curate.io.parquet import read_table, write_table
 from curate.io import storage
 from curate.io.shards import expand_input, iter_indexed_samples
+from curate.models.clip_forward import ClipForward
 from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
 from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
 from curate.stages.registry import register_stage
@@ -142,13 +143,21 @@ class ClipScoreStage(MapStage):
         pretrained: str | None = Field("openai", description="tag, local checkpoint path, or null (random)")
         batch_size: int = Field(256, ge=1, description="images per model forward (halved on CUDA out-of-memory)")
         loader_workers: int | None = Field(None, ge=0, description="null: auto (0 on CPU)")
-        precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: fp32 weights with bf16 autocast on CUDA; or fp32, bf16, fp16")
+        precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: fp32 weights with bf16 "
+                               "autocast on CUDA; fp32; bf16 or fp16: the weights themselves in that type")
+        compile: bool = Field(False, description="torch.compile both towers for the fixed batch size (CUDA graphs "
+                                                 "on cuda); the first batches of each worker pay the compilation")
+        text_cache: int = Field(100_000, ge=0, description="captions of a shard whose text embeddings are kept, so "
+                                                           "a repeated caption is encoded once; 0: none")
         store_embeddings: bool = Field(True, description="keep float16 image/text embeddings (dedup and the reference filter read them)")
         max_pixels: int = Field(100_000_000, ge=1, description="decompression-bomb cap (header w*h)")
         jpeg_draft: bool = Field(True, description="DCT-scaled JPEG decode to 2x the model's input size")
         decode_timeout_s: float | None = Field(30.0, gt=0, description="per-image decode limit; null: none")
-        device_decode: bool | None = Field(None, description="decode JPEGs with nvJPEG and preprocess on the "
-                                                             "device; null: on when the device is cuda")
+        device_decode: bool | None = Field(None, description="decode JPEGs and preprocess them on the device; "
+                                                             "null: on when the device is cuda")
+        device_decoder: str = Field("nvjpeg", pattern="^(nvjpeg|dali)$",
+                                    description="how device_decode decodes: nvjpeg (torchvision) or dali (NVIDIA "
+                                                "DALI, the GPU's hardware JPEG decoder; pip install -e '.[gpu]')")
         mask_text_from: str | None = Field(None, description="id of a text_mask stage: its text regions are "
                                            "filled with the colour around them before the image is scored (T-MARS)")
         all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
@@ -156,6 +165,7 @@ class ClipScoreStage(MapStage):
     def __init__(self, params: Strict, stage_id: str | None = None):
         super().__init__(params, stage_id)
         self._clip = None
+        self._forward_fn = None
         self._info: dict[str, Any] = {}
 
     def value_fields(self) -> list[pa.Field]:
@@ -198,10 +208,17 @@ class ClipScoreStage(MapStage):
         return {"checkpoint_sha256": file_sha256(ckpt) if ckpt else None}
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
+        from curate.models.dali_preprocess import dali_available
         from curate.models.weights import weights_problem
 
+        problems = []
         problem = weights_problem(self.params.model, self.params.pretrained, model_cache)
-        return [f"{self.stage_id}: {problem}"] if problem else []
+        if problem:
+            problems.append(f"{self.stage_id}: {problem}")
+        if self.params.device_decoder == "dali" and self.params.device_decode is not False and not dali_available():
+            problems.append(f"{self.stage_id}: device_decoder is dali but NVIDIA DALI is not installed "
+                            "(pip install -e '.[gpu]', or device_decoder: nvjpeg)")
+        return problems
 
     def clip(self, device: str, model_cache: str | None):
         """The loaded model (once per worker process), with what ``describe`` records about it."""
@@ -214,8 +231,13 @@ class ClipScoreStage(MapStage):
             clip = load_clip(self.params.model, self.params.pretrained, device=device,
                              precision=prec, model_cache=model_cache)
             on_device = self.device_preprocess(clip, device) is not None
+            decoder = "DALI" if self.params.device_decoder == "dali" else "nvJPEG"
+            self._forward_fn = ClipForward(clip, device, precision=self.params.precision,
+                                           compile=self.params.compile, batch_size=self.params.batch_size,
+                                           text_cache=self.params.text_cache)
             self._info = dict(clip.info, image_size=clip.info.get("image_size") or _image_size(clip.preprocess),
-                              decode="device (nvJPEG for JPEG)" if on_device else "PIL on the CPU")
+                              decode=f"device ({decoder} for JPEG)" if on_device else "PIL on the CPU",
+                              compiled=self.params.compile, text_prefix=self._forward_fn.trims_text)
             self._clip = clip
         return self._clip
 
@@ -235,12 +257,16 @@ class ClipScoreStage(MapStage):
 
     def device_preprocess(self, clip, device: str):
         """The on-device JPEG decode + preprocessing when enabled and possible, else None."""
+        from curate.models.dali_preprocess import DaliPreprocess
         from curate.models.device_preprocess import DevicePreprocess
 
         on = self.params.device_decode
         if on is None:
             on = device == "cuda"
-        return DevicePreprocess.from_transform(clip.preprocess) if on else None
+        if not on:
+            return None
+        kind = DaliPreprocess if self.params.device_decoder == "dali" else DevicePreprocess
+        return kind.from_transform(clip.preprocess)
 
     def embed(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
               device: str, model_cache: str | None, masks: dict[int, list] | None = None
@@ -251,6 +277,7 @@ class ClipScoreStage(MapStage):
         import torch
 
         clip = self.clip(device, model_cache)
+        self._forward_fn.reset_cache()
         size = self._info["image_size"]
         on_device = self.device_preprocess(clip, device)
         ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
@@ -260,8 +287,8 @@ class ClipScoreStage(MapStage):
         nw = self._loader_workers(device)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
-                                             # pinning would copy every JPEG byte once more; nvJPEG
-                                             # takes pageable buffers
+                                             # pinning would copy every JPEG byte once more; the
+                                             # device decoders take pageable buffers
                                              pin_memory=device == "cuda" and on_device is None,
                                              prefetch_factor=4 if nw else None,
                                              persistent_workers=False)
@@ -278,11 +305,11 @@ class ClipScoreStage(MapStage):
             start = 0
             while start < len(good_idx):
                 try:
-                    sc, ie, te = self._forward(clip, imgs[start:start + chunk], tokens[start:start + chunk], device)
+                    sc, ie, te = self._forward_fn(imgs[start:start + chunk], tokens[start:start + chunk])
                 except torch.cuda.OutOfMemoryError:
                     if chunk == 1:
                         raise
-                    chunk = max(1, chunk // 2)
+                    chunk = self._forward_fn.batch_size = max(1, chunk // 2)
                     torch.cuda.empty_cache()
                     log.warning("CUDA out of memory: batch reduced to %d", chunk)
                     continue
@@ -330,29 +357,11 @@ class ClipScoreStage(MapStage):
         crop = on_device.crop
         imgs = (imgs.to(device, non_blocking=True) if imgs is not None
                 else torch.zeros(len(batch["rows"]), 3, crop, crop, device=device))
-        decoded, bad = on_device.decode(list(torch.split(batch["jpegs"], batch["jpeg_sizes"])), device)
+        decoded, bad = on_device.images(list(torch.split(batch["jpegs"], batch["jpeg_sizes"])), device)
         for k in bad:
             failures[batch["jpeg_pos"][k]] = "clip:undecodable"
-        ok = [k for k in range(len(decoded)) if decoded[k] is not None]
-        if ok:
-            imgs[[batch["jpeg_pos"][k] for k in ok]] = on_device([decoded[k] for k in ok])
+        imgs[batch["jpeg_pos"]] = decoded
         return imgs
-
-    def _forward(self, clip, imgs, tokens, device):
-        """(scores, image embeddings, text embeddings) for a batch of images and caption tokens
-        (``clip.tokenizer`` output: open_clip truncates to the context length)."""
-        import torch
-
-        use_amp = device == "cuda"
-        dtype = torch.float16 if self.params.precision == "fp16" else torch.bfloat16
-        with torch.inference_mode(), torch.autocast(device_type="cuda" if use_amp else "cpu",
-                                                    dtype=dtype, enabled=use_amp):
-            fi = clip.model.encode_image(imgs.to(device, non_blocking=True))
-            ft = clip.model.encode_text(tokens.to(device, non_blocking=True))
-            fi = torch.nn.functional.normalize(fi.float(), dim=-1)
-            ft = torch.nn.functional.normalize(ft.float(), dim=-1)
-            score = (fi * ft).sum(-1)
-        return (score.cpu().numpy(), fi.cpu().numpy().astype(np.float16), ft.cpu().numpy().astype(np.float16))
 
     def process(self, ctx: ShardContext) -> StageOutput:
         captions = ctx.column("caption")

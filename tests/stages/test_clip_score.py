@@ -14,6 +14,7 @@ from PIL import Image
 
 from curate.io.shards import iter_samples
 from curate.models.clip import ModelError, load_clip
+from curate.models.dali_preprocess import dali_available
 from curate.core.pipeline import run_pipeline
 from curate.stages.base import GlobalContext, RunInfo
 from curate.io.embeddings import embeddings
@@ -150,19 +151,31 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path):
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# DALI is an optional extra: its cases run where it is installed (its CPU operators stand in for the GPU)
+DECODERS = ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
+PHOTOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shards" / "coco-val2017-mini-000000.tar"
+
+
+def _device_preprocess(kind: str, transform):
+    from curate.models.dali_preprocess import DaliPreprocess
+    from curate.models.device_preprocess import DevicePreprocess
+
+    return (DaliPreprocess if kind == "dali" else DevicePreprocess).from_transform(transform)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_preprocess_matches_open_clip_transform(pool: Path, device: str):
-    """nvJPEG/torch preprocessing against open_clip's PIL transform on the same JPEGs."""
-    from torchvision.io import decode_jpeg
-
-    from curate.models.device_preprocess import DevicePreprocess
-
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("photos", [False, True])
+def test_device_preprocess_matches_open_clip_transform(pool: Path, device: str, decoder: str, photos: bool):
+    """nvJPEG/torch and DALI preprocessing against open_clip's PIL transform on the same JPEGs:
+    the synthetic pool's, and real photos (COCO, where ../shared is present) whose resized long
+    side and crop margin are odd."""
+    if photos and not PHOTOS.exists():
+        pytest.skip("no COCO shard")
     clip = load_clip("ViT-B-32", None)
-    dp = DevicePreprocess.from_transform(clip.preprocess)
-    assert dp is not None and (dp.resize, dp.crop) == (224, 224)
-    jpegs = [s.image() for _, s in zip(range(40), iter_samples(pool / "00000.tar"))
+    dp = _device_preprocess(decoder, clip.preprocess)
+    assert dp is not None and dp.crop == 224
+    jpegs = [s.image() for _, s in zip(range(40), iter_samples(PHOTOS if photos else pool / "00000.tar"))
              if s.image_ext() == "jpg" and s.image()[:2] == b"\xff\xd8"]
     ref, raw = [], []
     for b in jpegs:
@@ -172,9 +185,9 @@ def test_device_preprocess_matches_open_clip_transform(pool: Path, device: str):
             continue
         raw.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
     assert len(raw) > 20
-    decoded, bad = dp.decode(raw, device)
+    ours, bad = dp.images(raw, device)
     assert bad == []
-    ours = dp(decoded).cpu()
+    ours = ours.cpu()
     ref_t = torch.stack(ref)
     assert ours.shape == ref_t.shape
     # one uint8 step is 1/255/std ~ 0.015 after normalisation; resampling differs by about that
@@ -198,7 +211,9 @@ def test_device_preprocess_refuses_unknown_transforms():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path, tiny_ckpt: Path, device: str):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path, tiny_ckpt: Path, device: str,
+                                                                 decoder: str):
     """JPEGs decoded on the device: scores match the PIL path, and JPEGs whose header parses but
     whose data is broken (truncated, garbage after the header) get a reason while the rest of
     the batch is scored. PNG and CMYK JPEG take the CPU path inside the same batch."""
@@ -218,7 +233,7 @@ def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path,
     runs = {}
     for mode in (False, True):
         w = tmp_path / f"w{int(mode)}"
-        s = run_pipeline(_pipe(tiny_ckpt, device_decode=mode, batch_size=4, jpeg_draft=False),
+        s = run_pipeline(_pipe(tiny_ckpt, device_decode=mode, device_decoder=decoder, batch_size=4, jpeg_draft=False),
                          make_config(str(shard), w, device=device))
         assert s.ok
         runs[mode] = pl.read_parquet(w / "clip_score" / "mixed.parquet")
@@ -229,7 +244,7 @@ def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path,
     for i in (0, 1, 3, 4, 6, 7, 8):
         assert abs(a[i] - b[i]) < 2e-2, (i, a[i], b[i])
     meta = json.loads(pq.read_schema(tmp_path / "w1" / "clip_score" / "mixed.parquet").metadata[b"curate"])
-    assert meta["describe"]["decode"].startswith("device")
+    assert meta["describe"]["decode"] == f"device ({'DALI' if decoder == 'dali' else 'nvJPEG'} for JPEG)"
 
 
 def test_large_jpegs_stay_on_the_cpu_path(monkeypatch):
