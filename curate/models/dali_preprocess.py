@@ -15,17 +15,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from curate.models.device_preprocess import DevicePreprocess
+from curate.models.device_preprocess import DevicePreprocess, decode_bisecting
 
 log = logging.getLogger(__name__)
 
 
 def dali_available() -> bool:
+    """Whether DALI's dynamic mode (the API used here, DALI >= 2.0) can be imported."""
+    import importlib.util
+
     try:
-        import nvidia.dali.experimental.dynamic  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("nvidia.dali.experimental.dynamic") is not None
+    except ImportError:  # no nvidia.dali package at all
         return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,17 @@ class DaliPreprocess:
 
     def images(self, jpegs: list, device: str) -> tuple[Any, list[int]]:
         """(N, 3, crop, crop) float32 model input on ``device`` for N JPEG byte tensors, zeros where
-        a JPEG failed to decode, and the indices that failed. DALI fails a whole batch for one
-        corrupt file, so a failed batch is retried one image at a time."""
+        a JPEG failed to decode, and the indices that failed (DALI fails a whole batch for one
+        corrupt file: ``decode_bisecting`` isolates it)."""
         import torch
 
         arrays = [j.numpy() for j in jpegs]
-        try:
-            return self._run(arrays, device), []
-        except RuntimeError:
-            pass
+        found, failed = decode_bisecting(len(arrays), lambda idx: self._run([arrays[i] for i in idx], device))
+        if not failed:
+            return torch.stack([found[i] for i in range(len(arrays))]), []
         out = torch.zeros(len(jpegs), 3, self.crop, self.crop, device=device)
-        failed = []
-        for k, a in enumerate(arrays):
-            try:
-                out[k] = self._run([a], device)[0]
-            except RuntimeError:
-                failed.append(k)
+        for i, im in found.items():
+            out[i] = im
         return out, failed
 
     def _run(self, arrays: list, device: str):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +64,12 @@ class DevicePreprocess:
 
     def decode(self, jpegs: list, device: str) -> tuple[list, list[int]]:
         """Decode JPEG byte tensors to RGB uint8 CHW tensors on ``device``.
-        Returns (images with None for failures, indices that failed). One corrupt file fails a
-        whole nvJPEG batch, so a failed batch is retried one image at a time."""
+        Returns (images with None for failures, indices that failed)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
-            out = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-            return list(out), []
-        except RuntimeError:
-            pass
-        images: list = []
-        failed: list[int] = []
-        for i, data in enumerate(jpegs):
-            try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                images.append(None)
-                failed.append(i)
-        return images, failed
+        found, failed = decode_bisecting(len(jpegs), lambda idx: decode_jpeg([jpegs[i] for i in idx],
+                                                                              mode=ImageReadMode.RGB, device=device))
+        return [found.get(i) for i in range(len(jpegs))], failed
 
     def images(self, jpegs: list, device: str) -> tuple[Any, list[int]]:
         """(N, 3, crop, crop) model input for N JPEG byte tensors, zeros where a JPEG failed to
@@ -115,3 +103,22 @@ class DevicePreprocess:
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return out.sub_(mean).div_(std)
+
+
+def decode_bisecting(n: int, run: Callable[[list[int]], Sequence[Any]]) -> tuple[dict[int, Any], list[int]]:
+    """Results of ``run`` over items ``0..n-1``, for a batch decoder that fails a whole batch when
+    one item is corrupt: a failed batch is split in halves until each corrupt item stands alone, so
+    k corrupt items cost about 2k log2(n) extra calls, not n. Returns ({index: result}, failed)."""
+    found: dict[int, Any] = {}
+    failed: list[int] = []
+    todo = [list(range(n))] if n else []
+    while todo:
+        idx = todo.pop()
+        try:
+            found.update(zip(idx, run(idx)))
+        except RuntimeError:
+            if len(idx) == 1:
+                failed.append(idx[0])
+            else:
+                todo += [idx[len(idx) // 2:], idx[:len(idx) // 2]]
+    return found, sorted(failed)

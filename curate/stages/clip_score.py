@@ -276,26 +276,12 @@ class ClipScoreStage(MapStage):
         before scoring."""
         import torch
 
-        clip = self.clip(device, model_cache)
+        self.clip(device, model_cache)
         self._forward_fn.reset_cache()
-        size = self._info["image_size"]
-        on_device = self.device_preprocess(clip, device)
-        ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
-                                max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
-                                captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
-                                masks=masks)
-        nw = self._loader_workers(device)
-        loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
-                                             collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
-                                             # pinning would copy every JPEG byte once more; the
-                                             # device decoders take pageable buffers
-                                             pin_memory=device == "cuda" and on_device is None,
-                                             prefetch_factor=4 if nw else None,
-                                             persistent_workers=False)
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, failures, tokens in self._model_batches(loader, on_device, device, nw):
+        for batch_rows, imgs, failures, tokens in self.batches(shard, rows, captions, device, masks):
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
@@ -317,6 +303,29 @@ class ClipScoreStage(MapStage):
                     out[batch_rows[good_idx[start + k]]] = (float(sc[k]), ie[k], te[k])
                 start += len(sc)
         return out, failed
+
+    def batches(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
+                device: str, masks: dict[int, list] | None = None) -> Iterator[tuple[list[int], Any, list, Any]]:
+        """The model's input, (rows, images, failures, tokens) per batch: the data path alone
+        (after ``clip()`` has loaded the model)."""
+        import torch
+
+        clip = self._clip
+        size = self._info["image_size"]
+        on_device = self.device_preprocess(clip, device)
+        ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
+                                max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
+                                captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
+                                masks=masks)
+        nw = self._loader_workers(device)
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
+                                             collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
+                                             # pinning would copy every JPEG byte once more; the
+                                             # device decoders take pageable buffers
+                                             pin_memory=device == "cuda" and on_device is None,
+                                             prefetch_factor=4 if nw else None,
+                                             persistent_workers=False)
+        return self._model_batches(loader, on_device, device, nw)
 
     def _model_batches(self, loader, on_device, device: str, loader_workers: int
                        ) -> Iterator[tuple[list[int], Any, list, Any]]:
@@ -366,7 +375,6 @@ class ClipScoreStage(MapStage):
     def process(self, ctx: ShardContext) -> StageOutput:
         captions = ctx.column("caption")
         rows = ctx.rows()
-        clip = self.clip(ctx.run.device, ctx.run.model_cache)
         masks = None
         if self.params.mask_text_from:
             boxes = ctx.column("text_boxes", stage_id=self.params.mask_text_from)

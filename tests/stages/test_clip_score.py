@@ -281,3 +281,25 @@ def test_kth_ranked_equals_a_full_sort(tmp_path: Path, bins: int):
         s, u = kth_ranked(paths, k, bins)
         want = order[k - 1]
         assert u == uids[want] and (s == scores[want] or (np.isnan(s) and np.isnan(scores[want]))), k
+
+
+@pytest.mark.parametrize("bad", [set(), {0}, {3, 50, 51, 99}, set(range(100))])
+def test_batch_decode_isolates_corrupt_items_by_halving(bad: set[int]):
+    """A batch decoder that fails a whole batch for one corrupt item: every good item is decoded,
+    every corrupt one reported, in far fewer calls than one per item."""
+    from curate.models.device_preprocess import decode_bisecting
+
+    calls = []
+
+    def run(idx: list[int]) -> list[int]:
+        calls.append(len(idx))
+        if bad & set(idx):
+            raise RuntimeError("corrupt JPEG in batch")
+        return [i * 10 for i in idx]
+
+    found, failed = decode_bisecting(100, run)
+    assert failed == sorted(bad)
+    assert found == {i: i * 10 for i in range(100) if i not in bad}
+    if 0 < len(bad) <= 4:
+        assert len(calls) <= 2 * len(bad) * 7 + 1
+    assert decode_bisecting(0, run) == ({}, [])
