@@ -86,7 +86,4 @@ class DaliPreprocess:
         span = torch.arange(c, device=dev)
         n = torch.arange(len(sizes), device=dev)[:, None, None]
         x = padded[n, (top[:, None] + span)[:, :, None], (left[:, None] + span)[:, None, :]]
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.spec.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=dev).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        return self.spec.normalise(x.permute(0, 3, 1, 2).float())

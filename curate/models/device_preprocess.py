@@ -98,11 +98,16 @@ class DevicePreprocess:
                 x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
             top, left = int(round((nh - self.crop) / 2.0)), int(round((nw - self.crop) / 2.0))
             out[i] = x[0, :, top:top + self.crop, left:left + self.crop]
-        # PIL resizes in uint8: round and clip the same way before scaling to [0, 1]
-        out = out.round_().clamp_(0, 255).div_(255.0)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return out.sub_(mean).div_(std)
+        # PIL resizes in uint8: round and clip the same way before scaling
+        return self.normalise(out.round_().clamp_(0, 255))
+
+    def normalise(self, x: Any) -> Any:
+        """(N, 3, H, W) float32 pixel values in 0-255 to the model's input, in place."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.div_(255.0).sub_(mean).div_(std)
 
 
 def decode_bisecting(n: int, run: Callable[[list[int]], Sequence[Any]]) -> tuple[dict[int, Any], list[int]]:
