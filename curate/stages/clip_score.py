@@ -107,6 +107,19 @@ class _ShardImages:
         return self.preprocess(im)
 
 
+def _local_plain_tar(shard: object) -> bool:
+    """Whether ``shard`` is an uncompressed tar on the local disk (what DALI's reader can read)."""
+    from curate.io.tar_members import _COMPRESSED_MAGIC
+
+    if not isinstance(shard, str) or storage.is_url(shard):
+        return False
+    try:
+        with open(shard, "rb") as f:
+            return not f.read(6).startswith(_COMPRESSED_MAGIC)
+    except OSError:
+        return False
+
+
 def _collate(batch, tokenizer) -> dict[str, Any]:
     """One loader batch: rows, the CPU-preprocessed images stacked (zeros where a row failed or
     waits for device decoding), JPEG bytes to decode on the device with their positions, per-row
@@ -269,11 +282,11 @@ class ClipScoreStage(MapStage):
         return kind.from_transform(clip.preprocess)
 
     def embed(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
-              device: str, model_cache: str | None, masks: dict[int, list] | None = None
-              ) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
+              device: str, model_cache: str | None, masks: dict[int, list] | None = None,
+              keys: list[str] | None = None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
         """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode;
         ``shard`` is a tar path or a ``ShardContext.reader()``; ``masks``: text boxes per row to fill
-        before scoring."""
+        before scoring; ``keys``: the index's sample keys (checked where DALI reads the tar)."""
         import torch
 
         self.clip(device, model_cache)
@@ -281,7 +294,7 @@ class ClipScoreStage(MapStage):
         out: dict[int, tuple[float, Any, Any]] = {}
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
-        for batch_rows, imgs, failures, tokens in self.batches(shard, rows, captions, device, masks):
+        for batch_rows, imgs, failures, tokens in self.batches(shard, rows, captions, device, masks, keys):
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
@@ -305,9 +318,25 @@ class ClipScoreStage(MapStage):
         return out, failed
 
     def batches(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
-                device: str, masks: dict[int, list] | None = None) -> Iterator[tuple[list[int], Any, list, Any]]:
+                device: str, masks: dict[int, list] | None = None, keys: list[str] | None = None
+                ) -> Iterator[tuple[list[int], Any, list, Any]]:
         """The model's input, (rows, images, failures, tokens) per batch: the data path alone
-        (after ``clip()`` has loaded the model)."""
+        (after ``clip()`` has loaded the model). With ``device_decoder: dali`` and a local tar, a
+        DALI pipeline reads and decodes; ``keys`` (the index's) are checked against the tar there."""
+        from curate.models.dali_pipeline import ShardPipeline
+        from curate.models.dali_preprocess import DaliPreprocess
+
+        on_device = self.device_preprocess(self._clip, device)
+        if isinstance(on_device, DaliPreprocess) and not masks and _local_plain_tar(shard):
+            return self._dali_batches(ShardPipeline(on_device, device, self._dali_threads(device), self.params.batch_size),
+                                      shard, rows, captions, keys, device)
+        return self._loader_batches(shard, rows, captions, device, masks)
+
+    def _loader_batches(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int],
+                        captions: list[str], device: str, masks: dict[int, list] | None = None,
+                        loader_workers: int | None = None) -> Iterator[tuple[list[int], Any, list, Any]]:
+        """The data path through torch DataLoader processes (each streams the tar for its share of
+        rows), with device decoding where enabled; ``loader_workers``: override the setting."""
         import torch
 
         clip = self._clip
@@ -317,7 +346,7 @@ class ClipScoreStage(MapStage):
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
                                 masks=masks)
-        nw = self._loader_workers(device)
+        nw = self._loader_workers(device) if loader_workers is None else loader_workers
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
                                              # pinning would copy every JPEG byte once more; the
@@ -326,6 +355,58 @@ class ClipScoreStage(MapStage):
                                              prefetch_factor=4 if nw else None,
                                              persistent_workers=False)
         return self._model_batches(loader, on_device, device, nw)
+
+    def _dali_threads(self, device: str) -> int:
+        """DALI's reader and decoder threads: the loader_workers setting, else all cores but two."""
+        if self.params.loader_workers:
+            return self.params.loader_workers
+        return max(2, min(16, (os.cpu_count() or 4) - 2)) if device == "cuda" else 2
+
+    def _dali_batches(self, pipeline, shard: str, rows: list[int], captions: list[str], keys: list[str] | None,
+                      device: str) -> Iterator[tuple[list[int], Any, list, Any]]:
+        """Model batches from a DALI pipeline over the rows whose image it can take (found from the
+        tar headers); every other row, and each batch that holds a file DALI cannot decode, goes
+        through ``_loader_batches``, which gives the standard result row by row. Captions are
+        tokenised on a helper thread while DALI and the model work."""
+        import tarfile
+
+        from curate.io.shards import image_locations
+        from curate.models.dali_pipeline import listable
+
+        want = set(rows)
+        fast: list[tuple[int, tuple[str, str, int, int]]] = []
+        try:
+            for row, key, member in image_locations(shard, want.__contains__):
+                if keys is not None and row < len(keys) and key != keys[row]:
+                    raise RuntimeError(f"shard {shard} changed since indexing (row {row}: {key} != {keys[row]})")
+                if member is not None and listable(member):
+                    fast.append((row, member))
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            log.warning("shard %s: %s; its images are read by the loader path", shard, e)
+            fast = []
+        slow = sorted(want - {r for r, _ in fast})
+        size = self.params.batch_size
+        while fast:
+            tokens = in_background((self._clip.tokenizer([captions[r] or "" for r, _ in fast[k:k + size]])
+                                    for k in range(0, len(fast), size)), depth=4, name="clip-tokens")
+            done = 0
+            try:
+                for imgs in pipeline.batches(shard, [m for _, m in fast]):
+                    n = len(imgs)
+                    yield [r for r, _ in fast[done:done + n]], imgs, [None] * n, next(tokens)
+                    done += n
+                fast = []
+            except Exception as e:  # DALI fails a whole batch for one file it cannot read or decode
+                log.warning("shard %s: DALI failed on a batch (%s); the loader path takes it",
+                            shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                slow = sorted(slow + [r for r, _ in fast[done:done + size]])
+                fast = fast[done + size:]
+            finally:
+                tokens.close()
+        if slow:
+            # in this process: a loader process forked after DALI has run inherits its decoder
+            # state, whose teardown fails in the child
+            yield from self._loader_batches(shard, slow, captions, device, loader_workers=0)
 
     def _model_batches(self, loader, on_device, device: str, loader_workers: int
                        ) -> Iterator[tuple[list[int], Any, list, Any]]:
@@ -379,7 +460,10 @@ class ClipScoreStage(MapStage):
         if self.params.mask_text_from:
             boxes = ctx.column("text_boxes", stage_id=self.params.mask_text_from)
             masks = {i: boxes[i] for i in rows if boxes[i]}
-        res, failed = self.embed(ctx.reader(), rows, captions, ctx.run.device, ctx.run.model_cache, masks)
+        # the tar's path where no fused task has read it already: DALI's reader can take a path
+        shard = ctx.shard_path if ctx.shared is None else ctx.reader()
+        res, failed = self.embed(shard, rows, captions, ctx.run.device, ctx.run.model_cache, masks,
+                                 keys=ctx.column("key"))
         # a row without a result failed to decode, or the tar no longer holds it
         reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
         got = [res.get(i, (None, None, None)) for i in rows]
