@@ -250,40 +250,6 @@ def iter_indexed_samples(path: str | Path, result: ShardReadResult | None = None
             yield row, current
 
 
-def image_locations(path: str, want: Callable[[int], bool]
-                    ) -> Iterator[tuple[int, str, tuple[str, str, int, int] | None]]:
-    """(row, key, image) for the wanted rows of a local uncompressed tar, from the headers alone:
-    ``image`` is (member name, extension as written, data offset, size) of the member that
-    ``RawSample.image()`` would return, or None where the sample has no image or anything
-    ``iter_indexed_samples`` would report (an unsafe name, a link, a duplicate or oversized
-    member), so that a caller leaves such rows to it. Raises as ``iter_members`` does on a
-    damaged tar."""
-    with open(path, "rb") as f:
-        row, key, members, odd = -1, None, {}, False
-
-        def located() -> tuple[int, str, tuple[str, str, int, int] | None]:
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            return row, key, (None if odd or ext is None else members[ext])
-
-        for name, is_file, size, read in iter_members(f):
-            match = _KEY_RE.match(name)
-            k, ext = (match.group(1), match.group(2)) if match else (name, "")
-            if row < 0 or k != key:
-                if row >= 0 and want(row):
-                    yield located()
-                row, key, members, odd = row + 1, k, {}, False
-            if not want(row):
-                continue
-            offset = getattr(read, "offset", None)
-            if (not is_file or not _safe_member_name(name) or size > MAX_MEMBER_BYTES or ext.lower() in members
-                    or offset is None):
-                odd = True
-                continue
-            members[ext.lower()] = (name, ext, offset, size)
-        if row >= 0 and want(row):
-            yield located()
-
-
 class SharedShard:
     """One read of a shard's tar shared by the map stages that run fused in one task: the first
     stage to ask reads the tar, the later ones get the samples it read (bytes read once; a read

@@ -54,20 +54,6 @@ def _tarfile_members(f: BinaryIO) -> Iterator[Member]:
         yield m.name, m.isfile(), m.size, read
 
 
-class MemberData:
-    """A plain member's ``read``: its data on call, and where that data starts in the tar
-    (``offset``), so that another reader (DALI's, given an index) can fetch it without Python."""
-
-    __slots__ = ("_f", "offset", "size")
-
-    def __init__(self, f: BinaryIO, offset: int, size: int):
-        self._f, self.offset, self.size = f, offset, size
-
-    def __call__(self) -> bytes:
-        self._f.seek(self.offset)
-        return self._f.read(self.size)
-
-
 def _number(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for values that do not fit in octal
         n = int.from_bytes(field[1:], "big")
@@ -178,7 +164,11 @@ def _plain_members(f: BinaryIO) -> Iterator[Member]:
         if not is_file:
             size = 0  # links, directories and devices carry no data (tarfile ignores the field)
 
-        yield text, is_file, size, MemberData(f, data_at, size)
+        def read(at=data_at, n=size) -> bytes:
+            f.seek(at)
+            return f.read(n)
+
+        yield text, is_file, size, read
         if data_at + size > file_size:
             raise EOFError(f"member {text} truncated")
         pos = entry = data_at + (size + BLOCK - 1) // BLOCK * BLOCK

@@ -1,72 +1,99 @@
-"""CLIP's model input for the listed image members of a local tar, as one NVIDIA DALI pipeline.
+"""CLIP's model input from a local tar with NVIDIA DALI: DALI's tar reader and DALI's decoder.
 
-Measured on one H100 with ViT-B/32: reading a shard through torch DataLoader processes (each one
-parses every tar header in Python and hands its bytes to the main process) tops out near 5,700
-samples/s, below the forward's ~19,000 img/s, whatever the decoder. In this pipeline DALI's own
-reader fetches the image members named in an index file (C++ threads, no Python per sample), its
-``decoders.image`` decodes them on the GPU's hardware JPEG decoder (``hw_decoder_load``) and
-resizes them, and batches run ahead of the model asynchronously (``prefetch_queue_depth``).
+Measured on one H100 with ViT-B/32: torch DataLoader processes that each parse every tar header in
+Python and hand their bytes to the main process top out near 5,700 samples/s, below the forward's
+~19,000 img/s, whatever the decoder. Here DALI's own WebDataset reader (C++ threads, its own index
+of the tar) fetches each sample's image member, and a decode pipeline (``decoders.image`` on the
+GPU's hardware JPEG decoder, exact resize, padding into one batch) turns batches of those bytes into
+pixels: ~10,500 img/s steady on that H100. Building a decode pipeline costs 2-3 s (decoder
+initialisation), so one is built per ``ShardPipeline`` and reused for every shard; a reader costs
+~0.03 s and is built per shard.
 
 The result is open_clip's transform as ``DaliPreprocess`` reproduces it: each image resized to the
-exact size torchvision's ``Resize(int)`` gives (the long side truncated; computed from the header
-in the pipeline), EXIF orientation ignored as PIL's ``open`` ignores it, then cropped with
-torchvision's offsets and normalised in torch. A file DALI cannot read or decode fails its whole
-batch: the caller hands that batch to its loader path (which isolates the file) and restarts the
-pipeline after it.
+exact size torchvision's ``Resize(int)`` gives (the long side truncated, computed in the pipeline
+from the header), EXIF orientation ignored as PIL's ``open`` ignores it, then cropped with
+torchvision's offsets and normalised in torch. A file DALI cannot decode fails its whole batch:
+``decode`` raises, the decode pipeline is rebuilt on next use, and the caller gives that batch's
+rows to its loader path, which isolates the file.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
+from curate.io.shards import IMAGE_EXTS
 from curate.models.dali_preprocess import DaliPreprocess
 
-# formats DALI's decoders.image reads; other images stay on the loader path
+# formats the decode pipeline takes; other images stay on the loader path
 PIPELINE_EXTS = ("jpg", "jpeg", "png", "webp")
 # a member larger than this is likely a large photo: the loader path decodes it at reduced size
 MAX_MEMBER_BYTES = 4 * 1024 * 1024
+# the reader matches extensions as written; our reader lower-cases them
+_READER_EXTS = ";".join([*IMAGE_EXTS, *(e.upper() for e in IMAGE_EXTS)])
 
 
-def listable(member: tuple[str, str, int, int]) -> bool:
-    """Whether an image member (name, extension as written, offset, size) can go through the
-    pipeline: a format it decodes, a name the space-separated index can hold, a moderate size."""
-    name, ext, _, size = member
-    return ext.lower() in PIPELINE_EXTS and not any(c.isspace() for c in name) and 0 < size <= MAX_MEMBER_BYTES
-
-
-def write_index(path: Path, members: list[tuple[str, str, int, int]]) -> None:
-    """DALI's WebDataset index (format v1.2): one line per sample, ``<ext> <offset> <size> <name>``."""
-    lines = [f"v1.2 {len(members)}"] + [f"{ext} {offset} {size} {name}" for name, ext, offset, size in members]
-    path.write_text("\n".join(lines) + "\n")
+def decodable(name: str, size: int) -> bool:
+    """Whether an image member goes through the decode pipeline (by extension and size)."""
+    return name.rsplit(".", 1)[-1].lower() in PIPELINE_EXTS and 0 < size <= MAX_MEMBER_BYTES
 
 
 class ShardPipeline:
-    """Batches of model input for image members of a tar, in the order given."""
+    """A tar's image members, and their model input, through DALI."""
 
     def __init__(self, preprocess: DaliPreprocess, device: str, threads: int, batch_size: int):
-        self.pre, self.device, self.threads, self.batch_size = preprocess, device, max(1, threads), batch_size
+        self.pre, self.device = preprocess, device
+        self.threads, self.batch_size = max(1, threads), batch_size
+        self._decoder = None
 
-    def batches(self, tar: str, members: list[tuple[str, str, int, int]]) -> Iterator[Any]:
-        """(n, 3, crop, crop) float32 tensors on the device, ``batch_size`` members each (the last
-        one fewer). Raises what DALI raises for a member it cannot read or decode."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def members(self, tar: str) -> Iterator[tuple[str | None, np.ndarray]]:
+        """(member name, bytes) of each sample's image in tar order: (None, empty) where the sample
+        has none. The bytes are copies (DALI reuses its buffers). Raises what DALI raises for a tar
+        it cannot read."""
+        import nvidia.dali.fn as fn
+        from nvidia.dali import pipeline_def
 
-        if not members:
-            return
-        with tempfile.TemporaryDirectory(prefix="curate-dali-") as tmp:
-            index = Path(tmp) / "index"
-            write_index(index, members)
-            pipe = self._pipeline(tar, str(index), sorted({ext for _, ext, _, _ in members}))
-            pipe.build()
-            it = DALIGenericIterator([pipe], ["images", "height", "width"], reader_name="reader",
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            for out in it:
-                b = out[0]
-                sizes = list(zip(b["height"].view(-1).tolist(), b["width"].view(-1).tolist()))
-                yield self.pre._crop_normalise(b["images"], sizes)
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=None, prefetch_queue_depth=2)
+        def reader():
+            return fn.readers.webdataset(paths=[tar], ext=[_READER_EXTS], missing_component_behavior="empty",
+                                         name="reader")
 
-    def _pipeline(self, tar: str, index: str, exts: list[str]):
+        pipe = reader()
+        pipe.build()
+        left = int(pipe.reader_meta("reader")["epoch_size"])  # the reader wraps around after the last sample
+        prefix = f"{tar}:"
+        while left > 0:
+            (batch,) = pipe.run()
+            for j in range(min(left, len(batch))):
+                t = batch[j]
+                data = np.array(t, dtype=np.uint8).reshape(-1)
+                info = t.source_info()  # "<tar>:<offset>:<member name>"
+                rest = info[len(prefix):] if info.startswith(prefix) else ""
+                yield (rest.split(":", 1)[1] if len(data) and ":" in rest else None), data
+            left -= len(batch)
+
+    def decode(self, encoded: list[np.ndarray]) -> Any:
+        """(n, 3, crop, crop) float32 model input on the device for n encoded images (at most
+        ``batch_size``), on torch's current stream. Raises if DALI cannot decode one of them."""
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        pipe = self._decoder or self._decode_pipeline()
+        self._decoder = None  # rebuilt on next use if this batch fails
+        pipe.feed_input("encoded", encoded)
+        images, heights, widths = pipe.run()
+        if self.device == "cuda":
+            images = images.as_tensor()
+            out = torch.empty(images.shape(), dtype=torch.uint8, device="cuda")
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream())
+        else:
+            out = torch.from_numpy(np.array(images.as_tensor()))
+        sizes = list(zip(np.array(heights.as_tensor()).reshape(-1).tolist(),
+                         np.array(widths.as_tensor()).reshape(-1).tolist()))
+        self._decoder = pipe
+        return self.pre._crop_normalise(out, sizes)
+
+    def _decode_pipeline(self):
         import nvidia.dali.fn as fn
         import nvidia.dali.math as dmath
         import nvidia.dali.types as types
@@ -76,10 +103,9 @@ class ShardPipeline:
         resize = self.pre.spec.resize
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=0 if gpu else None,
-                      prefetch_queue_depth=3)
-        def pipe():
-            data = fn.readers.webdataset(paths=[tar], index_paths=[index], ext=[";".join(exts)],
-                                         missing_component_behavior="error", name="reader")
+                      prefetch_queue_depth=1)
+        def decoder():
+            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             shape = fn.peek_image_shape(data, adjust_orientation=False, dtype=types.INT64)
             h, w = shape[0], shape[1]
             short = dmath.min(h, w)
@@ -92,4 +118,6 @@ class ShardPipeline:
                                interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.pad(images, fill_value=0), nh, nw
 
-        return pipe()
+        pipe = decoder()
+        pipe.build()
+        return pipe

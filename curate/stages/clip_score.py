@@ -8,6 +8,7 @@ score calibrated on held-out pairs for this very scorer (``stages/clip_calibrati
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -107,6 +108,28 @@ class _ShardImages:
         return self.preprocess(im)
 
 
+class _RowTokens:
+    """Caption tokens of ``rows``, tokenised in order on a helper thread a few batches ahead;
+    ``take`` returns those of any rows, in the order asked."""
+
+    def __init__(self, tokenizer, rows: list[int], captions: list[str], size: int):
+        chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
+        self._chunks = in_background(((c, tokenizer([captions[r] or "" for r in c])) for c in chunks),
+                                     depth=4, name="clip-tokens")
+        self._have: dict[int, Any] = {}
+
+    def take(self, rows: list[int]):
+        import torch
+
+        while any(r not in self._have for r in rows):
+            chunk, toks = next(self._chunks)
+            self._have.update(zip(chunk, toks))
+        return torch.stack([self._have.pop(r) for r in rows])
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
 def _local_plain_tar(shard: object) -> bool:
     """Whether ``shard`` is an uncompressed tar on the local disk (what DALI's reader can read)."""
     from curate.io.tar_members import _COMPRESSED_MAGIC
@@ -179,6 +202,7 @@ class ClipScoreStage(MapStage):
         super().__init__(params, stage_id)
         self._clip = None
         self._forward_fn = None
+        self._dali = None
         self._info: dict[str, Any] = {}
 
     def value_fields(self) -> list[pa.Field]:
@@ -328,8 +352,9 @@ class ClipScoreStage(MapStage):
 
         on_device = self.device_preprocess(self._clip, device)
         if isinstance(on_device, DaliPreprocess) and not masks and _local_plain_tar(shard):
-            return self._dali_batches(ShardPipeline(on_device, device, self._dali_threads(device), self.params.batch_size),
-                                      shard, rows, captions, keys, device)
+            if self._dali is None:  # one per process: its decoder takes seconds to build
+                self._dali = ShardPipeline(on_device, device, self._dali_threads(device), self.params.batch_size)
+            return self._dali_batches(self._dali, shard, rows, captions, keys, device)
         return self._loader_batches(shard, rows, captions, device, masks)
 
     def _loader_batches(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int],
@@ -364,49 +389,79 @@ class ClipScoreStage(MapStage):
 
     def _dali_batches(self, pipeline, shard: str, rows: list[int], captions: list[str], keys: list[str] | None,
                       device: str) -> Iterator[tuple[list[int], Any, list, Any]]:
-        """Model batches from a DALI pipeline over the rows whose image it can take (found from the
-        tar headers); every other row, and each batch that holds a file DALI cannot decode, goes
-        through ``_loader_batches``, which gives the standard result row by row. Captions are
-        tokenised on a helper thread while DALI and the model work."""
-        import tarfile
+        """Model batches through DALI (``models/dali_pipeline.py``): its reader streams the tar, the
+        rows to embed whose image it can decode go to its decode pipeline in batches, prepared a
+        batch ahead on a helper thread (on a CUDA stream of its own) while captions are tokenised
+        on another. Every other row, and each batch DALI fails to decode, goes through
+        ``_loader_batches``, which gives the standard result row by row."""
+        import torch
 
-        from curate.io.shards import image_locations
-        from curate.models.dali_pipeline import listable
+        from curate.io.shards import _KEY_RE
+        from curate.models.dali_pipeline import decodable
 
-        want = set(rows)
-        fast: list[tuple[int, tuple[str, str, int, int]]] = []
-        try:
-            for row, key, member in image_locations(shard, want.__contains__):
-                if keys is not None and row < len(keys) and key != keys[row]:
-                    raise RuntimeError(f"shard {shard} changed since indexing (row {row}: {key} != {keys[row]})")
-                if member is not None and listable(member):
-                    fast.append((row, member))
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            log.warning("shard %s: %s; its images are read by the loader path", shard, e)
-            fast = []
-        slow = sorted(want - {r for r, _ in fast})
-        size = self.params.batch_size
-        while fast:
-            tokens = in_background((self._clip.tokenizer([captions[r] or "" for r, _ in fast[k:k + size]])
-                                    for k in range(0, len(fast), size)), depth=4, name="clip-tokens")
-            done = 0
+        want, size = set(rows), self.params.batch_size
+        slow: list[int] = []
+        tokens = _RowTokens(self._clip.tokenizer, rows, captions, size)
+
+        def decoded(batch_rows: list[int], encoded: list, stream) -> tuple[list[int], Any, list, Any] | None:
             try:
-                for imgs in pipeline.batches(shard, [m for _, m in fast]):
-                    n = len(imgs)
-                    yield [r for r, _ in fast[done:done + n]], imgs, [None] * n, next(tokens)
-                    done += n
-                fast = []
-            except Exception as e:  # DALI fails a whole batch for one file it cannot read or decode
-                log.warning("shard %s: DALI failed on a batch (%s); the loader path takes it",
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    imgs = pipeline.decode(encoded)
+                if stream is not None:
+                    stream.synchronize()  # the images are complete before the model stream reads them
+            except Exception as e:  # DALI fails a whole batch for one file it cannot decode
+                log.warning("shard %s: DALI could not decode a batch (%s); the loader path takes it",
                             shard, str(e).splitlines()[0] if str(e) else type(e).__name__)
-                slow = sorted(slow + [r for r, _ in fast[done:done + size]])
-                fast = fast[done + size:]
-            finally:
-                tokens.close()
+                slow.extend(batch_rows)
+                return None
+            return batch_rows, imgs, [None] * len(batch_rows), tokens.take(batch_rows)
+
+        def produce(stream=None):
+            batch_rows: list[int] = []
+            encoded: list = []
+            seen = -1  # rows up to here are accounted for
+            try:
+                for row, (name, data) in enumerate(pipeline.members(shard)):
+                    match = _KEY_RE.match(name) if name else None
+                    if match and keys is not None and row < len(keys) and match.group(1) != keys[row]:
+                        # the shard changed since indexing, or DALI groups its members otherwise
+                        log.warning("shard %s: DALI's sample %d is %s, the index says %s; the loader path "
+                                    "takes the rest", shard, row, match.group(1), keys[row])
+                        break
+                    seen = row
+                    if row not in want:
+                        continue
+                    if match is None or not decodable(name, len(data)):
+                        slow.append(row)
+                        continue
+                    batch_rows.append(row)
+                    encoded.append(data)
+                    if len(batch_rows) == size:
+                        out = decoded(batch_rows, encoded, stream)
+                        if out is not None:
+                            yield out
+                        batch_rows, encoded = [], []
+            except Exception as e:  # a tar DALI's reader cannot read to the end
+                log.warning("shard %s: DALI's reader stopped (%s); the loader path takes the rest", shard,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if batch_rows:
+                out = decoded(batch_rows, encoded, stream)
+                if out is not None:
+                    yield out
+            slow.extend(r for r in rows if r > seen)  # past the tar's end: the loader path reports them
+
+        stream = torch.cuda.Stream() if device == "cuda" else None
+        try:
+            for batch_rows, imgs, failures, toks in in_background(produce(stream), depth=2, name="clip-dali"):
+                if imgs.is_cuda:
+                    imgs.record_stream(torch.cuda.current_stream())  # freed memory waits for the model's use
+                yield batch_rows, imgs, failures, toks
+        finally:
+            tokens.close()
         if slow:
             # in this process: a loader process forked after DALI has run inherits its decoder
             # state, whose teardown fails in the child
-            yield from self._loader_batches(shard, slow, captions, device, loader_workers=0)
+            yield from self._loader_batches(shard, sorted(slow), captions, device, loader_workers=0)
 
     def _model_batches(self, loader, on_device, device: str, loader_workers: int
                        ) -> Iterator[tuple[list[int], Any, list, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -46,46 +47,43 @@ def odd_shard(tmp_path: Path) -> Path:
     return write_tar(tmp_path / "odd.tar", members)
 
 
-def test_image_locations_are_our_readers_images(tmp_path: Path, pool: Path):
-    from curate.io.shards import image_locations
+def test_members_are_our_readers_images(tmp_path: Path, pool: Path):
+    from curate.io.shards import _KEY_RE
+    from curate.models.dali_pipeline import ShardPipeline
 
+    pipe = ShardPipeline(None, "cpu", threads=2, batch_size=5)
     for tar in (odd_shard(tmp_path), pool / "00000.tar"):
-        ours = {row: s for row, s in iter_indexed_samples(tar)}
-        found = list(image_locations(str(tar), lambda r: r % 3 != 1))
-        assert [r for r, _, _ in found] == [r for r in ours if r % 3 != 1]
-        data = tar.read_bytes()
-        for row, key, member in found:
-            assert key == ours[row].key
-            if member is None:
-                assert ours[row].image() is None
-            else:
-                _, ext, offset, size = member
-                assert data[offset:offset + size] == ours[row].image() and ext.lower() == ours[row].image_ext()
+        ours = [(s.key, s.image() or b"") for _, s in iter_indexed_samples(tar)]
+        theirs = list(pipe.members(str(tar)))
+        assert len(theirs) == len(ours)
+        for (key, data), (name, got) in zip(ours, theirs):
+            assert got.tobytes() == data and (name is None) == (not data)
+            if name:
+                assert _KEY_RE.match(name).group(1) == key
 
 
 @pytest.mark.parametrize("photos", [False, True])
-def test_pipeline_matches_open_clip_transform(pool: Path, photos: bool):
-    from curate.io.shards import image_locations
+def test_decode_matches_open_clip_transform(pool: Path, photos: bool):
     from curate.models.clip import load_clip
-    from curate.models.dali_pipeline import ShardPipeline, listable
+    from curate.models.dali_pipeline import ShardPipeline, decodable
     from curate.models.dali_preprocess import DaliPreprocess
 
     tar = PHOTOS if photos else pool / "00000.tar"
     if not tar.exists():
         pytest.skip("no COCO shard")
     clip = load_clip("ViT-B-32", None)
-    samples = dict(iter_indexed_samples(tar))
     good = []
-    for row, _, member in image_locations(str(tar), lambda r: r < 60):
+    for _, (_, s) in zip(range(60), iter_indexed_samples(tar)):
         try:
-            ref = clip.preprocess(Image.open(io.BytesIO(samples[row].image())).convert("RGB"))
+            ref = clip.preprocess(Image.open(io.BytesIO(s.image())).convert("RGB"))
         except Exception:  # the pool's corrupt images: not this test's subject
             continue
-        if member is not None and listable(member):
-            good.append((member, ref))
+        if decodable(f"x.{s.image_ext()}", len(s.image())):
+            good.append((s.image(), ref))
     assert len(good) > 30
     pipe = ShardPipeline(DaliPreprocess.from_transform(clip.preprocess), "cpu", 2, 16)
-    ours = torch.cat(list(pipe.batches(str(tar), [m for m, _ in good])))
+    ours = torch.cat([pipe.decode([np.frombuffer(b, dtype=np.uint8) for b, _ in good[k:k + 16]])
+                      for k in range(0, len(good), 16)])
     ref = torch.stack([r for _, r in good])
     assert ours.shape == ref.shape
     # one uint8 step is 1/255/std ~ 0.015 after normalisation; resampling differs by about that
@@ -105,19 +103,19 @@ def test_pipeline_path_gives_the_loader_paths_results(tmp_path: Path, monkeypatc
     """Every row of a subset (caption-only, PNG, corrupt, CMYK, mislabelled, WebP samples among
     them) gets the loader path's outcome: the same reasons, the same scores (within resampling
     rounding where the loader path decodes with PIL). The corrupt JPEG fails its DALI batch, which
-    the loader path takes, and the pipeline restarts after it."""
+    the loader path takes; the batches after it go through DALI again."""
     from curate.models.dali_pipeline import ShardPipeline
 
     shard = odd_shard(tmp_path)
     keys = [s.key for _, s in iter_indexed_samples(shard)]
     captions = [f"a shape number {i}" for i in range(len(keys))]
     rows = [r for r in range(len(keys)) if r != 8]
-    runs = []
-    real = ShardPipeline.batches
-    monkeypatch.setattr(ShardPipeline, "batches", lambda self, *a: runs.append(a[1]) or real(self, *a))
+    decodes = []
+    real = ShardPipeline.decode
+    monkeypatch.setattr(ShardPipeline, "decode", lambda self, enc: decodes.append(len(enc)) or real(self, enc))
     stage = _stage()
     ours, our_failed = stage.embed(str(shard), rows, captions, "cpu", None, keys=keys)
-    assert len(runs) == 2 and len(runs[1]) < len(runs[0]), "the pipeline did not restart after the corrupt batch"
+    assert len(decodes) >= 3, "the DALI pipeline was not used"
     ref, ref_failed = stage.embed(lambda *a: iter_indexed_samples(shard, *a), rows, captions, "cpu", None)
     # no image member (caption only, a mislabelled one) or a corrupt one: undecodable on both paths
     assert our_failed == ref_failed == {r: "clip:undecodable" for r in (1, 3, 6)}
@@ -127,14 +125,18 @@ def test_pipeline_path_gives_the_loader_paths_results(tmp_path: Path, monkeypatc
         assert abs(ours[r][0] - ref[r][0]) < (2e-2 if r in by_pil else 1e-4), r
 
 
-def test_pipeline_path_refuses_a_changed_shard_and_reports_missing_rows(tmp_path: Path):
+def test_pipeline_path_leaves_a_changed_shard_and_missing_rows_to_the_loader_path(tmp_path: Path, caplog):
+    """A key that differs from the index (the shard changed, or DALI grouped members otherwise)
+    hands the rest of the shard to the loader path; rows the index has past the tar's end get no
+    result (clip:missing_image)."""
     shard = odd_shard(tmp_path)
     keys = [s.key for _, s in iter_indexed_samples(shard)]
     captions = ["c"] * (len(keys) + 3)
     stage = _stage()
-    with pytest.raises(RuntimeError, match="changed since indexing"):
-        stage.embed(str(shard), list(range(len(keys))), captions, "cpu", None, keys=keys[:5] + ["zzz"] + keys[6:])
-    # the index knows three rows more than the tar holds: they get no result (clip:missing_image)
+    res, failed = stage.embed(str(shard), list(range(len(keys))), captions, "cpu", None,
+                              keys=keys[:5] + ["zzz"] + keys[6:])
+    assert "the index says zzz" in caplog.text
+    assert set(res) == set(range(len(keys))) - {1, 3, 6} and set(failed) == {1, 3, 6}
     res, failed = stage.embed(str(shard), list(range(len(keys) + 3)), captions, "cpu", None,
                               keys=keys + ["x1", "x2", "x3"])
     assert set(res) == set(range(len(keys))) - {1, 3, 6} and set(failed) == {1, 3, 6}
