@@ -65,14 +65,21 @@ def peak_tflops(device: str) -> float | None:
 
 
 def image_gflop(model) -> float:
-    """The image tower's floating-point operations per image (multiply-adds count two)."""
+    """The image tower's floating-point operations per image (multiply-adds count two). The
+    counter cannot see inside nn.MultiheadAttention's fused inference kernel (its projections,
+    a third of a ViT's FLOPs, would go uncounted), so that fast path is off while counting."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     x = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.encode_image(x)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.encode_image(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return counter.get_total_flops() / 1e9
 
 

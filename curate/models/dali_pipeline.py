@@ -22,20 +22,25 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from curate.io.shards import IMAGE_EXTS
+from curate.io.shards import IMAGE_EXTS, MAX_MEMBER_BYTES
 from curate.models.dali_preprocess import DaliPreprocess
 
-# formats the decode pipeline takes; other images stay on the loader path
-PIPELINE_EXTS = ("jpg", "jpeg", "png", "webp")
-# a member larger than this is likely a large photo: the loader path decodes it at reduced size
-MAX_MEMBER_BYTES = 4 * 1024 * 1024
+# formats the decode pipeline takes (as image_header names them); others stay on the loader path
+PIPELINE_FORMATS = ("jpeg", "png", "webp")
 # the reader matches extensions as written; our reader lower-cases them
 _READER_EXTS = ";".join([*IMAGE_EXTS, *(e.upper() for e in IMAGE_EXTS)])
 
 
-def decodable(name: str, size: int) -> bool:
-    """Whether an image member goes through the decode pipeline (by extension and size)."""
-    return name.rsplit(".", 1)[-1].lower() in PIPELINE_EXTS and 0 < size <= MAX_MEMBER_BYTES
+def decodable(data: np.ndarray, max_pixels: int) -> bool:
+    """Whether image bytes go through the decode pipeline: a header that parses (read without
+    PIL) as a format the pipeline decodes, with at most ``max_pixels`` pixels. DALI must never see
+    a header it cannot parse: its shape probe then fails the whole process, not only the batch."""
+    from curate.io.images import image_header
+
+    if not 0 < len(data) <= MAX_MEMBER_BYTES:
+        return False
+    fmt, w, h = image_header(data[:65536].tobytes())
+    return fmt in PIPELINE_FORMATS and bool(w) and bool(h) and w * h <= max_pixels
 
 
 class ShardPipeline:

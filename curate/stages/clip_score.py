@@ -400,6 +400,8 @@ class ClipScoreStage(MapStage):
         from curate.models.dali_pipeline import decodable
 
         want, size = set(rows), self.params.batch_size
+        # larger images go to the loader path, which decodes them at reduced size
+        max_pixels = min(self.params.max_pixels, _ShardImages.RAW_JPEG_MAX_PIXELS)
         slow: list[int] = []
         tokens = _RowTokens(self._clip.tokenizer, rows, captions, size)
 
@@ -431,7 +433,7 @@ class ClipScoreStage(MapStage):
                     seen = row
                     if row not in want:
                         continue
-                    if match is None or not decodable(name, len(data)):
+                    if match is None or not decodable(data, max_pixels):
                         slow.append(row)
                         continue
                     batch_rows.append(row)

@@ -78,7 +78,7 @@ def test_decode_matches_open_clip_transform(pool: Path, photos: bool):
             ref = clip.preprocess(Image.open(io.BytesIO(s.image())).convert("RGB"))
         except Exception:  # the pool's corrupt images: not this test's subject
             continue
-        if decodable(f"x.{s.image_ext()}", len(s.image())):
+        if decodable(np.frombuffer(s.image(), dtype=np.uint8), 10**8):
             good.append((s.image(), ref))
     assert len(good) > 30
     pipe = ShardPipeline(DaliPreprocess.from_transform(clip.preprocess), "cpu", 2, 16)
