@@ -423,7 +423,7 @@ class ClipScoreStage(MapStage):
             encoded: list = []
             seen = -1  # rows up to here are accounted for
             try:
-                for row, (name, data) in enumerate(pipeline.members(shard)):
+                for row, name, data in pipeline.members(shard, want.__contains__):
                     match = _KEY_RE.match(name) if name else None
                     if match and keys is not None and row < len(keys) and match.group(1) != keys[row]:
                         # the shard changed since indexing, or DALI groups its members otherwise

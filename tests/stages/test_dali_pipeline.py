@@ -54,12 +54,13 @@ def test_members_are_our_readers_images(tmp_path: Path, pool: Path):
     pipe = ShardPipeline(None, "cpu", threads=2, batch_size=5)
     for tar in (odd_shard(tmp_path), pool / "00000.tar"):
         ours = [(s.key, s.image() or b"") for _, s in iter_indexed_samples(tar)]
-        theirs = list(pipe.members(str(tar)))
-        assert len(theirs) == len(ours)
-        for (key, data), (name, got) in zip(ours, theirs):
-            assert got.tobytes() == data and (name is None) == (not data)
+        theirs = list(pipe.members(str(tar), lambda r: r % 3 != 1))
+        assert [r for r, _, _ in theirs] == list(range(len(ours)))
+        for (key, data), (row, name, got) in zip(ours, theirs):
+            assert (name is None) == (not data)
             if name:
                 assert _KEY_RE.match(name).group(1) == key
+                assert (got is None) if row % 3 == 1 else (got.tobytes() == data)
 
 
 @pytest.mark.parametrize("photos", [False, True])
@@ -112,10 +113,21 @@ def test_pipeline_path_gives_the_loader_paths_results(tmp_path: Path, monkeypatc
     rows = [r for r in range(len(keys)) if r != 8]
     decodes = []
     real = ShardPipeline.decode
-    monkeypatch.setattr(ShardPipeline, "decode", lambda self, enc: decodes.append(len(enc)) or real(self, enc))
+
+    def counted(self, encoded):
+        try:
+            out = real(self, encoded)
+        except Exception:
+            decodes.append("failed")
+            raise
+        decodes.append("ok")
+        return out
+
+    monkeypatch.setattr(ShardPipeline, "decode", counted)
     stage = _stage()
     ours, our_failed = stage.embed(str(shard), rows, captions, "cpu", None, keys=keys)
     assert len(decodes) >= 3, "the DALI pipeline was not used"
+    assert "ok" in decodes[decodes.index("failed"):], "no batch went through DALI after the corrupt one"
     ref, ref_failed = stage.embed(lambda *a: iter_indexed_samples(shard, *a), rows, captions, "cpu", None)
     # no image member (caption only, a mislabelled one) or a corrupt one: undecodable on both paths
     assert our_failed == ref_failed == {r: "clip:undecodable" for r in (1, 3, 6)}
