@@ -19,7 +19,8 @@ from curate.core.pipeline import run_pipeline
 from curate.stages.base import GlobalContext, RunInfo
 from curate.io.embeddings import embeddings
 from curate.stages.clip_score import ClipRankStage, ranks_in
-from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, tables_equal_dir, write_tar
+from tests.conftest import (HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, shared_data, tables_equal_dir,
+                            write_tar)
 
 TINY = {"model": "curate-tiny", "pretrained": None}
 
@@ -153,7 +154,6 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path):
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # DALI is an optional extra: its cases run where it is installed (its CPU operators stand in for the GPU)
 DECODERS = ["nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
-PHOTOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shards" / "coco-val2017-mini-000000.tar"
 
 
 def _device_preprocess(kind: str, transform):
@@ -170,12 +170,11 @@ def test_device_preprocess_matches_open_clip_transform(pool: Path, device: str, 
     """nvJPEG/torch and DALI preprocessing against open_clip's PIL transform on the same JPEGs:
     the synthetic pool's, and real photos (COCO, where ../shared is present) whose resized long
     side and crop margin are odd."""
-    if photos and not PHOTOS.exists():
-        pytest.skip("no COCO shard")
+    shard = shared_data("shards/coco-val2017-mini-000000.tar") if photos else pool / "00000.tar"
     clip = load_clip("ViT-B-32", None)
     dp = _device_preprocess(decoder, clip.preprocess)
     assert dp is not None and dp.crop == 224
-    jpegs = [s.image() for _, s in zip(range(40), iter_samples(PHOTOS if photos else pool / "00000.tar"))
+    jpegs = [s.image() for _, s in zip(range(40), iter_samples(shard))
              if s.image_ext() == "jpg" and s.image()[:2] == b"\xff\xd8"]
     ref, raw = [], []
     for b in jpegs:
