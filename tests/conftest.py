@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import tarfile
@@ -129,6 +130,14 @@ def _no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _logging_enabled():
+    # a Dask run silences logging process-wide when it shuts its cluster down (its exit noise
+    # follows an answer already given); the next test's log capture must not inherit that
+    logging.disable(logging.NOTSET)
     yield
 
 
