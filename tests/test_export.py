@@ -15,7 +15,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.core.config import RunConfig
 from curate.engine import make_executor
 from curate.core.export import ExportSpec, export
 from curate.io.shards import iter_samples

@@ -2,7 +2,6 @@
 a funnel that belongs to one run, a CLI that explains itself, progress without a terminal."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -17,9 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 
-import numpy as np
 
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
 

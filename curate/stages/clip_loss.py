@@ -125,7 +125,7 @@ class ClipLossStage(MapStage):
                 pa.field("normsim_2", pa.float32())]
 
     def with_earlier(self, earlier: list[Stage]) -> "ClipLossStage":
-        src = embedding_source(self.stage_id, earlier, self.params.embeddings_from)
+        embedding_source(self.stage_id, earlier, self.params.embeddings_from)  # raises if it stores none
         return self
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:

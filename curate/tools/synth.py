@@ -258,7 +258,6 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
     uid = _uid(seed, i)
     caption = scene.caption(rng)
     lang = "en"
-    dup_of = None
     if label == "tiny_image":
         side = int(rng.integers(40, 120))
         size = (side, int(side * rng.uniform(0.8, 1.25)))

@@ -2,7 +2,6 @@
 sample processed or carrying a reason."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 
 from curate.io.shards import iter_samples
 from curate.core.pipeline import run_pipeline

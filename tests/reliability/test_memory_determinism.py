@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 from curate.io.shards import make_uid
 from curate.core.pipeline import run_pipeline
@@ -17,8 +16,6 @@ RSS_BOUND_MB = 400
 
 
 def _caption_shards(d: Path, n_shards: int, per: int = 10_000) -> Path:
-    import polars as pl  # noqa: F811
-
     d.mkdir(parents=True, exist_ok=True)
     img = jpeg_bytes((96, 96))
     for k in range(n_shards):

@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.algorithms.concepts import ConceptMatcher, Vocabulary, get_matcher, spacing
+from curate.algorithms.concepts import get_matcher, spacing
 from curate.io.shards import make_uid
 from curate.core.pipeline import run_pipeline
 from curate.core.stats import global_summaries

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pytest
 from PIL import Image, ImageEnhance
 
 from curate.io.parquet import write_table
@@ -145,7 +144,6 @@ def test_semantic_dedup_on_stored_embeddings(pool: Path, tmp_path: Path):
                     work / "clip_score" / f"{shard}.parquet")
     from curate.stages.base import GlobalContext, RunInfo, ShardContext
     from curate.stages.dedup import DedupStage
-    from curate.stages import execute
 
     st = DedupStage(DedupStage.Params(exact=[], phash_radius=None, semantic_eps=0.01, n_clusters=8,
                                       max_cluster_size=30))
