@@ -151,7 +151,9 @@ class BalanceStage(GlobalStage):
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         """Two streaming passes over the partials, one shard in memory at a time: the pool's
         (row, entry) matches as integers (counts, t, keep probabilities), then per shard the uid
-        coins and that shard's results. Memory: about 12 bytes per match and 8 per sample."""
+        coins and that shard's results. Memory: the matches as two int64 columns (16 bytes a
+        match), a few per-sample arrays (~18 bytes a sample), and polars' temporaries while the
+        matches are grouped by row (together ~150 bytes a sample at the peak)."""
         p = self.params
         vocab = load_vocabulary(p.vocabulary)
         v = len(vocab.entries)
