@@ -135,8 +135,8 @@ def _no_network(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _logging_enabled():
-    # a Dask run silences logging process-wide when it shuts its cluster down (its exit noise
-    # follows an answer already given); the next test's log capture must not inherit that
+    # an interrupted CLI run silences logging process-wide (its exit noise follows an answer
+    # already given); the next test's log capture must not inherit that
     logging.disable(logging.NOTSET)
     yield
 

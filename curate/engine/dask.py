@@ -19,11 +19,11 @@ from curate.engine.watchdog import run_with_deadline
 log = logging.getLogger(__name__)
 
 
-def _quiet_dask_logs() -> None:
+def _quiet_dask_logs(level: int = logging.WARNING) -> None:
     """distributed logs every worker start at INFO; keep our own progress readable."""
-    for name in list(logging.root.manager.loggerDict):
+    for name in ["distributed", *logging.root.manager.loggerDict]:
         if name.startswith(("distributed", "bokeh", "tornado")):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(level)
 
 
 class DaskExecutor(Executor):
@@ -71,7 +71,7 @@ class DaskExecutor(Executor):
             # interrupt, a heartbeat to the scheduler that has just closed) is not news to the user.
             for nanny in (False, True):
                 try:
-                    self.client.run(_silence_logs, nanny=nanny)
+                    self.client.run(_silence_logs, os.getpid(), nanny=nanny)
                 except Exception:  # a worker already gone: nothing left to silence there
                     pass
         self.client.close()
@@ -79,8 +79,13 @@ class DaskExecutor(Executor):
             self.cluster.close()
 
 
-def _silence_logs() -> None:
-    logging.disable(logging.CRITICAL)
+def _silence_logs(driver_pid: int) -> None:
+    if os.getpid() == driver_pid:
+        # a LocalCluster's nannies live in the driver: silence Dask's loggers only, so the driver
+        # (e.g. a tool that runs several pipelines in one process) still logs its own progress
+        _quiet_dask_logs(logging.CRITICAL + 1)
+    else:
+        logging.disable(logging.CRITICAL)
 
 
 def _missing(paths: list[str]) -> list[str]:
