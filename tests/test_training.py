@@ -93,6 +93,25 @@ def test_compare_decides_only_when_the_paired_interval_excludes_zero():
     assert got == {"no_filter": None, "good": "yes", "noisy": "undecided"}
 
 
+def test_compare_table_has_a_verdict_per_task():
+    from curate.tools.compare import TASKS, format_table
+
+    def row(recipe: str, seed: int, shape: float, colour: float) -> dict:
+        tasks = {"shape": shape, "colour": colour, "count": 0.3, "position": 0.2}
+        return {"recipe": recipe, "seed": seed, "samples_kept": 100, "samples": 10,
+                "zeroshot_mean": sum(tasks.values()) / 4, **{f"zeroshot_{t}": v for t, v in tasks.items()},
+                **{f"chance_{t}": 0.1 for t in TASKS}, "retrieval_i2t_r1": 0.1, "retrieval_t2i_r1": 0.1,
+                "match_vs_shuffled_auc": 0.6}
+
+    # better shape on every seed, colour noise that hides it in the mean
+    rows = [row("no_filter", s, 0.10 + 0.01 * s, c) for s, c in enumerate([0.2, 0.6, 0.3])]
+    rows += [row("shapely", s, 0.15 + 0.01 * s, c) for s, c in enumerate([0.5, 0.1, 0.4])]
+    text = format_table(rows, 1, 10, [0, 1, 2])
+    per_task = text.split("Per task")[1]
+    assert "| shapely | yes (+0.050) | undecided (-0.033) | undecided (+0.000) | undecided (+0.000) |" in per_task
+    assert "| shapely | 3 |" in text and "undecided" in text.split("Per task")[0]
+
+
 def test_a_killed_parent_takes_its_training_process_with_it(clean, tmp_path: Path):
     """SIGKILL of the process running train_clip (a stopped `make demo` or `make compare`) leaves no
     open_clip training running."""

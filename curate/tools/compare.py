@@ -159,8 +159,8 @@ def verdicts(rows: list[dict], metric: str = "zeroshot_mean", baseline: str = "n
         row = {"recipe": name, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi, "beats_baseline": None}
         common = sorted(set(seeds) & set(base))
         if name != baseline and common:
-            _, dlo, dhi = interval([seeds[k] - base[k] for k in common])
-            row.update(diff_lo=dlo, diff_hi=dhi,
+            dmean, dlo, dhi = interval([seeds[k] - base[k] for k in common])
+            row.update(diff_mean=dmean, diff_lo=dlo, diff_hi=dhi,
                        beats_baseline="yes" if dlo > 0 else "no" if dhi < 0 else "undecided")
         out.append(row)
     return out
@@ -193,6 +193,22 @@ def format_table(rows: list[dict], epochs: int, samples_per_epoch: int, seeds: l
         diff = f"[{v['diff_lo']:+.3f}, {v['diff_hi']:+.3f}]" if "diff_lo" in v else "-"
         lines.append(f"| {v['recipe']} | {v['seeds']} | {v['mean']:.3f} | [{v['lo']:.3f}, {v['hi']:.3f}] | "
                      f"{v['beats_baseline'] or '-'} | {diff} |")
+    lines += ["", "Per task (one task's noise can hide another's effect in the mean): \"beats no_filter\" "
+              "and the mean difference from no_filter over the seeds:", "",
+              "| recipe | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    by_task = {t: {v["recipe"]: v for v in verdicts(rows, f"zeroshot_{t}")} for t in TASKS}
+    base = by_task[TASKS[0]].get("no_filter")
+    for name in (v["recipe"] for v in verdicts(rows)):
+        if base is None or name == "no_filter":
+            continue
+        cells = []
+        for t in TASKS:
+            v = by_task[t][name]
+            if v["beats_baseline"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{v['beats_baseline']} ({v['diff_mean']:+.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     undecided = [v["recipe"] for v in verdicts(rows) if v["beats_baseline"] == "undecided"]
     lines += ["", ("Ranking decided: every curated recipe's difference interval excludes 0." if not undecided else
                    f"Not decided for {', '.join(undecided)}: the budget ({len(seeds)} seed(s)) is too small; "
