@@ -1,7 +1,9 @@
 """Embedding columns: float16 fixed-size lists in Parquet, float32 arrays in memory."""
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -44,12 +46,38 @@ def embeddings(table: pa.Table, column: str) -> np.ndarray:
     return out
 
 
-def unit_rows(table: pa.Table, column: str, keep: set[str] | dict) -> tuple[list[str], np.ndarray]:
-    """(uids, L2-normalised float32 embeddings) of the rows of ``table`` (with a uid column) whose
-    uid is in ``keep`` and whose embedding is not null."""
+def kept_rows(table: pa.Table, column: str, keep: set[str] | dict) -> tuple[list[str], np.ndarray]:
+    """(uids, float32 embeddings as stored) of the rows of ``table`` (with a uid column) whose uid
+    is in ``keep`` and whose embedding is not null."""
     emb = embeddings(table, column)
     uids = table.column("uid").to_pylist()
-    rows = [i for i, u in enumerate(uids) if u in keep and not np.isnan(emb[i, 0])]
-    e = emb[rows]
-    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return [uids[i] for i in rows], np.ascontiguousarray(e)
+    present = (~np.isnan(emb[:, 0])).tolist()
+    rows = [i for i, (u, has) in enumerate(zip(uids, present)) if has and u in keep]
+    return [uids[i] for i in rows], emb[rows]
+
+
+def unit(e: np.ndarray, rows_per_chunk: int = 8192) -> np.ndarray:
+    """Rows scaled to unit L2 length, in place, a chunk at a time (the norm's temporaries stay
+    small). Each row is scaled on its own, so it gets the same values whichever rows it is batched
+    with."""
+    for s in range(0, len(e), rows_per_chunk):
+        c = e[s:s + rows_per_chunk]
+        c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(e)
+
+
+def read_f16_rows(path: str | Path, d: int, rows_per_chunk: int = 65536) -> np.ndarray:
+    """(rows, d) float32 array from a raw file of float16 ``d``-vectors, read and converted a chunk
+    at a time (no float16 copy of the whole file in memory)."""
+    with open(path, "rb") as f:
+        out = np.empty((os.fstat(f.fileno()).st_size // (2 * d), d), dtype=np.float32)
+        for s in range(0, len(out), rows_per_chunk):
+            chunk = np.fromfile(f, dtype=np.float16, count=rows_per_chunk * d).reshape(-1, d)
+            out[s:s + len(chunk)] = f16_to_f32(chunk)
+    return out
+
+
+def unit_rows(table: pa.Table, column: str, keep: set[str] | dict) -> tuple[list[str], np.ndarray]:
+    """(uids, L2-normalised float32 embeddings) of ``kept_rows``."""
+    uids, e = kept_rows(table, column, keep)
+    return uids, unit(e)

@@ -249,6 +249,13 @@ class GlobalContext:
 
         return unit_rows(self.read(stage_id, shard, ["uid", column]), column, keep)
 
+    def stored_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict
+                          ) -> tuple[list[str], np.ndarray]:
+        """(uids, embeddings as stored, in float32) of one shard's rows in ``keep`` that have one."""
+        from curate.io.embeddings import kept_rows
+
+        return kept_rows(self.read(stage_id, shard, ["uid", column]), column, keep)
+
     def write_json(self, name: str, obj: Any) -> Path:
         """An artifact under WORK/global/, written atomically."""
         path = self.work.global_artifact(name, ".json")

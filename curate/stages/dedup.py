@@ -19,7 +19,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import polars as pl
@@ -31,6 +31,7 @@ from curate.algorithms.components import component_roots
 from curate.algorithms.minhash import signatures, similar_pairs
 from curate.algorithms.vectors import members, nearest_with_boundary, train_centroids
 from curate.core.config import Strict
+from curate.io.embeddings import read_f16_rows, unit
 from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
 from curate.stages import dedup_parts
@@ -293,7 +294,10 @@ class DedupStage(GlobalStage):
     def _partial_columns(self) -> list[str]:
         """The partial's columns this configuration reads (the others are never loaded)."""
         p = self.params
-        cols = {"uid", "sha256", "phash", "clip_score"}  # sha256 and phash: also the eval-set checks
+        cols = {"uid", "clip_score"}
+        cols |= {"sha256" for k in p.exact if k in ("image", "image_caption")}
+        cols |= {"sha256"} if p.eval_sets else set()  # the eval-set checks: exact bytes, then pHash
+        cols |= {"phash"} if p.phash_radius is not None or p.crop_radius is not None else set()
         cols |= {"caption_h" for k in p.exact if k in ("caption", "image_caption")}
         cols |= {"url_h" for k in p.exact if k == "url"}
         cols |= {"phash_crops", "color_sig"} if p.crop_radius is not None else set()
@@ -336,17 +340,17 @@ class DedupStage(GlobalStage):
 
     def _semantic_pairs(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params
-        row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
         if self._embedding_source() is None:
             log.warning("%s: semantic dedup needs image embeddings (a clip_score stage before it); skipped",
                         self.stage_id)
             return np.zeros((0, 2), dtype=np.int64)
         shards = ctx.shards
+        rows_of = shard_rows(df, shards)
         # 1) train spherical k-means on a deterministic sample of embeddings
         sample = []
         per = max(1, p.kmeans_sample // len(shards))
-        for s in shards:
-            rows, emb = self._shard_embeddings(ctx, s, row_of)
+        for k, s in enumerate(shards):
+            rows, emb = self._shard_embeddings(ctx, s, rows_of(k))
             if len(rows):
                 pick = np.random.default_rng([p.seed, len(rows)]).permutation(len(rows))[:per]
                 sample.append(emb[np.sort(pick)])
@@ -356,29 +360,30 @@ class DedupStage(GlobalStage):
         d = train.shape[1]
         k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)
-        # 2) stream every shard: append each embedding to its cluster's file
+        # 2) stream every shard: append each embedding to its cluster's file, as stored (float16:
+        # half the bytes of the unit float32 rows, so the files stay in the page cache longer)
         tmp = ctx.work.scratch(f"{ctx.stage_id}_clusters")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for s in shards:
-            rows, emb = self._shard_embeddings(ctx, s, row_of)
+        for k, s in enumerate(shards):
+            rows, stored = self._shard_embeddings(ctx, s, rows_of(k), unit_length=False)
             if not len(rows):
                 continue
-            first, second = nearest_with_boundary(cent, emb, p.semantic_boundary)
+            first, second = nearest_with_boundary(cent, unit(stored.copy()), p.semantic_boundary)
             for c, sel in enumerate(members(first, second, len(cent))):
                 if not len(sel):
                     continue
-                with open(tmp / f"{c}.f32", "ab") as f:
-                    f.write(emb[sel].astype(np.float32).tobytes())
+                with open(tmp / f"{c}.f16", "ab") as f:
+                    f.write(stored[sel].astype(np.float16).tobytes())
                 with open(tmp / f"{c}.rows", "ab") as f:
                     f.write(rows[sel].astype(np.int64).tobytes())
         # 3) one cluster in memory at a time
         out = []
         for c in range(len(cent)):
-            fe = tmp / f"{c}.f32"
+            fe = tmp / f"{c}.f16"
             if not fe.exists():
                 continue
-            emb = np.fromfile(fe, dtype=np.float32).reshape(-1, d)
+            emb = unit(read_f16_rows(fe, d))
             rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
             out.append(_cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed,
                                       p.semantic_boundary))
@@ -392,7 +397,8 @@ class DedupStage(GlobalStage):
         if not p.eval_sets and not p.eval_embeddings:
             return hit
         shas, hashes = load_eval_hashes(p.eval_sets)
-        hit |= df["sha256"].is_in(list(shas)).fill_null(False).to_numpy()
+        if p.eval_sets:
+            hit |= df["sha256"].is_in(list(shas)).fill_null(False).to_numpy()
         if p.phash_radius is not None and len(hashes):
             ph = df["phash"].to_numpy()
             valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
@@ -405,19 +411,34 @@ class DedupStage(GlobalStage):
             ref /= np.linalg.norm(ref, axis=1, keepdims=True)
             index = faiss.IndexFlatIP(ref.shape[1])
             index.add(ref)
-            row_of = {u: i for i, u in enumerate(df["uid"].to_list())}
-            for s in ctx.shards if self._embedding_source() else []:
-                rows, emb = self._shard_embeddings(ctx, s, row_of)
+            rows_of = shard_rows(df, ctx.shards)
+            for k, s in enumerate(ctx.shards if self._embedding_source() else []):
+                rows, emb = self._shard_embeddings(ctx, s, rows_of(k))
                 if len(rows):
                     sim, _ = index.search(emb, 1)
                     hit[rows[sim[:, 0] >= p.eval_min_cosine]] = True
         return hit
 
-    def _shard_embeddings(self, ctx: GlobalContext, shard: str, row_of: dict[str, int]
+    def _shard_embeddings(self, ctx: GlobalContext, shard: str, row_of: dict[str, int], unit_length: bool = True
                           ) -> tuple[np.ndarray, np.ndarray]:
-        """(combine rows, unit image embeddings) of one shard's surviving samples."""
-        uids, emb = ctx.unit_embeddings(self._embedding_source(), "image_emb", shard, row_of)
+        """(combine rows, image embeddings: unit, or as stored) of one shard's surviving samples."""
+        read = ctx.unit_embeddings if unit_length else ctx.stored_embeddings
+        uids, emb = read(self._embedding_source(), "image_emb", shard, row_of)
         return np.array([row_of[u] for u in uids], dtype=np.int64), emb
+
+
+def shard_rows(df: pl.DataFrame, shards: list[str]) -> Callable[[int], dict[str, int]]:
+    """For the k-th shard, its samples' combine rows by uid. One shard's map at a time: a map of
+    the whole pool's uid strings would cost about 330 MB per million samples."""
+    code = df["shard"].to_physical().to_numpy()  # the index in ``shards`` (the Enum's categories)
+    order = np.argsort(code, kind="stable")
+    bounds = np.searchsorted(code[order], np.arange(len(shards) + 1))
+
+    def rows_of(k: int) -> dict[str, int]:
+        rows = order[bounds[k]:bounds[k + 1]]
+        return dict(zip(df["uid"].gather(rows).to_list(), rows.tolist()))
+
+    return rows_of
 
 
 def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
