@@ -357,9 +357,11 @@ class DedupStage(GlobalStage):
         if not sample:
             return np.zeros((0, 2), dtype=np.int64)
         train = np.concatenate(sample)
+        del sample
         d = train.shape[1]
         k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)
+        del train
         # 2) stream every shard: append each embedding to its cluster's file, as stored (float16:
         # half the bytes of the unit float32 rows, so the files stay in the page cache longer)
         tmp = ctx.work.scratch(f"{ctx.stage_id}_clusters")
@@ -378,18 +380,18 @@ class DedupStage(GlobalStage):
                 with open(tmp / f"{c}.rows", "ab") as f:
                     f.write(rows[sel].astype(np.int64).tobytes())
         # 3) one cluster in memory at a time
-        out = []
-        for c in range(len(cent)):
-            fe = tmp / f"{c}.f16"
-            if not fe.exists():
-                continue
-            emb = unit(read_f16_rows(fe, d))
-            rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
-            out.append(_cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed,
-                                      p.semantic_boundary))
+        out = [self._cluster_file_pairs(tmp, c, d) for c in range(len(cent)) if (tmp / f"{c}.f16").exists()]
         shutil.rmtree(tmp, ignore_errors=True)
         out = [o for o in out if len(o)]
-        return np.unique(np.concatenate(out), axis=0) if out else np.zeros((0, 2), dtype=np.int64)
+        return unique_pairs(np.concatenate(out)) if out else np.zeros((0, 2), dtype=np.int64)
+
+    def _cluster_file_pairs(self, tmp: Path, c: int, d: int) -> np.ndarray:
+        """Pairs within top-level cluster ``c``, read from its files (freed on return, before the
+        next cluster is read)."""
+        p = self.params
+        emb = unit(read_f16_rows(tmp / f"{c}.f16", d))
+        rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
+        return _cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed, p.semantic_boundary)
 
     def _eval_matches(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params
