@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from curate.bench.common import BENCH_DIR, ROOT, save
 from curate.io.layout import WorkDir
+from curate.io.parquet import write_table
 
 STAGES = {
     "dedup": {"exact": ["image"], "phash_radius": 4, "keep": "clip_score"},
@@ -131,7 +132,7 @@ def synthesise_embeddings(n: int, shard_rows: int, root: Path, seed: int = 1) ->
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), SEM_DIM)
         path = work.stage_table("clip_score", shards[s])
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"uid": uid, "image_emb": emb}), path)
+        write_table(pa.table({"uid": uid, "image_emb": emb}), path)  # as a clip_score stage writes it
     planted = np.concatenate(pairs)
     np.save(root / "planted_pairs.npy", planted)
     return {"planted_semantic": int(len(planted)), "dim": SEM_DIM}
@@ -162,8 +163,6 @@ def _stage_and_context(stage: str, root: Path, n: int):
 
 def combine_part(root: Path, n: int, part: int) -> dict:
     """One part of the partitioned dedup combine (run in its own process, as on a worker)."""
-    from curate.io.parquet import write_table
-
     st, ctx = _stage_and_context("dedup_partitioned", root, n)
     t0 = time.perf_counter()
     table = st.combine_part(ctx, part, PARTS)

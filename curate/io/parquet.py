@@ -105,7 +105,25 @@ def write_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None =
         schema_meta[META_KEY] = json.dumps(meta, sort_keys=True).encode()
         table = table.replace_schema_metadata(schema_meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size,
+                       use_dictionary=dictionary_columns(table.schema))
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet columns (leaf paths) to dictionary-encode: all but the values of fixed-size
+    float lists (embeddings). Their values rarely repeat, so the writer gives the dictionary up
+    after the first page, and reading that mixed encoding back took about 4x as long as plain
+    values (a 50k x 256 float16 column: 0.25 s against 0.065 s, and a smaller file)."""
+    def leaves(name: str, t: pa.DataType, in_float_vector: bool = False) -> list[tuple[str, bool]]:
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            vector = in_float_vector or (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type))
+            return leaves(f"{name}.list.element", t.value_type, vector)
+        if pa.types.is_struct(t):
+            return [leaf for i in range(t.num_fields)
+                    for leaf in leaves(f"{name}.{t.field(i).name}", t.field(i).type, in_float_vector)]
+        return [(name, in_float_vector)]
+
+    return [path for f in schema for path, vector in leaves(f.name, f.type) if not vector]
 
 
 def read_meta(path: str | Path) -> dict[str, Any] | None:

@@ -46,3 +46,24 @@ def test_kept_rows_skips_null_and_unkept_rows():
     assert uids == ["a", "c"] and stored.tolist() == [[0.5] * 4, [2.0] * 4]
     uids, normed = unit_rows(table, "image_emb", {"a", "b", "c"})
     assert uids == ["a", "c"] and np.allclose(normed, 0.5)
+
+
+def test_embeddings_are_written_plain_and_the_other_columns_with_a_dictionary(tmp_path: Path):
+    from curate.io.parquet import read_table, write_table
+
+    vecs = [np.full(8, i % 3, np.float16) for i in range(500)]
+    table = pa.table({"uid": [f"u{i % 7}" for i in range(500)], "image_emb": fixed_list(vecs, 8),
+                      "crops": [[i % 5, 1] for i in range(500)], "meta": [{"k": i % 2} for i in range(500)],
+                      "scores": pa.array([[0.5, 0.25]] * 500, type=pa.list_(pa.float32(), 2))})
+    path = tmp_path / "t.parquet"
+    write_table(table, path)
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {md.column(i).path_in_schema: md.column(i).encodings for i in range(md.num_columns)}
+    assert set(encodings) == {"uid", "image_emb.list.element", "crops.list.element", "meta.k", "scores.list.element"}
+    for leaf in ("uid", "crops.list.element", "meta.k"):
+        assert "RLE_DICTIONARY" in encodings[leaf], leaf
+    for leaf in ("image_emb.list.element", "scores.list.element"):
+        assert "RLE_DICTIONARY" not in encodings[leaf], leaf
+    assert read_table(path).equals(table)
