@@ -223,7 +223,11 @@ def run() -> dict:
     else:
         photos = photo_shard(10_000)
         shard = str(photos) if photos else expand_input(str(bench_pool(4000, 4) / "00000.tar"))[0]
-        res = {m: bench_model(m, shard, 10_000, 256, device, loader_workers=None) | {
-            "shard": Path(shard).name, "gpu": torch.cuda.get_device_name()} for m in ("ViT-B-32", "ViT-L-14")}
+        res = {}
+        for m in ("ViT-B-32", "ViT-L-14"):
+            res[m] = bench_model(m, shard, 10_000, 256, device, loader_workers=None) | {
+                "shard": Path(shard).name, "gpu": torch.cuda.get_device_name()}
+            save("clip", res)  # after each model: a run cut short keeps the figures it has
+        return res
     save("clip", res)
     return res
