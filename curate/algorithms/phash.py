@@ -109,49 +109,71 @@ def pairs_within_key(hashes: np.ndarray, mask: np.uint64, radius: int) -> np.nda
     return _pairs_within(h, mask, radius) if len(h) > 1 else np.zeros((0, 2), dtype=np.int64)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-D integer array by one sort: numpy's hash-based unique falls far behind
+    a sort once the array outgrows the caches."""
+    out = np.sort(values.ravel())
+    return out[np.r_[True, out[1:] != out[:-1]]] if len(out) else out
+
+
 def unique_pairs(pairs: np.ndarray) -> np.ndarray:
     """``np.unique(pairs, axis=0)`` for non-negative int64 pairs, as one 1-D sort of packed pairs
     when both ids fit in 32 bits (the axis form sorts rows as records, several times slower)."""
     if not len(pairs) or pairs.max() >= 2**32:
         return np.unique(pairs, axis=0)
-    packed = np.unique((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
+    packed = sorted_unique((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
     return np.stack([(packed >> np.uint64(32)).astype(np.int64), (packed & np.uint64(2**32 - 1)).astype(np.int64)], axis=1)
 
 
 def _key(h: np.ndarray, mask: np.uint64) -> tuple[np.ndarray, int]:
-    """The bits of ``h`` under ``mask`` packed together at the low end, and their number."""
-    key = np.zeros(len(h), dtype=np.uint64)
+    """The bits of ``h`` under ``mask`` packed together at the low end, and their number. Built in
+    place: at pool scale each temporary is a fresh mapping of the pool's size, and first touching
+    new memory costs more than the shifts."""
+    key = np.empty(len(h), dtype=np.uint64)
+    tmp = None
     bits, m = 0, int(mask)
     while m:
         shift = (m & -m).bit_length() - 1  # lowest set bit: a run of ones starts here
         width = ((m >> shift) ^ ((m >> shift) + 1)).bit_length() - 1
-        key |= ((h >> np.uint64(shift)) & np.uint64((1 << width) - 1)) << np.uint64(bits)
+        part = key if bits == 0 else (tmp if tmp is not None else np.empty_like(key))
+        np.right_shift(h, np.uint64(shift), out=part)
+        np.bitwise_and(part, np.uint64((1 << width) - 1), out=part)
+        if bits:
+            np.left_shift(part, np.uint64(bits), out=part)
+            np.bitwise_or(key, part, out=key)
+            tmp = part
         bits += width
         m &= ~(((1 << width) - 1) << shift)
     return key, bits
 
 
 def _sorted(key: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, sorted keys). Key and row packed in one uint64 when they fit: a plain sort of
-    numbers is several times faster than an argsort."""
+    """(order, sorted keys); ``key`` is consumed. Key and row packed in one uint64 when they fit:
+    a plain in-place sort of numbers is several times faster than an argsort."""
     row_bits = max(1, (len(key) - 1).bit_length())
     if bits + row_bits > 64:
         order = np.argsort(key)
         return order, key[order]
-    packed = np.sort((key << np.uint64(row_bits)) | np.arange(len(key), dtype=np.uint64))
-    return (packed & np.uint64((1 << row_bits) - 1)).astype(np.int64), packed >> np.uint64(row_bits)
+    packed = key
+    packed <<= np.uint64(row_bits)
+    packed |= np.arange(len(key), dtype=np.uint64)
+    packed.sort()
+    order = (packed & np.uint64((1 << row_bits) - 1)).view(np.int64)
+    packed >>= np.uint64(row_bits)
+    return order, packed
 
 
 def _pairs_within(h: np.ndarray, mask: np.uint64, radius: int) -> np.ndarray:
-    """Pairs of rows with equal bits under ``mask`` and within ``radius``: every pair of each run of
-    equal keys, run by offset (all runs at once, the runs too short for an offset dropping out), so
-    the work is the number of pairs compared, never a loop per row or per run."""
+    """Pairs of rows with equal bits under ``mask`` and within ``radius``. Every pair of a run of
+    equal keys is (i, i + d) in key order for some offset d: offset by offset, over all runs at
+    once, the positions still inside their run shrink until none is left, so the work is the number
+    of pairs compared, never a loop per row or per run."""
     order, sk = _sorted(*_key(h, mask))
+    pos = np.flatnonzero(sk[1:] == sk[:-1])  # positions with a next row in their run
+    if not len(pos):
+        return np.zeros((0, 2), dtype=np.int64)
     sh = h[order]  # hashes in key order: the comparisons below read memory in order
-    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    ends = np.r_[starts[1:], len(sk)]
-    end_of = np.repeat(ends, ends - starts)  # for each sorted position, the end of its run
-    pos = np.flatnonzero(end_of - np.arange(len(sk)) > 1)  # positions with a later row in their run
+    n = len(sk)
     out = []
     d = 1
     while len(pos):
@@ -160,7 +182,8 @@ def _pairs_within(h: np.ndarray, mask: np.uint64, radius: int) -> np.ndarray:
             a, b = order[ok], order[ok + d]
             out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
         d += 1
-        pos = pos[end_of[pos] - pos > d]
+        pos = pos[pos < n - d]
+        pos = pos[sk[pos + d] == sk[pos]]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 

@@ -288,7 +288,7 @@ class DedupStage(GlobalStage):
         del df
         self.write_results(ctx, out)
         dropped = out.filter(pl.col("reason").is_not_null())
-        return {"samples": n, "edges": counts, "groups": int(len(np.unique(roots[in_group]))),
+        return {"samples": n, "edges": counts, "groups": int(np.count_nonzero(in_group & (roots == np.arange(n)))),
                 "dropped": dict(dropped.group_by("reason").len().iter_rows())}
 
     def _partial_columns(self) -> list[str]:
@@ -312,8 +312,10 @@ class DedupStage(GlobalStage):
         rep = np.arange(df.height, dtype=np.int64)  # a row alone is its own root and representative
         grouped = np.flatnonzero(np.bincount(roots, minlength=df.height)[roots] > 1)
         order = grouped[np.lexsort((grouped, -score[grouped], roots[grouped]))]
-        first = np.unique(roots[order], return_index=True)[1]  # first row of each root in that order
-        rep[roots[order][first]] = order[first]
+        if len(order):
+            r = roots[order]
+            first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # first row of each root in that order
+            rep[r[first]] = order[first]
         return rep
 
     def _crop_pairs(self, df: pl.DataFrame) -> np.ndarray:

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from curate.algorithms.components import component_roots
-from curate.algorithms.phash import key_parts, pairs_within_key, search_tables, unique_pairs
+from curate.algorithms.phash import key_parts, pairs_within_key, search_tables, sorted_unique, unique_pairs
 from curate.io.parquet import num_rows, read_frame
 
 ROW_BITS = 32
@@ -128,7 +128,7 @@ def read_edges(parts: list, phash_rank: int) -> tuple[np.ndarray, np.ndarray]:
 def grouped_rows(partials: list, shards: list[str], edges: np.ndarray, kind: np.ndarray,
                  scored: bool) -> pl.DataFrame:
     """One row per sample touched by an edge: uid, shard, group root, best edge kind, score."""
-    nodes = np.unique(edges)
+    nodes = sorted_unique(edges)
     ia, ib = np.searchsorted(nodes, edges[:, 0]), np.searchsorted(nodes, edges[:, 1])
     roots = component_roots(len(nodes), np.stack([ia, ib], axis=1))
     best = np.full(len(nodes), 99, dtype=np.int64)

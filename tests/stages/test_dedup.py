@@ -34,6 +34,28 @@ def test_banded_search_equals_brute_force():
         assert np.array_equal(near_pairs(h, r), brute_force_pairs(h, r))
 
 
+def test_banded_search_is_exact_for_every_band_count():
+    """The cost model picks the band count by pool size; the search must be exact whichever it
+    picks (pigeonhole over the bands), so every count is checked against all pairs."""
+    import itertools
+
+    from curate.algorithms.phash import _bands, _pairs_within, sorted_unique, unique_pairs
+
+    rng = np.random.default_rng(4)
+    h = rng.integers(-2**63, 2**63 - 1, size=2000, dtype=np.int64)
+    h[1000:1400] = h[:400] ^ rng.integers(0, 2**20, 400) * np.int64(2**30)  # near copies, shifted flips
+    h[1400:1500] = h[:100]  # exact copies
+    for r in (2, 4):
+        want = brute_force_pairs(h, r)
+        for m in range(r + 1, r + 8):
+            bands = _bands(m)
+            tables = [np.uint64(sum(bands[i] for i in keep)) for keep in itertools.combinations(range(m), m - r)]
+            found = np.concatenate([_pairs_within(h.view(np.uint64), t, r) for t in tables])
+            assert np.array_equal(unique_pairs(found), want), (r, m)
+    v = rng.integers(0, 50, 1000)
+    assert np.array_equal(sorted_unique(v), np.unique(v)) and len(sorted_unique(v[:0])) == 0
+
+
 def test_banded_search_on_clustered_hashes_and_between_sets():
     """Hashes in tight clusters (long runs of equal keys, many exact repeats) and the search
     between two sets (eval sets, crops) give exactly the all-pairs answer."""
