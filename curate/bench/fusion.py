@@ -13,7 +13,6 @@ the CLIP loader's reads and are given for every side.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -96,10 +95,9 @@ def _side(pipe: PipelineConfig, inputs: str, samples: int, shard_bytes: int, end
 
 
 def run(samples: int = 4000, shards: int = 4) -> dict:
-    import s3fs
     import torch
 
-    from curate.bench.storage import BUCKET, _moto
+    from curate.bench.storage import BUCKET, moto_pool
     from curate.models.clip import load_clip
 
     pool = bench_pool(samples, shards, seed=5)
@@ -118,19 +116,8 @@ def run(samples: int = 4000, shards: int = 4) -> dict:
     res["local_cluster"] = _side(pipe, str(pool / "*.tar"), samples, shard_bytes, None,
                                  {"kind": "local_cluster", "n_workers": 2, "threads_per_worker": 1,
                                   "dashboard": False})
-    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(k, v)
-    proc, endpoint = _moto()
-    try:
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        fs.mkdir(BUCKET)
-        for p in tars:
-            fs.put(str(p), f"{BUCKET}/fusion-pool/{p.name}")
+    with moto_pool(tars, "fusion-pool") as endpoint:
         res["s3"] = _side(pipe, f"s3://{BUCKET}/fusion-pool/*.tar", samples, shard_bytes, endpoint, inprocess)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     save("fusion", res)
     print(json.dumps(res))
     return res
