@@ -48,7 +48,7 @@ MAX_MEMBER_BYTES = 64 * 1024 * 1024
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 # webdataset's key/extension split (tariterators.base_plus_ext), kept here to avoid depending
 # on a private helper whose signature changed between releases.
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+SAMPLE_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 
 class InputError(ValueError):
@@ -215,7 +215,7 @@ def iter_indexed_samples(path: str | Path, result: ShardReadResult | None = None
         try:
             for name, is_file, size, read in itertools.chain([first], members):
                 result.n_members += 1
-                match = _KEY_RE.match(name)
+                match = SAMPLE_KEY_RE.match(name)
                 key, ext = (match.group(1), match.group(2).lower()) if match else (name, "")
                 if current is None or key != current.key:
                     if current is not None and (want is None or want(row)):

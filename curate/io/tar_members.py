@@ -17,8 +17,10 @@ import os
 import tarfile
 from typing import BinaryIO, Callable, Iterator
 
+from curate.io import storage
+
 BLOCK = 512
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 _FILE_TYPES = (b"0", b"\x00", b"7")  # regular, old-style regular, contiguous: tarfile's isfile()
 _META_TYPES = (b"x", b"g", b"L", b"K")
 
@@ -38,10 +40,21 @@ def iter_members(f: BinaryIO) -> Iterator[Member]:
     f.seek(0)
     # the header reader seeks (to skip unwanted data, and to learn the size): local files, object
     # storage files and in-memory buffers can; a pipe cannot
-    if head.startswith(_COMPRESSED_MAGIC) or not f.seekable():
+    if head.startswith(COMPRESSED_MAGIC) or not f.seekable():
         yield from _tarfile_members(f)
     else:
         yield from _plain_members(f)
+
+
+def is_local_plain_tar(shard: object) -> bool:
+    """Whether ``shard`` is an uncompressed tar on the local disk (what DALI's reader can read)."""
+    if not isinstance(shard, str) or storage.is_url(shard):
+        return False
+    try:
+        with open(shard, "rb") as f:
+            return not f.read(6).startswith(COMPRESSED_MAGIC)
+    except OSError:
+        return False
 
 
 def _tarfile_members(f: BinaryIO) -> Iterator[Member]:

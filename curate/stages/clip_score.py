@@ -1,165 +1,33 @@
-"""CLIP score: batched open_clip inference per shard (map), then a global threshold (clip_rank).
+"""clip_score: batched open_clip inference per shard (map).
 
-``clip_score`` writes the cosine similarity of L2-normalised image and text embeddings (as
-DataComp) and both embeddings as float16 fixed-size lists, row order tied to uid, because dedup and
-the reference-set filter reuse them. ``clip_rank`` keeps the top fraction of the whole pool (one
-global threshold, ties broken by uid), the samples above an absolute score, or the samples above a
-score calibrated on held-out pairs for this very scorer (``stages/clip_calibration.py``).
+It writes the cosine similarity of L2-normalised image and text embeddings (as DataComp) and both
+embeddings as float16 fixed-size lists, row order tied to uid, because dedup, the reference-set
+filter, clip_loss and the classifier reuse them. The CPU loader is ``models/clip_loader.py``, the
+device decoders ``models/device_preprocess.py`` (nvJPEG) and ``models/dali_*.py``, the forward
+``models/clip_forward.py``; ``clip_rank`` (``stages/clip_rank.py``) thresholds the scores.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import math
 import multiprocessing
 import os
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from curate.core.config import Strict
 from curate.engine.background import in_background
-from curate.core.config import Strict, require_exactly_one
-from curate.algorithms.text_regions import fill_regions
 from curate.io.embeddings import fixed_list
-from curate.io.images import draft_short_side, open_checked, to_rgb
-from curate.io.parquet import read_table, write_table
-from curate.io import storage
-from curate.io.shards import expand_input, iter_indexed_samples
+from curate.io.tar_members import is_local_plain_tar
 from curate.models.clip_forward import ClipForward
-from curate.stages.base import GlobalContext, GlobalStage, MapStage, ShardContext, StageOutput
-from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
+from curate.models.clip_loader import RowTokens, ShardImages, collate, image_size, shard_images_dataset
+from curate.stages.base import MapStage, ShardContext, StageOutput
 from curate.stages.registry import register_stage
-from curate.engine.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
-
-
-def _dataset_class():
-    """The IterableDataset class, built on first use: importing this module does not load torch."""
-    import torch
-
-    return type("ShardImages", (_ShardImages, torch.utils.data.IterableDataset), {})
-
-
-class _ShardImages:
-    """The rows to embed, as an IterableDataset (see _dataset_class) of
-    ``(row, payload, reason, caption, is_jpeg)``: the payload is the preprocessed image tensor, or,
-    with ``raw_jpeg``, the undecoded bytes of a plain RGB/greyscale JPEG, left for the device to
-    decode. Each loader worker streams the tar and handles only its share of rows, so memory stays
-    bounded by the batch, not the shard."""
-
-    # Larger JPEGs are decoded on the CPU at a DCT-reduced size instead: a batch of full-size
-    # camera photos decoded on the GPU would take gigabytes before the resize.
-    RAW_JPEG_MAX_PIXELS = 2048 * 2048
-
-    def __init__(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], preprocess,
-                 draft: int, max_pixels: int, timeout_s: float | None = None,
-                 captions: dict[int, str] | None = None, raw_jpeg: bool = False,
-                 masks: dict[int, list] | None = None):
-        # a tar path, or a reader as ShardContext.reader() gives it (the fused task's one read)
-        self.read = functools.partial(iter_indexed_samples, shard) if isinstance(shard, str) else shard
-        self.rows, self.preprocess = set(rows), preprocess
-        self.draft, self.max_pixels, self.raw_jpeg = draft, max_pixels, raw_jpeg
-        self.limiter = TimeLimiter(timeout_s, name="clip-decode")
-        self.captions = captions or {}
-        self.masks = masks or {}  # row -> text boxes to fill before preprocessing (T-MARS)
-
-    def __iter__(self) -> Iterator[tuple[int, Any, str | None, str, bool]]:
-        import torch
-
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        # every nw-th row to embed; the reader skips the other rows' data without reading it
-        mine = {r for k, r in enumerate(sorted(self.rows)) if k % nw == wid}
-        for i, s in self.read(None, mine.__contains__):
-            payload, reason = self._decode(s.image(), s.image_ext(), self.masks.get(i))
-            is_jpeg = reason is None and payload.dtype == torch.uint8
-            yield i, payload, reason, self.captions.get(i) or "", is_jpeg
-
-    def _decode(self, data: bytes | None, ext: str | None, boxes: list | None = None) -> tuple[Any, str | None]:
-        """(tensor, None) or (placeholder, reason)."""
-        import torch
-
-        try:
-            return self.limiter.call(self._preprocess, data, ext, boxes), None
-        except SampleTimeout:
-            return torch.zeros(3, 1, 1), "clip:decode_timeout"
-        except Exception:  # any decode failure is a per-row reason, never a crashed shard
-            return torch.zeros(3, 1, 1), "clip:undecodable"
-
-    def _preprocess(self, data: bytes | None, ext: str | None, boxes: list | None = None):
-        import torch
-
-        im, _ = open_checked(data, ext, self.max_pixels)
-        if (self.raw_jpeg and not boxes and im.format == "JPEG" and im.mode in ("RGB", "L")
-                and im.width * im.height <= self.RAW_JPEG_MAX_PIXELS):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if self.draft:
-            draft_short_side(im, self.draft)
-        im = to_rgb(im)
-        if boxes:
-            from PIL import Image
-
-            im = Image.fromarray(fill_regions(np.asarray(im), boxes))
-        return self.preprocess(im)
-
-
-class _RowTokens:
-    """Caption tokens of ``rows``, tokenised in order on a helper thread a few batches ahead;
-    ``take`` returns those of any rows, in the order asked."""
-
-    def __init__(self, tokenizer, rows: list[int], captions: list[str], size: int):
-        chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
-        self._chunks = in_background(((c, tokenizer([captions[r] or "" for r in c])) for c in chunks),
-                                     depth=4, name="clip-tokens")
-        self._have: dict[int, Any] = {}
-
-    def take(self, rows: list[int]):
-        import torch
-
-        while any(r not in self._have for r in rows):
-            chunk, toks = next(self._chunks)
-            self._have.update(zip(chunk, toks))
-        return torch.stack([self._have.pop(r) for r in rows])
-
-    def close(self) -> None:
-        self._chunks.close()
-
-
-def _local_plain_tar(shard: object) -> bool:
-    """Whether ``shard`` is an uncompressed tar on the local disk (what DALI's reader can read)."""
-    from curate.io.tar_members import _COMPRESSED_MAGIC
-
-    if not isinstance(shard, str) or storage.is_url(shard):
-        return False
-    try:
-        with open(shard, "rb") as f:
-            return not f.read(6).startswith(_COMPRESSED_MAGIC)
-    except OSError:
-        return False
-
-
-def _collate(batch, tokenizer) -> dict[str, Any]:
-    """One loader batch: rows, the CPU-preprocessed images stacked (zeros where a row failed or
-    waits for device decoding), JPEG bytes to decode on the device with their positions, per-row
-    failure reasons, and the captions tokenised as one batch. The collate function runs in the
-    loader workers when there are any, so tokenising here keeps it off the forward loop."""
-    import torch
-
-    ready = [b[2] is None and not b[4] for b in batch]  # preprocessed here, nothing left to do
-    shape = next((b[1].shape for b, r in zip(batch, ready) if r), None)
-    images = None if shape is None else torch.stack([b[1] if r else torch.zeros(shape) for b, r in zip(batch, ready)])
-    jpeg_pos = [j for j, b in enumerate(batch) if b[4]]
-    # one buffer, not one tensor per file: each tensor crossing from a loader worker costs a
-    # shared-memory segment and a file descriptor
-    jpegs = torch.cat([batch[j][1] for j in jpeg_pos]) if jpeg_pos else None
-    return {"rows": [b[0] for b in batch], "images": images, "jpeg_pos": jpeg_pos, "jpegs": jpegs,
-            "jpeg_sizes": [len(batch[j][1]) for j in jpeg_pos], "failures": [b[2] for b in batch],
-            "tokens": tokenizer([b[3] for b in batch])}
 
 
 @register_stage
@@ -272,7 +140,7 @@ class ClipScoreStage(MapStage):
             self._forward_fn = ClipForward(clip, device, precision=self.params.precision,
                                            compile=self.params.compile, batch_size=self.params.batch_size,
                                            text_cache=self.params.text_cache)
-            self._info = dict(clip.info, image_size=clip.info.get("image_size") or _image_size(clip.preprocess),
+            self._info = dict(clip.info, image_size=clip.info.get("image_size") or image_size(clip.preprocess),
                               decode=f"device ({decoder} for JPEG)" if on_device else "PIL on the CPU",
                               compiled=self.params.compile, text_prefix=self._forward_fn.trims_text)
             self._clip = clip
@@ -351,7 +219,7 @@ class ClipScoreStage(MapStage):
         from curate.models.dali_preprocess import DaliPreprocess
 
         on_device = self.device_preprocess(self._clip, device)
-        if isinstance(on_device, DaliPreprocess) and not masks and _local_plain_tar(shard):
+        if isinstance(on_device, DaliPreprocess) and not masks and is_local_plain_tar(shard):
             if self._dali is None:  # one per process: its decoder takes seconds to build
                 self._dali = ShardPipeline(on_device, device, self._dali_threads(device), self.params.batch_size)
             return self._dali_batches(self._dali, shard, rows, captions, keys, device)
@@ -367,13 +235,13 @@ class ClipScoreStage(MapStage):
         clip = self._clip
         size = self._info["image_size"]
         on_device = self.device_preprocess(clip, device)
-        ds = _dataset_class()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
+        ds = shard_images_dataset()(shard, rows, clip.preprocess, draft=2 * int(size) if self.params.jpeg_draft else 0,
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
                                 masks=masks)
         nw = self._loader_workers(device) if loader_workers is None else loader_workers
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
-                                             collate_fn=functools.partial(_collate, tokenizer=clip.tokenizer),
+                                             collate_fn=functools.partial(collate, tokenizer=clip.tokenizer),
                                              # pinning would copy every JPEG byte once more; the
                                              # device decoders take pageable buffers
                                              pin_memory=device == "cuda" and on_device is None,
@@ -396,14 +264,14 @@ class ClipScoreStage(MapStage):
         ``_loader_batches``, which gives the standard result row by row."""
         import torch
 
-        from curate.io.shards import _KEY_RE
+        from curate.io.shards import SAMPLE_KEY_RE
         from curate.models.dali_pipeline import decodable
 
         want, size = set(rows), self.params.batch_size
         # larger images go to the loader path, which decodes them at reduced size
-        max_pixels = min(self.params.max_pixels, _ShardImages.RAW_JPEG_MAX_PIXELS)
+        max_pixels = min(self.params.max_pixels, ShardImages.RAW_JPEG_MAX_PIXELS)
         slow: list[int] = []
-        tokens = _RowTokens(self._clip.tokenizer, rows, captions, size)
+        tokens = RowTokens(self._clip.tokenizer, rows, captions, size)
 
         def decoded(batch_rows: list[int], encoded: list, stream) -> tuple[list[int], Any, list, Any] | None:
             try:
@@ -424,7 +292,7 @@ class ClipScoreStage(MapStage):
             seen = -1  # rows up to here are accounted for
             try:
                 for row, name, data in pipeline.members(shard, want.__contains__):
-                    match = _KEY_RE.match(name) if name else None
+                    match = SAMPLE_KEY_RE.match(name) if name else None
                     if match and keys is not None and row < len(keys) and match.group(1) != keys[row]:
                         # the shard changed since indexing, or DALI groups its members otherwise
                         log.warning("shard %s: DALI's sample %d is %s, the index says %s; the loader path "
@@ -533,194 +401,3 @@ class ClipScoreStage(MapStage):
         else:
             del out.columns["image_emb"], out.columns["text_emb"]
         return out
-
-
-def _image_size(preprocess) -> int:
-    for t in getattr(preprocess, "transforms", []):
-        size = getattr(t, "size", None)
-        if isinstance(size, (tuple, list)) and size:
-            return int(size[0])
-        if isinstance(size, int):
-            return size
-    return 224
-
-
-@register_stage
-class ClipRankStage(GlobalStage):
-    """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
-
-    name = "clip_rank"
-    columns = {
-        "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
-    }
-    version = "1"
-
-    class Params(Strict):
-        scores_from: str = Field("clip_score", description="id of the stage whose scores are ranked (a clip_score "
-                                 "stage; or index, for the scores a metadata pool carries)")
-        score_column: str = Field("clip_score", description="the column of that stage to rank, e.g. "
-                                  "clip_l14_similarity_score of a DataComp metadata pool")
-        datacomp_parity: bool = Field(False, description="top_fraction as DataComp computes it: the threshold is "
-                                      "the score at index floor(n * f) of the scores sorted descending, "
-                                      "ties kept (default: exactly ceil(n * f) kept, ties broken by uid)")
-        top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
-        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
-                                        "(tied to one scorer: prefer calibrate)")
-        calibrate: Calibration | None = Field(None, description="or keep scores >= a threshold chosen "
-                                              "on held-out pairs scored by this run's CLIP stage")
-        exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
-        hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1]: the histogram threshold, and the "
-                               "exact one's first pass (its second pass holds one bin's rows)")
-        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
-
-        @model_validator(mode="after")
-        def _one_rule(self):
-            require_exactly_one(self, "top_fraction", "min_score", "calibrate")
-            return self
-
-    def value_fields(self) -> list[pa.Field]:
-        return [pa.field("clip_rank_threshold", pa.float32())]
-
-    def reads(self) -> tuple[str, ...]:
-        return (self.params.scores_from,)
-
-    def format_summary(self, s: dict[str, Any]) -> list[str]:
-        lines = [f"{self.stage_id}: threshold {s.get('threshold')} over {s.get('n')} scores of "
-                 f"{self.params.scores_from} ({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})"]
-        cal = s.get("calibration")
-        if cal:
-            lines.append(f"  calibrated ({cal['rule']}) on {cal['heldout_pairs']} held-out pairs: keeps "
-                         f"{cal['heldout_recall']:.1%} of matched and {cal['heldout_false_accept']:.1%} of "
-                         f"shuffled pairs (precision {cal['heldout_precision']}); median score matched "
-                         f"{cal['matched_median']}, shuffled {cal['shuffled_median']}")
-        return lines
-
-    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
-        cal = self.params.calibrate
-        if cal is None:
-            return {}
-        try:
-            shards = expand_input(cal.heldout)
-        except Exception:  # reported by preflight and by combine
-            shards = []
-        return {"heldout": [(p, storage.size(p)) for p in shards]}
-
-    def partial_fields(self) -> list[pa.Field]:
-        return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float64())]
-
-    def preflight(self, model_cache: str | None = None) -> list[str]:
-        cal = self.params.calibrate
-        if cal is None:
-            return []
-        try:
-            found = len(heldout_captions(expand_input(cal.heldout), 20))
-        except Exception as e:  # a missing or unreadable held-out set, named
-            return [f"{self.stage_id}: calibrate.heldout: {e}"]
-        return [] if found >= 20 else [f"{self.stage_id}: calibrate.heldout {cal.heldout!r} holds {found} "
-                                       "usable pair(s); calibration needs at least 20"]
-
-    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
-        uids = ctx.column("uid")
-        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
-        ev = ctx.evaluate
-        keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
-        return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
-
-    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
-        p = self.params
-        edges = np.linspace(-1.0, 1.0, p.hist_bins + 1)
-        hist = np.zeros(p.hist_bins, dtype=np.int64)
-        n = 0
-        for path in ctx.partials():  # pass 1: streaming, bounded memory
-            s = read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
-            hist += np.histogram(np.clip(s, -1, 1), bins=edges)[0]
-            n += len(s)
-        art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else
-                               "calibrated" if p.calibrate else "top_fraction"}
-        if p.min_score is not None:
-            art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
-        elif p.calibrate is not None:
-            scorer = ctx.pipeline_stage(self.params.scores_from)
-            matched, shuffled = heldout_scores(scorer, p.calibrate, ctx.run.device, ctx.run.model_cache)
-            cal = choose_threshold(matched, shuffled, p.calibrate)
-            art.update(threshold=cal["threshold"], tie_uid=None, k=None, exact=True, calibration=cal)
-            log.info("clip_rank calibrated on %d held-out pairs: %s", cal["heldout_pairs"], cal)
-        elif n == 0:
-            art.update(threshold=None, tie_uid=None, k=0, exact=True)
-        elif p.datacomp_parity:
-            s = np.sort(np.concatenate([read_table(x, columns=["clip_score"]).column(0).to_numpy()
-                                        for x in ctx.partials()]))[::-1]
-            art.update(threshold=float(s[min(n - 1, math.floor(n * p.top_fraction))]), tie_uid=None,
-                       k=None, exact=True, rule="datacomp_top_fraction")
-        else:
-            k = max(1, math.ceil(p.top_fraction * n))
-            art["k"] = k
-            if n <= p.exact_max_rows:
-                threshold, tie_uid = kth_ranked(ctx.partials(), k, p.hist_bins)
-                art.update(threshold=threshold, tie_uid=tie_uid, exact=True)
-            else:
-                # Approximate: the lower edge of the bin holding the k-th score. Scores kept differ
-                # from the exact top-k only inside that one bin: error <= 2 / hist_bins in score,
-                # and <= that bin's count in samples (both recorded).
-                cum = np.cumsum(hist[::-1])
-                b = p.hist_bins - 1 - int(np.searchsorted(cum, k))
-                art.update(threshold=float(edges[b]), tie_uid=None, exact=False,
-                           score_error_bound=2.0 / p.hist_bins, count_error_bound=int(hist[b]))
-        work = ctx.work
-        ctx.write_json(ctx.stage_id, art)
-        coarse = hist.reshape(-1, p.hist_bins // 256).sum(1) if p.hist_bins % 256 == 0 else hist
-        cedges = np.linspace(-1.0, 1.0, len(coarse) + 1)
-        write_table(pa.table({"bin_lo": cedges[:-1], "bin_hi": cedges[1:], "count": coarse}),
-                    work.global_artifact(f"{ctx.stage_id}_histogram"))
-        return art
-
-    def apply(self, ctx: ShardContext) -> StageOutput:
-        art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
-        thr, tie = art["threshold"], art["tie_uid"]
-        uids = ctx.column("uid")
-        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
-        ev = ctx.evaluate
-        reasons = [None if not e else "clip:no_score" if s is None else
-                   None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
-                   for u, s, e in zip(uids, scores, ev)]
-        return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
-
-
-def _score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
-    """Bin of each score over [-1, 1] (outside values in the end bins; NaN in bin -1, ranked last)."""
-    b = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (bins / 2.0))
-    return np.where(np.isnan(scores), -1, np.minimum(b, bins - 1)).astype(np.int64)
-
-
-def kth_ranked(partials: list, k: int, bins: int) -> tuple[float, str]:
-    """(score, uid) of the k-th pair (1-based) in the order score descending, uid ascending, over
-    Parquet files with ``uid`` and ``clip_score``: exact, in two streaming passes. Pass 1 counts
-    scores per bin; pass 2 keeps only the rows of the bin that holds the k-th and sorts them. Equal
-    scores share a bin, so the order of the rows in other bins does not matter; memory is one
-    file's scores plus one bin's rows."""
-    counts = np.zeros(bins + 1, dtype=np.int64)  # slot 0: NaN, then the bins
-    for path in partials:
-        s = read_table(path, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
-        counts += np.bincount(_score_bins(s, bins) + 1, minlength=bins + 1)
-    from_top = np.cumsum(counts[::-1])  # rows in the bins from the top down to each
-    slot = bins - int(np.searchsorted(from_top, k))  # the slot holding the k-th row
-    above = int(from_top[bins - slot - 1]) if slot < bins else 0
-    scores, uids = [], []
-    for path in partials:
-        t = read_table(path, columns=["uid", "clip_score"])
-        s = t.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
-        mine = np.flatnonzero(_score_bins(s, bins) + 1 == slot)
-        if len(mine):
-            scores.append(s[mine])
-            uids.append(np.array(t.column("uid").take(mine).to_pylist()))
-    s, u = np.concatenate(scores), np.concatenate(uids)
-    last = np.lexsort((u, -s))[k - above - 1]  # NaN ranks last, as -NaN sorts last
-    return float(s[last]), str(u[last])
-
-
-def ranks_in(score: float, uid: str, threshold: float | None, tie_uid: str | None) -> bool:
-    """The kept set: score above the threshold, or equal to it with a uid not after the tie uid."""
-    if threshold is None:
-        return False
-    score = float(score)
-    return score > threshold or (score == threshold and (tie_uid is None or uid <= tie_uid))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,9 +15,7 @@ from curate.io.shards import iter_samples
 from curate.models.clip import ModelError, load_clip
 from curate.models.dali_preprocess import dali_available
 from curate.core.pipeline import run_pipeline
-from curate.stages.base import GlobalContext, RunInfo
 from curate.io.embeddings import embeddings
-from curate.stages.clip_score import ClipRankStage, ranks_in
 from tests.conftest import (HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, shared_data, tables_equal_dir,
                             write_tar)
 
@@ -102,48 +99,6 @@ def test_batch_size_workers_and_order_do_not_change_selection(pool: Path, tmp_pa
     kept = pl.read_parquet(tmp_path / "a" / "clip_rank" / "*.parquet")["keep_clip_rank"]
     n = kept.is_not_null().sum()
     assert kept.sum() == int(np.ceil(0.3 * n))
-
-
-def _rank_with_partials(tmp_path: Path, parts: list[list[tuple[str, float]]], **params) -> dict:
-    st = ClipRankStage(ClipRankStage.Params(**params))
-    run = RunInfo(run_id="t", workdir=str(tmp_path))
-    ctx = GlobalContext(stage_id="clip_rank", shards=[f"s{i}" for i in range(len(parts))], run=run)
-    for path, rows in zip(ctx.partials(), parts):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"uid": [u for u, _ in rows], "clip_score": pa.array([s for _, s in rows], pa.float32())}), path)
-    return st.combine(ctx)
-
-
-def test_top_fraction_exact_with_ties(tmp_path: Path):
-    rows = [(f"{i:032x}", 0.5) for i in range(10)] + [(f"{100 + i:032x}", 0.9) for i in range(2)] + \
-           [(f"{200 + i:032x}", 0.1) for i in range(8)]
-    art = _rank_with_partials(tmp_path, [rows[:7], rows[7:]], top_fraction=0.25)
-    assert art["k"] == 5 and art["threshold"] == pytest.approx(0.5)
-    kept = [u for u, s in rows if ranks_in(np.float32(s), u, art["threshold"], art["tie_uid"])]
-    assert len(kept) == 5
-    assert sorted(kept)[:3] == [f"{i:032x}" for i in range(3)]  # ties broken by smallest uid
-    assert (tmp_path / "global" / "clip_rank_histogram.parquet").exists()
-
-
-def test_approximate_threshold_within_documented_bound(tmp_path: Path):
-    rng = np.random.default_rng(0)
-    scores = rng.normal(0.25, 0.05, 5000).astype(np.float32)
-    rows = [(f"{i:032x}", float(s)) for i, s in enumerate(scores)]
-    art = _rank_with_partials(tmp_path, [rows], top_fraction=0.3, exact_max_rows=10)
-    assert not art["exact"]
-    kept = int((scores >= art["threshold"]).sum())
-    assert abs(kept - art["k"]) <= art["count_error_bound"]
-    exact = np.sort(scores)[::-1][art["k"] - 1]
-    assert abs(exact - art["threshold"]) <= art["score_error_bound"]
-
-
-def test_rank_params_validated():
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError):
-        ClipRankStage.Params(top_fraction=0.3, min_score=0.2)
-    with pytest.raises(ValidationError):
-        ClipRankStage.Params()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path):
@@ -247,39 +202,15 @@ def test_device_decode_scores_match_and_broken_jpegs_are_reasons(tmp_path: Path,
 
 
 def test_large_jpegs_stay_on_the_cpu_path(monkeypatch):
-    from curate.stages import clip_score
+    from curate.models import clip_loader
 
     clip = load_clip("curate-tiny", None)
-    ds = clip_score._dataset_class()("unused.tar", [0], clip.preprocess, draft=128, max_pixels=10**8, raw_jpeg=True)
+    ds = clip_loader.shard_images_dataset()("unused.tar", [0], clip.preprocess, draft=128, max_pixels=10**8, raw_jpeg=True)
     small, big = jpeg_bytes((64, 48)), jpeg_bytes((300, 200))
-    monkeypatch.setattr(clip_score._ShardImages, "RAW_JPEG_MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(clip_loader.ShardImages, "RAW_JPEG_MAX_PIXELS", 100 * 100)
     assert ds._preprocess(small, "jpg").dtype == torch.uint8  # bytes for the device decoder
     out = ds._preprocess(big, "jpg")
     assert out.dtype == torch.float32 and out.shape == (3, 64, 64)  # decoded and preprocessed here
-
-
-@pytest.mark.parametrize("bins", [16, 65536])
-def test_kth_ranked_equals_a_full_sort(tmp_path: Path, bins: int):
-    """The two-pass threshold equals sorting every (score, uid): ties, repeated scores, NaN, scores
-    outside [-1, 1], k at both ends, several files."""
-    from curate.stages.clip_score import kth_ranked
-
-    rng = np.random.default_rng(bins)
-    n = 3000
-    scores = np.round(rng.normal(0.25, 0.1, n), 3)  # many exact ties
-    scores[:40] = np.nan
-    scores[40:45] = [1.0, -1.0, 1.5, -3.0, 0.25]
-    uids = np.array([f"{x:032x}" for x in rng.permutation(n)])
-    paths = []
-    for k, part in enumerate(np.array_split(rng.permutation(n), 5)):
-        p = tmp_path / f"{k}.parquet"
-        pq.write_table(pa.table({"uid": uids[part].tolist(), "clip_score": scores[part]}), p)
-        paths.append(p)
-    order = np.lexsort((uids, -scores))
-    for k in (1, 2, 17, 900, n - 41, n - 40, n - 39, n):
-        s, u = kth_ranked(paths, k, bins)
-        want = order[k - 1]
-        assert u == uids[want] and (s == scores[want] or (np.isnan(s) and np.isnan(scores[want]))), k
 
 
 @pytest.mark.parametrize("bad", [set(), {0}, {3, 50, 51, 99}, set(range(100))])

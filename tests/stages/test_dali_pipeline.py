@@ -47,7 +47,7 @@ def odd_shard(tmp_path: Path) -> Path:
 
 
 def test_members_are_our_readers_images(tmp_path: Path, pool: Path):
-    from curate.io.shards import _KEY_RE
+    from curate.io.shards import SAMPLE_KEY_RE
     from curate.models.dali_pipeline import ShardPipeline
 
     pipe = ShardPipeline(None, "cpu", threads=2, batch_size=5)
@@ -58,7 +58,7 @@ def test_members_are_our_readers_images(tmp_path: Path, pool: Path):
         for (key, data), (row, name, got) in zip(ours, theirs):
             assert (name is None) == (not data)
             if name:
-                assert _KEY_RE.match(name).group(1) == key
+                assert SAMPLE_KEY_RE.match(name).group(1) == key
                 assert (got is None) if row % 3 == 1 else (got.tobytes() == data)
 
 
@@ -154,11 +154,11 @@ def test_pipeline_path_leaves_a_changed_shard_and_missing_rows_to_the_loader_pat
 def test_only_local_uncompressed_tars_go_to_dali(tmp_path: Path):
     import gzip
 
-    from curate.stages.clip_score import _local_plain_tar
+    from curate.io.tar_members import is_local_plain_tar
 
     tar = odd_shard(tmp_path)
     gz = tmp_path / "odd.tar.gz"
     gz.write_bytes(gzip.compress(tar.read_bytes()))
-    assert _local_plain_tar(str(tar))
-    assert not _local_plain_tar(str(gz)) and not _local_plain_tar(str(tmp_path / "nope.tar"))
-    assert not _local_plain_tar("s3://bucket/odd.tar") and not _local_plain_tar(lambda: None)
+    assert is_local_plain_tar(str(tar))
+    assert not is_local_plain_tar(str(gz)) and not is_local_plain_tar(str(tmp_path / "nope.tar"))
+    assert not is_local_plain_tar("s3://bucket/odd.tar") and not is_local_plain_tar(lambda: None)

@@ -1,0 +1,208 @@
+"""clip_rank: one global threshold over a pool's CLIP scores (DataComp's CLIP-score top 30 %).
+
+It keeps the top fraction of the whole pool (one global threshold, ties broken by uid, or
+DataComp's own rule with ``datacomp_parity``), the samples above an absolute score, or the samples
+above a score calibrated on held-out pairs for this very scorer (``stages/clip_calibration.py``).
+The scores come from a ``clip_score`` stage, another scorer's column, or a metadata pool's index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from curate.core.config import Strict, require_exactly_one
+from curate.io import storage
+from curate.io.parquet import read_table, write_table
+from curate.io.shards import expand_input
+from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
+from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
+from curate.stages.registry import register_stage
+
+log = logging.getLogger(__name__)
+
+
+@register_stage
+class ClipRankStage(GlobalStage):
+    """One global threshold over the pool's CLIP scores (DataComp's CLIP-score top 30 %)."""
+
+    name = "clip_rank"
+    columns = {
+        "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
+    }
+    version = "1"
+
+    class Params(Strict):
+        scores_from: str = Field("clip_score", description="id of the stage whose scores are ranked (a clip_score "
+                                 "stage; or index, for the scores a metadata pool carries)")
+        score_column: str = Field("clip_score", description="the column of that stage to rank, e.g. "
+                                  "clip_l14_similarity_score of a DataComp metadata pool")
+        datacomp_parity: bool = Field(False, description="top_fraction as DataComp computes it: the threshold is "
+                                      "the score at index floor(n * f) of the scores sorted descending, "
+                                      "ties kept (default: exactly ceil(n * f) kept, ties broken by uid)")
+        top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
+        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
+                                        "(tied to one scorer: prefer calibrate)")
+        calibrate: Calibration | None = Field(None, description="or keep scores >= a threshold chosen "
+                                              "on held-out pairs scored by this run's CLIP stage")
+        exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
+        hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1]: the histogram threshold, and the "
+                               "exact one's first pass (its second pass holds one bin's rows)")
+        all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
+
+        @model_validator(mode="after")
+        def _one_rule(self):
+            require_exactly_one(self, "top_fraction", "min_score", "calibrate")
+            return self
+
+    def value_fields(self) -> list[pa.Field]:
+        return [pa.field("clip_rank_threshold", pa.float32())]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.params.scores_from,)
+
+    def format_summary(self, s: dict[str, Any]) -> list[str]:
+        lines = [f"{self.stage_id}: threshold {s.get('threshold')} over {s.get('n')} scores of "
+                 f"{self.params.scores_from} ({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})"]
+        cal = s.get("calibration")
+        if cal:
+            lines.append(f"  calibrated ({cal['rule']}) on {cal['heldout_pairs']} held-out pairs: keeps "
+                         f"{cal['heldout_recall']:.1%} of matched and {cal['heldout_false_accept']:.1%} of "
+                         f"shuffled pairs (precision {cal['heldout_precision']}); median score matched "
+                         f"{cal['matched_median']}, shuffled {cal['shuffled_median']}")
+        return lines
+
+    def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
+        cal = self.params.calibrate
+        if cal is None:
+            return {}
+        try:
+            shards = expand_input(cal.heldout)
+        except Exception:  # reported by preflight and by combine
+            shards = []
+        return {"heldout": [(p, storage.size(p)) for p in shards]}
+
+    def partial_fields(self) -> list[pa.Field]:
+        return [pa.field("uid", pa.string()), pa.field("clip_score", pa.float64())]
+
+    def preflight(self, model_cache: str | None = None) -> list[str]:
+        cal = self.params.calibrate
+        if cal is None:
+            return []
+        try:
+            found = len(heldout_captions(expand_input(cal.heldout), 20))
+        except Exception as e:  # a missing or unreadable held-out set, named
+            return [f"{self.stage_id}: calibrate.heldout: {e}"]
+        return [] if found >= 20 else [f"{self.stage_id}: calibrate.heldout {cal.heldout!r} holds {found} "
+                                       "usable pair(s); calibration needs at least 20"]
+
+    def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        uids = ctx.column("uid")
+        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
+        ev = ctx.evaluate
+        keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
+        return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
+
+    def combine(self, ctx: GlobalContext) -> dict[str, Any]:
+        p = self.params
+        edges = np.linspace(-1.0, 1.0, p.hist_bins + 1)
+        hist = np.zeros(p.hist_bins, dtype=np.int64)
+        n = 0
+        for path in ctx.partials():  # pass 1: streaming, bounded memory
+            s = read_table(path, columns=["clip_score"]).column(0).to_numpy().astype(np.float64)
+            hist += np.histogram(np.clip(s, -1, 1), bins=edges)[0]
+            n += len(s)
+        art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else
+                               "calibrated" if p.calibrate else "top_fraction"}
+        if p.min_score is not None:
+            art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
+        elif p.calibrate is not None:
+            scorer = ctx.pipeline_stage(self.params.scores_from)
+            matched, shuffled = heldout_scores(scorer, p.calibrate, ctx.run.device, ctx.run.model_cache)
+            cal = choose_threshold(matched, shuffled, p.calibrate)
+            art.update(threshold=cal["threshold"], tie_uid=None, k=None, exact=True, calibration=cal)
+            log.info("clip_rank calibrated on %d held-out pairs: %s", cal["heldout_pairs"], cal)
+        elif n == 0:
+            art.update(threshold=None, tie_uid=None, k=0, exact=True)
+        elif p.datacomp_parity:
+            s = np.sort(np.concatenate([read_table(x, columns=["clip_score"]).column(0).to_numpy()
+                                        for x in ctx.partials()]))[::-1]
+            art.update(threshold=float(s[min(n - 1, math.floor(n * p.top_fraction))]), tie_uid=None,
+                       k=None, exact=True, rule="datacomp_top_fraction")
+        else:
+            k = max(1, math.ceil(p.top_fraction * n))
+            art["k"] = k
+            if n <= p.exact_max_rows:
+                threshold, tie_uid = kth_ranked(ctx.partials(), k, p.hist_bins)
+                art.update(threshold=threshold, tie_uid=tie_uid, exact=True)
+            else:
+                # Approximate: the lower edge of the bin holding the k-th score. Scores kept differ
+                # from the exact top-k only inside that one bin: error <= 2 / hist_bins in score,
+                # and <= that bin's count in samples (both recorded).
+                cum = np.cumsum(hist[::-1])
+                b = p.hist_bins - 1 - int(np.searchsorted(cum, k))
+                art.update(threshold=float(edges[b]), tie_uid=None, exact=False,
+                           score_error_bound=2.0 / p.hist_bins, count_error_bound=int(hist[b]))
+        work = ctx.work
+        ctx.write_json(ctx.stage_id, art)
+        coarse = hist.reshape(-1, p.hist_bins // 256).sum(1) if p.hist_bins % 256 == 0 else hist
+        cedges = np.linspace(-1.0, 1.0, len(coarse) + 1)
+        write_table(pa.table({"bin_lo": cedges[:-1], "bin_hi": cedges[1:], "count": coarse}),
+                    work.global_artifact(f"{ctx.stage_id}_histogram"))
+        return art
+
+    def apply(self, ctx: ShardContext) -> StageOutput:
+        art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
+        thr, tie = art["threshold"], art["tie_uid"]
+        uids = ctx.column("uid")
+        scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
+        ev = ctx.evaluate
+        reasons = [None if not e else "clip:no_score" if s is None else
+                   None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
+                   for u, s, e in zip(uids, scores, ev)]
+        return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
+
+
+def _score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each score over [-1, 1] (outside values in the end bins; NaN in bin -1, ranked last)."""
+    b = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (bins / 2.0))
+    return np.where(np.isnan(scores), -1, np.minimum(b, bins - 1)).astype(np.int64)
+
+
+def kth_ranked(partials: list, k: int, bins: int) -> tuple[float, str]:
+    """(score, uid) of the k-th pair (1-based) in the order score descending, uid ascending, over
+    Parquet files with ``uid`` and ``clip_score``: exact, in two streaming passes. Pass 1 counts
+    scores per bin; pass 2 keeps only the rows of the bin that holds the k-th and sorts them. Equal
+    scores share a bin, so the order of the rows in other bins does not matter; memory is one
+    file's scores plus one bin's rows."""
+    counts = np.zeros(bins + 1, dtype=np.int64)  # slot 0: NaN, then the bins
+    for path in partials:
+        s = read_table(path, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
+        counts += np.bincount(_score_bins(s, bins) + 1, minlength=bins + 1)
+    from_top = np.cumsum(counts[::-1])  # rows in the bins from the top down to each
+    slot = bins - int(np.searchsorted(from_top, k))  # the slot holding the k-th row
+    above = int(from_top[bins - slot - 1]) if slot < bins else 0
+    scores, uids = [], []
+    for path in partials:
+        t = read_table(path, columns=["uid", "clip_score"])
+        s = t.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
+        mine = np.flatnonzero(_score_bins(s, bins) + 1 == slot)
+        if len(mine):
+            scores.append(s[mine])
+            uids.append(np.array(t.column("uid").take(mine).to_pylist()))
+    s, u = np.concatenate(scores), np.concatenate(uids)
+    last = np.lexsort((u, -s))[k - above - 1]  # NaN ranks last, as -NaN sorts last
+    return float(s[last]), str(u[last])
+
+
+def ranks_in(score: float, uid: str, threshold: float | None, tie_uid: str | None) -> bool:
+    """The kept set: score above the threshold, or equal to it with a uid not after the tie uid."""
+    if threshold is None:
+        return False
+    score = float(score)
+    return score > threshold or (score == threshold and (tie_uid is None or uid <= tie_uid))
