@@ -17,7 +17,7 @@ STAGES  := index text image url_domain text_mask nsfw clip_score metadata_embedd
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test bench bench-scale synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test test-gpu bench bench-scale synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -45,6 +45,16 @@ demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline
 
 test: install browser ## run the test suite (offline, minutes on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+GPU_STAMP := $(VENV)/.installed-gpu
+$(GPU_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[gpu]'
+	touch $(GPU_STAMP)
+
+# The DALI tests run on DALI's CPU operators where there is no GPU, so this passes on any machine.
+test-gpu: $(GPU_STAMP) ## install the gpu extra (NVIDIA DALI, ~700 MB) and run the CLIP data-path and forward tests
+	$(BIN)/python -m pytest -q tests/stages/test_dali_pipeline.py tests/stages/test_clip_score.py \
+		tests/stages/test_clip_forward.py $(ARGS)
 
 # The report test renders the HTML in Debian's chromium; installed here when missing (root + apt).
 browser:
