@@ -17,7 +17,7 @@ INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 log = logging.getLogger("curate")
 
 
-def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("distributed", "bokeh", "tornado", "PIL", "urllib3", "fsspec"):
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    _setup_logging(verbose, getattr(args, "quiet", False))
+    setup_logging(verbose, getattr(args, "quiet", False))
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from curate.algorithms.concepts import ConceptMatcher, Vocabulary, _read_data
+from curate.algorithms.concepts import ConceptMatcher, Vocabulary, read_package_data
 from curate.algorithms.wordnet import hypernym_lemmas, nouns
 
 BUILTIN = ("imagenet1k", "imagenet21k")
@@ -44,7 +44,7 @@ class ClassVocabulary:
 def _imagenet1k() -> list[tuple[str, str | None, list[str]]]:
     table = nouns()
     out = []
-    for line in _read_data("imagenet1k_classnames.tsv.gz").splitlines()[1:]:
+    for line in read_package_data("imagenet1k_classnames.tsv.gz").splitlines()[1:]:
         if line.count("\t") >= 2:
             _, wnid, name = line.split("\t")[:3]
             out.append((name.strip(), wnid, [name.strip(), *table[wnid].lemmas] if wnid in table else [name.strip()]))
@@ -53,7 +53,7 @@ def _imagenet1k() -> list[tuple[str, str | None, list[str]]]:
 
 def _imagenet21k() -> list[tuple[str, str | None, list[str]]]:
     out = []
-    for line in _read_data("imagenet21k_synset_lemmas.txt.gz").splitlines():
+    for line in read_package_data("imagenet21k_synset_lemmas.txt.gz").splitlines():
         wnid, _, lemmas = line.partition("\t")
         names = [x.strip() for x in lemmas.split(",") if x.strip()]
         if names:

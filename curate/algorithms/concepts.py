@@ -20,21 +20,22 @@ _PUNCT_TO_WRAP = (",", ".", ";", ":", "?", "!", "`", "(", ")", '"')
 _TO_SPACE = ("\t", "\n", "\r")
 
 
-def _read_data(name: str) -> str:
+def read_package_data(name: str) -> str:
+    """A file of ``curate/data/`` as text (gunzipped when its name ends in .gz)."""
     raw = resources.files("curate").joinpath("data", name).read_bytes()
     return gzip.decompress(raw).decode("utf-8") if name.endswith(".gz") else raw.decode("utf-8")
 
 
 def _imagenet21k() -> list[str]:
     out: list[str] = []
-    for line in _read_data("imagenet21k_synset_lemmas.txt.gz").splitlines():
+    for line in read_package_data("imagenet21k_synset_lemmas.txt.gz").splitlines():
         _, _, lemmas = line.partition("\t")
         out.extend(lem.strip() for lem in lemmas.split(",") if lem.strip())
     return out
 
 
 def _imagenet1k() -> list[str]:
-    lines = _read_data("imagenet1k_classnames.tsv.gz").splitlines()[1:]
+    lines = read_package_data("imagenet1k_classnames.tsv.gz").splitlines()[1:]
     return [ln.split("\t")[2].strip() for ln in lines if ln.count("\t") >= 2]
 
 

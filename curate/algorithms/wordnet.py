@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from curate.algorithms.concepts import _read_data
+from curate.algorithms.concepts import read_package_data
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Synset:
 @lru_cache(maxsize=1)
 def nouns() -> dict[str, Synset]:
     out: dict[str, Synset] = {}
-    for line in _read_data("wordnet_nouns.tsv.gz").splitlines()[1:]:
+    for line in read_package_data("wordnet_nouns.tsv.gz").splitlines()[1:]:
         if not line:
             continue
         wnid, depth, hyper, lemmas = line.split("\t")
@@ -90,7 +90,7 @@ class FirstSenses:
 
 @lru_cache(maxsize=1)
 def first_senses() -> FirstSenses:
-    text = _read_data("wordnet_first_senses.tsv.gz")
+    text = read_package_data("wordnet_first_senses.tsv.gz")
     head, _, exc = text.partition("#exceptions\n")
     first = {}
     for line in head.splitlines()[1:]:
@@ -108,9 +108,9 @@ def imagenet_offsets(vocabulary: str) -> frozenset[int]:
     """WordNet offsets of a built-in ImageNet vocabulary's synsets: ``imagenet21k`` is the list of
     21,843 wnids DataComp's text-based baseline reads, ``imagenet1k`` the 1,000 classes."""
     if vocabulary == "imagenet21k":
-        wnids = _read_data("imagenet21k_wnids.txt.gz").split()
+        wnids = read_package_data("imagenet21k_wnids.txt.gz").split()
     elif vocabulary == "imagenet1k":
-        wnids = [ln.split("\t")[1] for ln in _read_data("imagenet1k_classnames.tsv.gz").splitlines()[1:] if ln]
+        wnids = [ln.split("\t")[1] for ln in read_package_data("imagenet1k_classnames.tsv.gz").splitlines()[1:] if ln]
     else:
         raise ValueError(f"first-sense matching needs a built-in ImageNet vocabulary, not {vocabulary!r}")
     return frozenset(int(w[1:]) for w in wnids)

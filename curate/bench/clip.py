@@ -142,17 +142,17 @@ def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_
     batches = [(x[k:k + batch], toks[k:k + batch]) for k in range(0, len(x), batch)]
     for xb, tb in batches[:2]:  # warm up (and compile) on a full and a short batch
         eager_forward(clip, xb, tb, device)
-        fast._forward_fn(xb, tb.cpu())
-    fast._forward_fn(*[t[:max(1, batch // 3)] for t in (x, toks.cpu())])
+        fast.forward(xb, tb.cpu())
+    fast.forward(*[t[:max(1, batch // 3)] for t in (x, toks.cpu())])
     res: dict = {"model": model, "device": device, "batch_size": batch, "images": len(x),
-                 "loader_workers": eager._loader_workers(device),
+                 "loader_workers": eager.loader_processes(device),
                  "optimised": {"precision": fast.params.precision, "compile": True,
-                               "text_prefix": fast._forward_fn.trims_text, "decode": fast.describe()["decode"]}}
+                               "text_prefix": fast.forward.trims_text, "decode": fast.describe()["decode"]}}
     res["eager_forward_images_per_s"] = _best_rate(
         lambda: [eager_forward(clip, xb, tb, device) for xb, tb in batches], len(x), device)
     cpu_tokens = [tb.cpu() for _, tb in batches]
     res["optimised_forward_images_per_s"] = _best_rate(
-        lambda: [fast._forward_fn(xb, tb) for (xb, _), tb in zip(batches, cpu_tokens)], len(x), device)
+        lambda: [fast.forward(xb, tb) for (xb, _), tb in zip(batches, cpu_tokens)], len(x), device)
     rows = list(range(len(samples)))
 
     def stage_rate(name: str, stage: ClipScoreStage) -> None:
@@ -204,7 +204,7 @@ def _score_difference(clip, fast: ClipScoreStage, x, toks, device: str) -> float
         fi = torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1)
         ft = torch.nn.functional.normalize(clip.model.encode_text(toks).float(), dim=-1)
         ref = (fi * ft).sum(-1).cpu().numpy()
-    ours = np.concatenate([fast._forward_fn(x[k:k + 256], toks[k:k + 256].cpu())[0] for k in range(0, len(x), 256)])
+    ours = np.concatenate([fast.forward(x[k:k + 256], toks[k:k + 256].cpu())[0] for k in range(0, len(x), 256)])
     return float(np.abs(ours - ref).max())
 
 

@@ -30,13 +30,13 @@ def _unit(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
 def exact(n: int) -> dict:
     import polars as pl
 
-    from curate.stages.dedup import _equal_key_pairs
+    from curate.stages.dedup import equal_key_pairs
 
     rng = np.random.default_rng(0)
     keys = rng.integers(0, int(n * 0.9), n)  # ~10 % duplicates
     df = pl.DataFrame({"sha256": [f"{k:064x}" for k in keys]})
     t0 = time.perf_counter()
-    pairs = _equal_key_pairs(df, ["sha256"])
+    pairs = equal_key_pairs(df, ["sha256"])
     return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
 
 

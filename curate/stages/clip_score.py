@@ -150,7 +150,16 @@ class ClipScoreStage(MapStage):
         return dict(self._info) if self._clip else {"model": self.params.model,
                                                     "pretrained": self.params.pretrained}
 
-    def _loader_workers(self, device: str) -> int:
+    @property
+    def forward(self) -> ClipForward:
+        """The forward pass of the loaded model (``clip()`` loads it)."""
+        if self._forward_fn is None:
+            raise RuntimeError("clip_score: clip() loads the model before its forward is used")
+        return self._forward_fn
+
+    def loader_processes(self, device: str) -> int:
+        """DataLoader processes the loader path starts: the setting, else (on cuda) all cores but one
+        up to 8; none on a daemonic process, which cannot start them."""
         n = self.params.loader_workers
         if n is None:
             n = min(8, (os.cpu_count() or 1) - 1) if device == "cuda" else 0
@@ -239,7 +248,7 @@ class ClipScoreStage(MapStage):
                                 max_pixels=self.params.max_pixels, timeout_s=self.params.decode_timeout_s,
                                 captions={r: captions[r] for r in rows}, raw_jpeg=on_device is not None,
                                 masks=masks)
-        nw = self._loader_workers(device) if loader_workers is None else loader_workers
+        nw = self.loader_processes(device) if loader_workers is None else loader_workers
         loader = torch.utils.data.DataLoader(ds, batch_size=self.params.batch_size, num_workers=nw,
                                              collate_fn=functools.partial(collate, tokenizer=clip.tokenizer),
                                              # pinning would copy every JPEG byte once more; the

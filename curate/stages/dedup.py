@@ -255,7 +255,7 @@ class DedupStage(GlobalStage):
         for key in p.exact:
             cols = {"image": ["sha256"], "image_caption": ["sha256", "caption_h"], "caption": ["caption_h"],
                     "url": ["url_h"]}[key]
-            add_edges(_equal_key_pairs(df, cols), "exact")
+            add_edges(equal_key_pairs(df, cols), "exact")
         if p.phash_radius is not None and n:
             ph = df["phash"].to_numpy()
             valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
@@ -445,7 +445,7 @@ def shard_rows(df: pl.DataFrame, shards: list[str]) -> Callable[[int], dict[str,
     return rows_of
 
 
-def _equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
+def equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
     """Chain every group of rows with equal (non-null) keys: (first, other) pairs."""
     d = df.select(cols).with_row_index("_r").drop_nulls(cols)  # the key columns only: no copy of the rest
     if d.is_empty():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.cli import _setup_logging
+from curate.cli import setup_logging
 from curate.core.config import PipelineConfig, RunConfig, StageSpec, load_pipeline, load_run_config
 from curate.tools.demo import ROOT, ensure_scorer, with_heldout
 from curate.engine import make_executor
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = _cuda_available()
     a.epochs = a.epochs or (10 if gpu else 3)
     a.samples_per_epoch = a.samples_per_epoch or (16384 if gpu else 4096)
-    _setup_logging(False)
+    setup_logging(False)
     models = ROOT / "demo" / "models"
     ensure_scorer(models, 0)
     scorer = next(s for s in load_pipeline(ROOT / "pipelines" / "demo.yaml").stages if s.name == "clip_score").params

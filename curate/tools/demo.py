@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.cli import _setup_logging
+from curate.cli import setup_logging
 from curate.core.config import PipelineConfig, load_pipeline, load_run_config
 from curate.core.decisions import decisions
 from curate.core.pipeline import run_pipeline
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=str(ROOT / "demo" / "models"), help="the scorer's cache")
     ap.add_argument("--strict", action="store_true", help="exit 3 when a self-check fails")
     a = ap.parse_args(argv)
-    _setup_logging(False)
+    setup_logging(False)
     cfg = load_run_config(a.config)
     root = Path(a.dir).resolve()
     pool = root / f"pool-v{SYNTH_VERSION}-{a.samples}x{a.shards}-seed{a.seed}"

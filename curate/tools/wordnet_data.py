@@ -25,7 +25,7 @@ import gzip
 import sys
 from pathlib import Path
 
-from curate.algorithms.concepts import _read_data
+from curate.algorithms.concepts import read_package_data
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 OUT = DATA / "wordnet_nouns.tsv.gz"
@@ -81,8 +81,8 @@ def depths(nouns: dict[str, tuple[list[str], list[str]]], wnids: list[str]) -> d
 
 def build(wordnet_dir: Path) -> bytes:
     nouns = parse_data_noun(wordnet_dir / "data.noun")
-    seeds = [ln.split("\t")[0] for ln in _read_data("imagenet21k_synset_lemmas.txt.gz").splitlines() if ln]
-    seeds += [ln.split("\t")[1] for ln in _read_data("imagenet1k_classnames.tsv.gz").splitlines()[1:] if ln]
+    seeds = [ln.split("\t")[0] for ln in read_package_data("imagenet21k_synset_lemmas.txt.gz").splitlines() if ln]
+    seeds += [ln.split("\t")[1] for ln in read_package_data("imagenet1k_classnames.tsv.gz").splitlines()[1:] if ln]
     wnids = sorted(closure(nouns, seeds))
     depth = depths(nouns, wnids)
     lines = ["wnid\tdepth\thypernyms\tlemmas"]
