@@ -7,6 +7,8 @@
 - ``stage_eager`` / ``stage_optimised``: the stage end to end (tar read, decode, preprocess,
   forward) with each setting; the optimised one decodes JPEGs with DALI where it is installed;
 - ``data_path``: decode + preprocess alone, per decoder (PIL on the CPU, nvJPEG, DALI);
+- ``decoder_score_diff_vs_pil``: what each device decoder changes in the scores, through the stage
+  with fp32 weights on 1,000 samples, against the PIL path;
 - the image tower's FLOPs per image (torch's FLOP counter) and, on a GPU we know, the share of its
   dense bf16 peak each forward reaches.
 
@@ -176,24 +178,52 @@ def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_
         for key in ("eager_forward", "optimised_forward", "stage_optimised"):
             res[f"{key}_peak_share"] = round(res[f"{key}_images_per_s"] * gflop / 1e3 / peak, 3)
     res["scores_max_abs_diff_vs_eager_fp32"] = _score_difference(clip, fast, x[:1000], toks[:1000], device)
+    # last: its DALI run must come after every loader process the other measurements fork
+    res["decoder_score_diff_vs_pil"] = decoder_score_differences(clip, shard, rows[:1000], caps, batch, device)
     return res
+
+
+def _decoders(device: str) -> dict[str, dict]:
+    """The stage's decode settings this machine can run, PIL first."""
+    decoders: dict[str, dict] = {"pil": {"device_decode": False}}
+    if device == "cuda":
+        decoders["nvjpeg"] = {"device_decode": True, "device_decoder": "nvjpeg"}
+    if dali_available():
+        decoders["dali"] = {"device_decode": True, "device_decoder": "dali"}
+    return decoders
 
 
 def data_path_rates(model: str, shard: str, rows: list[int], caps: list[str], batch: int, device: str,
                     loader_workers: int | None) -> dict[str, float]:
     """Decode + preprocess alone (the stage's loader and device decoding, no model), per decoder."""
-    decoders = {"pil": {"device_decode": False}}
-    if device == "cuda":
-        decoders["nvjpeg"] = {"device_decode": True, "device_decoder": "nvjpeg"}
-    if dali_available():
-        decoders["dali"] = {"device_decode": True, "device_decoder": "dali"}
     out = {}
-    for name, params in decoders.items():
+    for name, params in _decoders(device).items():
         stage = ClipScoreStage(ClipScoreStage.Params(model=model, pretrained=None, batch_size=batch,
                                                      loader_workers=loader_workers, **params))
         stage.clip(device, None)
         out[name] = _best_rate(lambda: sum(len(b[0]) for b in stage.batches(shard, rows, caps, device)),
                                len(rows), device)
+    return out
+
+
+def decoder_score_differences(clip, shard: str, rows: list[int], caps: list[str], batch: int,
+                              device: str) -> dict[str, dict]:
+    """What the decoder changes in the scores: each device decoder's scores against PIL's, through
+    the stage end to end (reader, decode, resize, crop, normalise) with the same fp32 weights, on the
+    rows both score: largest and mean |difference|, and the rows only one of them scored."""
+    scores = {}
+    for name, params in _decoders(device).items():
+        stage = ClipScoreStage(ClipScoreStage.Params(model=clip.info["model"], pretrained=None, batch_size=batch,
+                                                     loader_workers=0, precision="fp32", text_cache=0, **params))
+        stage.clip(device, None).model.load_state_dict(clip.model.state_dict())
+        scores[name] = {r: v[0] for r, v in stage.embed(shard, rows, caps, device, None)[0].items()}
+    ref = scores.pop("pil")
+    out = {}
+    for name, got in scores.items():
+        both = sorted(set(ref) & set(got))
+        diff = np.abs(np.array([got[r] - ref[r] for r in both], dtype=np.float64))
+        out[name] = {"max": float(diff.max()) if both else None, "mean": float(diff.mean()) if both else None,
+                     "rows": len(both), "scored_by_one_only": len(set(ref) ^ set(got))}
     return out
 
 
