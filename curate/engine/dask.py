@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def _quiet_dask_logs(level: int = logging.WARNING) -> None:
-    """distributed logs every worker start at INFO; keep our own progress readable."""
+    """distributed logs every worker start at INFO; keep our own progress readable. A logger set
+    quieter already stays so (the CLI silences bokeh's warning about the local dashboard)."""
     for name in ["distributed", *logging.root.manager.loggerDict]:
         if name.startswith(("distributed", "bokeh", "tornado")):
-            logging.getLogger(name).setLevel(level)
+            logger = logging.getLogger(name)
+            logger.setLevel(max(level, logger.level))
 
 
 class DaskExecutor(Executor):

@@ -30,6 +30,22 @@ def test_local_cluster_matches_inprocess(pool: Path, tmp_path: Path):
     assert logging.root.manager.disable == logging.NOTSET
 
 
+def test_quieting_dask_keeps_loggers_that_are_quieter_already():
+    from curate.engine.dask import _quiet_dask_logs
+
+    names = ("bokeh.server.util", "distributed.scheduler")
+    before = {n: logging.getLogger(n).level for n in names}
+    try:
+        logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
+        logging.getLogger("distributed.scheduler").setLevel(logging.INFO)
+        _quiet_dask_logs()
+        assert logging.getLogger("bokeh.server.util").level == logging.ERROR
+        assert logging.getLogger("distributed.scheduler").level == logging.WARNING
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
