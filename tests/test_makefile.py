@@ -1,6 +1,7 @@
 """Makefile targets per stage and `make help`: thin calls of the CLI, one per registered stage."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.skipif(not shutil.which("make"), reason="make is not in
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
+    # a fresh make: not the variables of a `make test ARGS=...` this suite may be running under
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_every_stage_has_a_target_and_help_lists_it():
