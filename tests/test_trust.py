@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -268,6 +269,8 @@ def test_ctrl_c_while_the_cluster_starts_is_one_message(small_pool: Path, tmp_pa
                           "--input", str(small_pool / "*.tar"), "--workdir", str(tmp_path / "w")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    watchdog = threading.Timer(120, p.kill)  # a run that hangs silently fails the test, not the suite
+    watchdog.start()
     seen = []
     for line in p.stderr:
         seen.append(line)
@@ -281,5 +284,6 @@ def test_ctrl_c_while_the_cluster_starts_is_one_message(small_pool: Path, tmp_pa
     p.send_signal(signal.SIGINT)
     p.wait(timeout=120)
     err = "".join(seen) + p.stderr.read()
+    watchdog.cancel()
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "rerun the same command to resume" in err and len(err.strip().splitlines()) <= 12, err[-3000:]
