@@ -230,3 +230,62 @@ def test_datacomp_image_based_matches_datacomp(tmp_path: Path, with_clip_score: 
     summary = run_pipeline(load_pipeline(tmp_path / "recipe.yaml"), make_config(str(pool / "*.parquet"), tmp_path / "w"))
     assert summary.ok, summary.problems()
     assert _kept(tmp_path / "w") == expect
+
+
+# A pool whose columns are named otherwise is refused before any work, never silently dropped ------
+
+def _renamed_pool(metadata_pool: Path, out: Path, drop: list[str], rename: dict[str, str] | None = None) -> str:
+    out.mkdir()
+    for p in sorted((metadata_pool / "pool").glob("*.parquet")):
+        pl.read_parquet(p).drop(drop).rename(rename or {}).write_parquet(out / p.name)
+    return str(out / "*.parquet")
+
+
+@pytest.mark.parametrize("drop, rename, named", [
+    (["text"], None, "caption as text or caption or TEXT"),
+    (["original_width", "original_height"], None, "original_width as original_width"),
+    (["uid"], {"text": "alt_text"}, "caption as text or caption or TEXT"),
+])
+def test_a_metadata_pool_without_a_needed_column_is_refused_before_any_work(
+        metadata_pool: Path, tmp_path: Path, drop, rename, named):
+    pool = _renamed_pool(metadata_pool, tmp_path / "pool", drop, rename)
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml")
+    with pytest.raises(ConfigError, match="preflight") as e:
+        run_pipeline(pipe, make_config(pool, tmp_path / "w"))
+    msg = str(e.value)
+    assert named in msg and "Its columns:" in msg and "columns: {" in msg
+    assert not (tmp_path / "w" / "index").exists()
+
+
+def test_a_columns_mapping_reads_the_pool_under_its_own_names(metadata_pool: Path, tmp_path: Path):
+    pool = _renamed_pool(metadata_pool, tmp_path / "pool", [], {"text": "alt_text", "original_width": "w0"})
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml")
+    cfg = make_config(pool, tmp_path / "w").model_copy(update={"columns": {"caption": "alt_text",
+                                                                          "original_width": "w0"}})
+    assert run_pipeline(pipe, cfg).ok
+    expect = datacomp_basic_uids(metadata_pool / "all.parquet")
+    got = decisions(tmp_path / "w").filter(pl.col("kept"))["uid"].to_list()
+    assert sorted(got) == sorted(expect) and len(got) > 100
+    bad = cfg.model_copy(update={"columns": {"caption": "no_such_column"}, "workdir": str(tmp_path / "w2")})
+    with pytest.raises(ConfigError, match=r"names column\(s\) it does not have \(caption: no_such_column\)"):
+        run_pipeline(pipe, bad)
+
+
+def test_a_recipe_that_needs_no_caption_runs_on_a_pool_without_one(metadata_pool: Path, tmp_path: Path):
+    pool = _renamed_pool(metadata_pool, tmp_path / "pool", ["text"])
+    pipe = load_pipeline(ROOT / "pipelines" / "datacomp_clip_score_metadata.yaml")
+    assert run_pipeline(pipe, make_config(pool, tmp_path / "w")).ok
+
+
+def test_a_shard_whose_captions_are_mostly_missing_fails_the_run_with_the_reason(metadata_pool: Path, tmp_path: Path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    df = pl.read_parquet(metadata_pool / "all.parquet")
+    df.with_columns(pl.when(pl.int_range(pl.len()) % 4 != 0).then(None).otherwise(pl.col("text")).alias("text")
+                    ).write_parquet(pool / "00000.parquet")
+    summary = run_pipeline(make_pipeline(("text", {})), make_config(str(pool / "*.parquet"), tmp_path / "w"))
+    assert not summary.ok
+    assert any("are missing_caption" in p and "max_structural_share" in p and "index.py" not in p
+               for p in summary.problems()), summary.problems()
+    opted_in = make_pipeline(("index", {"max_structural_share": 1.0}), ("text", {}))
+    assert run_pipeline(opted_in, make_config(str(pool / "*.parquet"), tmp_path / "w")).ok

@@ -58,6 +58,8 @@ class RunConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_cache: str | None = Field(None, description="folder (or URL, copied to each machine once) with CLIP "
                                     "checkpoints and open_clip tags staged by `curate models fetch`")
+    columns: dict[str, str] = Field(default_factory=dict, description="the pool's own column names for curate's "
+                                    "(e.g. {caption: alt_text}); given to the index stage")
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="fsspec options per protocol for input shards, work dir and model cache on object storage, "
         "e.g. {s3: {endpoint_url: http://minio:9000}}; credentials from the environment (never saved)")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from curate.core.config import ConfigError, PipelineConfig, RunConfig, fingerprint
+from curate.core.config import ConfigError, PipelineConfig, RunConfig, StageSpec, fingerprint
 from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
@@ -97,13 +97,15 @@ def stage_fingerprints(stages: list[Stage], shards: list[str], model_cache: str 
 def _save_run_record(work: WorkDir, run_id: str, pipe: PipelineConfig, cfg: RunConfig,
                      stages: list[Stage], fps: list[str], shards: list[str]) -> None:
     d = work.run_dir(run_id)
+    metadata_pool = any(is_metadata_shard(p) for p in shards)
     atomic_write_bytes(d / "pipeline.yaml", yaml.safe_dump(pipe.model_dump(mode="json"), sort_keys=False).encode())
     saved = cfg.model_dump(mode="json") | {"storage_options": redacted(cfg.storage_options)}
     atomic_write_bytes(d / "config.yaml", yaml.safe_dump(saved, sort_keys=False).encode())
     record = {"run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
               "versions": package_versions(), "shards": shards,
               "stages": [{"id": s.stage_id, "name": s.name, "kind": s.kind, "fingerprint": fp,
-                          "params": s.params.model_dump(mode="json")} for s, fp in zip(stages, fps)]}
+                          "params": s.params.model_dump(mode="json"),
+                          "columns": sorted(s.computed_columns(metadata_pool))} for s, fp in zip(stages, fps)]}
     atomic_write_bytes(d / "run.json", json.dumps(record, indent=2).encode())
     atomic_write_bytes(work.root / "runs" / "latest.json", json.dumps({"run_id": run_id}).encode())
 
@@ -155,17 +157,45 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     shard_paths = expand_input(cfg.input)
     shards = [shard_name(p) for p in shard_paths]
     work = WorkDir.at(cfg.workdir)
+    pipe = with_columns(pipe, cfg.columns)
     stages = build_stages(pipe)
     if only:
         unknown = sorted(set(only) - {s.stage_id for s in stages})
         if unknown:
             raise ConfigError(f"--stages names {unknown}, not in pipeline {pipe.name} "
                              f"(stages: {', '.join(s.stage_id for s in stages)})")
-    preflight([st for st in stages if not only or st.stage_id in only], cfg, shard_paths, work)
-    fps = stage_fingerprints(stages, shards, cfg.model_cache)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    make_work_dir(work)
+    # the lease first: a second run on the same work dir is refused at once, not after preflight
     with run_lease(work.root, run_id):
+        preflight([st for st in stages if not only or st.stage_id in only], cfg, shard_paths, work)
+        fps = stage_fingerprints(stages, shards, cfg.model_cache)
         return _run(pipe, cfg, stages, fps, run_id, work, shard_paths, shards, only, executor)
+
+
+def with_columns(pipe: PipelineConfig, columns: dict[str, str]) -> PipelineConfig:
+    """The pipeline with a run config's ``columns`` mapping given to its index stage (added first
+    when the recipe does not list it); the recipe's own mapping is kept where both name a column."""
+    if not columns:
+        return pipe
+    specs = list(pipe.stages)
+    if specs and specs[0].name == "index":
+        first = specs[0]
+        params = dict(first.params) | {"columns": columns | dict(first.params.get("columns") or {})}
+        specs[0] = first.model_copy(update={"params": params})
+    else:
+        specs.insert(0, StageSpec(name="index", params={"columns": columns}))
+    return pipe.model_copy(update={"stages": specs})
+
+
+def make_work_dir(work: WorkDir) -> None:
+    """Create a local work dir (object storage has no folders to make); a clear error if it cannot be."""
+    if work.remote:
+        return
+    try:
+        work.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"work dir {work.root} cannot be created: {e.strerror or e}") from None
 
 
 def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[str], run_id: str,
@@ -290,6 +320,7 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
         problems.append(f"work dir {work.root} is not writable: {e.strerror or e}")
     metadata = [p for p in shard_paths if is_metadata_shard(p)]
     for st in stages:
+        problems += st.preflight_pool(shard_paths)
         problems += st.preflight(cfg.model_cache)
         if metadata and st.needs_pixels():
             problems.append(f"stage {st.stage_id} needs image pixels, but the input is a metadata pool without "

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from curate.core.config import RunConfig, scheduler_address
+from curate.core.config import ConfigError, RunConfig, scheduler_address
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,9 @@ class Outcome:
 
 
 def describe_exception(e: BaseException) -> str:
+    """``Type: message (file:line)``; a user's mistake (ConfigError) is its message alone."""
+    if isinstance(e, ConfigError):
+        return str(e)
     last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
     return f"{type(e).__name__}: {e}{where}"

@@ -60,6 +60,8 @@ def run_lease(workdir: WorkPath, run_id: str) -> Iterator[None]:
                    if held else "another run")
             raise ConfigError(f"work dir {workdir} is in use by {who}; wait for it to finish, use another "
                               f"--workdir, or delete {path} if no run is active") from None
+        except OSError as e:  # a read-only folder, a bucket that does not exist or refuses us
+            raise ConfigError(f"work dir {workdir} is not writable: {e.strerror or e}") from None
         break
     try:
         yield

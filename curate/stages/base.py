@@ -334,10 +334,25 @@ class Stage:
         """Whether the stage reads image bytes (a metadata pool, without images, cannot feed it)."""
         return False
 
+    def index_columns(self) -> set[str]:
+        """Columns of a metadata pool (as the index names them: ``caption``, ``original_width``...)
+        this stage's decisions rest on: a pool without one of them is refused before any work."""
+        return set()
+
+    def computed_columns(self, metadata_pool: bool) -> set[str]:
+        """The value columns this stage computes with its parameters on this kind of pool; the
+        others stay null in every row and are left out of exports (default: every column)."""
+        return {f.name for f in self.value_fields()}
+
     def provides_embeddings(self) -> bool:
         """Whether this stage's table holds unit ``image_emb`` and ``text_emb`` columns that later
         stages (dedup, reference filter, classifier, clip_loss, heads) may read."""
         return False
+
+    def preflight_pool(self, shard_paths: list[str]) -> list[str]:
+        """Problems with the pool itself (a metadata table without a column the pipeline needs),
+        found in the driver before any work from a quick look at the first shard(s)."""
+        return []
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         """Problems that would fail every shard (weights not found, a reference set missing),

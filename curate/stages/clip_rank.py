@@ -66,6 +66,9 @@ class ClipRankStage(GlobalStage):
     def reads(self) -> tuple[str, ...]:
         return (self.params.scores_from,)
 
+    def index_columns(self) -> set[str]:
+        return {self.params.score_column} if self.params.scores_from == "index" else set()
+
     def format_summary(self, s: dict[str, Any]) -> list[str]:
         lines = [f"{self.stage_id}: threshold {s.get('threshold')} over {s.get('n')} scores of "
                  f"{self.params.scores_from} ({'exact' if s.get('exact') else 'approximate'}, rule {s.get('rule')})"]

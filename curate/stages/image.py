@@ -142,6 +142,15 @@ class ImageStage(RowFilter):
     def needs_pixels(self) -> bool:
         return bool(self.pixel_measures) or self.params.drop_animated
 
+    def index_columns(self) -> set[str]:
+        return {"original_width", "original_height"}
+
+    def computed_columns(self, metadata_pool: bool) -> set[str]:
+        sizes = {"img_width", "img_height", "aspect"} | (set() if metadata_pool else {"img_format"})
+        if not self.needs_pixels():
+            return sizes
+        return sizes | {"img_format", "img_mode", "n_frames", *self.pixel_measures}
+
     def _pixel_measures(self) -> frozenset[str]:
         """The pixel measures this stage computes (read once per image on the hot path: kept as
         ``self.pixel_measures``)."""

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
 from curate.algorithms.whitespace import ONLY_SPACE
-from curate.core.config import Strict
+from curate.core.config import ConfigError, Strict
 from curate.io.images import image_header
 from curate.io.shards import is_metadata_shard, make_uid, sample_uid
 from curate.stages.base import MapStage, ShardContext, StageOutput
@@ -49,6 +54,72 @@ def _sizes(c: pa.ChunkedArray | None, n: int) -> pa.Array:
             ok = pc.and_(ok, pc.less(c, pa.scalar(2**31, c.type)))
         kept = pc.if_else(ok, c, pa.scalar(None, c.type))
     return pc.cast(kept, pa.int32()).combine_chunks()
+
+
+# curate's name of each pool column -> the names it is looked up under, first found wins (DataComp's
+# metadata, img2dataset's URL lists and json). A recipe or run config maps others: columns: {caption: alt_text}.
+SOURCE_NAMES: dict[str, tuple[str, ...]] = {
+    "uid": ("uid",), "key": ("key",), "caption": ("text", "caption", "TEXT"), "url": ("url", "URL"),
+    "sha256": ("sha256",), "original_width": ("original_width",), "original_height": ("original_height",),
+    "clip_b32_similarity_score": ("clip_b32_similarity_score",),
+    "clip_l14_similarity_score": ("clip_l14_similarity_score",),
+}
+MAPPABLE = tuple(SOURCE_NAMES)
+# Below this many rows with one structural problem a shard is not judged by its share.
+MIN_ROWS_JUDGED = 10
+
+
+def source_names(name: str, mapping: dict[str, str]) -> tuple[str, ...]:
+    return (mapping[name],) if name in mapping else SOURCE_NAMES[name]
+
+
+def metadata_columns_problem(found: list[str], require: list[str], mapping: dict[str, str], shard: str) -> str | None:
+    """Why a metadata table with columns ``found`` cannot feed a pipeline that needs ``require``
+    (curate's names), or None. Names what was looked for, what is there and how to map it."""
+    missing = [c for c in require if not any(n in found for n in source_names(c, mapping))]
+    unmapped = [f"{k}: {v}" for k, v in mapping.items() if v not in found]
+    if not missing and not unmapped:
+        return None
+    looked = "; ".join(f"{c} as {' or '.join(source_names(c, mapping))}" for c in missing)
+    parts = [f"metadata shard {shard} lacks column(s) the pipeline needs: {looked}"] if missing else []
+    if unmapped:
+        parts.append(f"the columns mapping names column(s) it does not have ({', '.join(unmapped)})")
+    example = f"{missing[0]}: <your column>" if missing else unmapped[0]
+    return ("; ".join(parts) + f". Its columns: {', '.join(found) or 'none'}. Map yours with `columns:` in the run "
+            f"config or the recipe's index stage, e.g. columns: {{{example}}}")
+
+
+def structural_problem(statuses: list[str], shard: str, max_share: float, judged: set[str] | None = None) -> str | None:
+    """Why a shard whose rows mostly share one structural problem (a pool read with the wrong layout
+    or column names) must not pass as data, or None. ``judged``: the statuses that count (all)."""
+    n = len(statuses)
+    counts = Counter(s for s in statuses if s != "ok" and (judged is None or s in judged))
+    if not n or not counts:
+        return None
+    status, k = counts.most_common(1)[0]
+    if k < MIN_ROWS_JUDGED or k / n <= max_share:
+        return None
+    return (f"shard {shard}: {k} of {n} rows ({k / n:.0%}) are {status}: is the pool in the layout curate reads "
+            f"(captions in .txt or a caption column, images as .jpg/.png/.webp...)? Map other column names with "
+            f"`columns:`; to run on it anyway, set the index stage's max_structural_share above {k / n:.2f} "
+            "(1.0: never judged)")
+
+
+def read_metadata_columns(path: str) -> list[str]:
+    """The column names of a metadata shard, from its Parquet footer or its CSV/TSV header line."""
+    import pyarrow.parquet as pq
+
+    from curate.io.storage import open_read
+
+    with open_read(path) as f:
+        if path.endswith(".parquet"):
+            return pq.read_schema(f).names
+        return _header(f, path)
+
+
+def _header(f, path: str) -> list[str]:
+    line = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    return [c.strip('"') for c in line.split("\t" if path.endswith(".tsv") else ",")]
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -98,7 +169,47 @@ class IndexStage(MapStage):
     version = "2"
 
     class Params(Strict):
-        pass
+        columns: dict[str, str] = Field(default_factory=dict, description="the pool's own name (metadata column or "
+                                        f"json key) for curate's names ({', '.join(MAPPABLE)}), e.g. {{caption: alt_text}}")
+        max_structural_share: float = Field(0.5, gt=0, le=1, description="fail a shard when more than this share "
+                                            "of its rows has one structural problem (missing caption or image...): "
+                                            "a pool read with the wrong layout or names; 1: never")
+        require: list[str] | None = Field(None, description="index columns the pipeline's decisions rest on "
+                                          "(resolved from the later stages; a metadata pool must have them)")
+
+        @field_validator("columns")
+        @classmethod
+        def _known_names(cls, v: dict[str, str]) -> dict[str, str]:
+            bad = sorted(set(v) - set(MAPPABLE))
+            if bad:
+                raise ValueError(f"cannot map {bad} (allowed: {', '.join(MAPPABLE)})")
+            return v
+
+    def with_later_reads(self, columns: set[str]) -> "IndexStage":
+        """The stage with ``require`` resolved: the index columns the later stages rest on."""
+        if self.params.require is not None:
+            return self
+        return type(self)(self.params.model_copy(update={"require": sorted(columns & set(MAPPABLE))}), self.stage_id)
+
+    def computed_columns(self, metadata_pool: bool) -> set[str]:
+        pixels = {"image_format", "image_ext", "image_bytes", "width", "height"}
+        scores = {"clip_b32_similarity_score", "clip_l14_similarity_score"}
+        return {f.name for f in self.value_fields()} - (pixels if metadata_pool else scores)
+
+    def preflight_pool(self, shard_paths: list[str]) -> list[str]:
+        """The first metadata shard's columns against what the pipeline needs (each shard is
+        checked again when it is indexed); an unreadable one is left to the run to report."""
+        meta = [p for p in shard_paths if is_metadata_shard(p)][:1]
+        for path in meta:
+            try:
+                found = read_metadata_columns(path)
+            except Exception:  # damaged: reported as a bad shard by the run, with its readable rest
+                continue
+            problem = metadata_columns_problem(found, self.params.require or [], self.params.columns,
+                                               Path(path).name)
+            if problem:
+                return [problem]
+        return []
 
     def value_fields(self) -> list[pa.Field]:
         return [
@@ -127,8 +238,16 @@ class IndexStage(MapStage):
         cols["uid"] = []
         reasons: list[str | None] = []
         seen: set[str] = set()
+        names = {c: source_names(c, self.params.columns) for c in ("uid", "caption", "url", "original_width",
+                                                                  "original_height")}
+
+        def field(meta: dict[str, Any], name: str) -> Any:
+            return next((meta[k] for k in names[name] if k in meta), None)
+
         for s in ctx.samples():
             meta = s.meta()
+            if self.params.columns:  # the json's own names, as curate reads them
+                meta = meta | {c: field(meta, c) for c in names}
             uid = sample_uid(s, meta, ctx.shard)
             problems = list(s.problems)
             if uid in seen:
@@ -170,6 +289,9 @@ class IndexStage(MapStage):
             cols["status"].append(blocking[0] if blocking else "ok")
             cols["error"].append(";".join(problems) if problems else None)
             reasons.append(f"index:{blocking[0]}" if blocking else None)
+        problem = structural_problem(cols["status"], ctx.shard, self.params.max_structural_share)
+        if problem:
+            raise ConfigError(problem)
         return StageOutput(cols, reasons)
 
     def _from_metadata(self, ctx: ShardContext) -> StageOutput:
@@ -190,35 +312,44 @@ class IndexStage(MapStage):
             t = pa.table({})
         ctx.read_result.n_bytes = t.nbytes
         n = t.num_rows
+        mapping = self.params.columns
+        if not ctx.read_result.error:
+            problem = metadata_columns_problem(t.column_names, self.params.require or [], mapping, Path(ctx.shard_path).name)
+            if problem:
+                raise ConfigError(problem)
 
-        def first(*names: str) -> pa.ChunkedArray | None:
-            name = next((c for c in names if c in t.column_names), None)
-            return t.column(name) if name else None
+        def first(name: str) -> pa.ChunkedArray | None:
+            found = next((c for c in source_names(name, mapping) if c in t.column_names), None)
+            return t.column(found) if found else None
 
-        def text(*names: str) -> pa.Array:
-            c = first(*names)
+        def text(name: str) -> pa.Array:
+            c = first(name)
             return pa.nulls(n, pa.string()) if c is None else pc.cast(c, pa.string()).combine_chunks()
 
         def score(name: str) -> pa.Array:
             c = first(name)
             return pa.nulls(n, pa.float64()) if c is None else pc.cast(c, pa.float64()).combine_chunks()
 
-        key = text("key") if "key" in t.column_names else pc.cast(pa.array(np.arange(n)), pa.string())
+        key = text("key") if first("key") is not None else pc.cast(pa.array(np.arange(n)), pa.string())
         uid = text("uid")
         if uid.null_count:  # rows without a uid get one from (shard, key), as tar samples do
             missing = np.flatnonzero(uid.is_null().to_numpy(zero_copy_only=False))
             made = dict(zip(missing.tolist(), (make_uid(ctx.shard, k) for k in key.take(missing).to_pylist())))
             uid = pa.array([made.get(i, u) for i, u in enumerate(uid.to_pylist())], pa.string())
-        captions = text("text", "caption", "TEXT")
+        captions = text("caption")
         problem = pc.if_else(pc.is_null(captions), pa.scalar("missing_caption"),
                              pc.if_else(pc.match_substring_regex(captions, ONLY_SPACE),
                                         pa.scalar("empty_caption"), pa.scalar(None, pa.string())))
         cols: dict[str, Any] = {f.name: pa.nulls(n, f.type) for f in self.value_fields()}
-        cols.update(uid=uid, key=key, shard=pa.array([ctx.shard] * n, pa.string()), url=text("url", "URL"),
+        cols.update(uid=uid, key=key, shard=pa.array([ctx.shard] * n, pa.string()), url=text("url"),
                     caption=captions, sha256=text("sha256"),
                     original_width=_sizes(first("original_width"), n),
                     original_height=_sizes(first("original_height"), n),
                     clip_b32_similarity_score=score("clip_b32_similarity_score"),
                     clip_l14_similarity_score=score("clip_l14_similarity_score"),
                     status=pc.fill_null(problem, "ok"), error=problem)
+        if "caption" in (self.params.require or []):  # a caption column that is mostly empty
+            why = structural_problem(cols["status"].to_pylist(), ctx.shard, self.params.max_structural_share)
+            if why:
+                raise ConfigError(why)
         return StageOutput(cols, [None] * n)

@@ -82,7 +82,9 @@ def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
     # Optional inputs the pipeline lacks are switched off, then each stage learns what the stages
     # after it read from it (a stage that computes only what is needed computes those too).
     stages = [st.with_earlier(stages[:i]) for i, st in enumerate(stages)]
-    stages = [st.with_later_reads(set().union(*(later.reads_from(st) for later in stages[i + 1:])))
+    # The index (always first) also learns which of its columns the later stages' decisions rest on.
+    stages = [st.with_later_reads(set().union(*(later.reads_from(st) | (later.index_columns() if i == 0 else set())
+                                                for later in stages[i + 1:])))
               for i, st in enumerate(stages)]
     for i, st in enumerate(stages):
         earlier = {s.stage_id for s in stages[:i]}

@@ -169,6 +169,13 @@ class TextStage(RowFilter):
         wanted = {m for k, m in THRESHOLD_MEASURE.items() if getattr(p, k) not in (None, False)}
         return frozenset(wanted | (set(p.measures) if isinstance(p.measures, list) else set()))
 
+    def index_columns(self) -> set[str]:
+        return {"caption"}
+
+    def computed_columns(self, metadata_pool: bool) -> set[str]:
+        wanted = self.optional_measures()
+        return {f.name for f in self.value_fields() if f.name not in OPTIONAL_MEASURES or f.name in wanted}
+
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32()),
                 pa.field("lang2", pa.string()), pa.field("lang2_prob", pa.float32()),

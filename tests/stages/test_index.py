@@ -135,3 +135,20 @@ def test_metadata_columns_follow_the_row_rules():
     assert got == [not c.strip() for c in captions]
     words = [*captions, " ".join(spaces), "a\u3000b\x1cc\u200bd e\n", "ein  Wort\t und\xa0mehr"]
     assert split_count(words) == [len(c.split()) for c in words]
+
+
+def test_a_tar_pool_in_another_layout_fails_its_shards_instead_of_dropping_them(tmp_path: Path):
+    """Captions under a name curate does not read (.text): every row would be missing_caption."""
+    img = jpeg_bytes()
+    write_tar(tmp_path / "a.tar", [m for i in range(12) for m in ((f"{i:04d}.jpg", img), (f"{i:04d}.text", b"a dog"))])
+    summary = run_pipeline(make_pipeline(("text", {})), make_config(str(tmp_path / "a.tar"), tmp_path / "w"))
+    assert not summary.ok
+    assert any("index: shard a failed" in p and "12 of 12 rows (100%) are missing_caption" in p
+               for p in summary.problems()), summary.problems()
+    # a json key named otherwise is mapped like a metadata column
+    write_tar(tmp_path / "b.tar", [m for i in range(12) for m in (
+        (f"{i:04d}.jpg", img), (f"{i:04d}.json", b'{"alt_text": "a brown dog on grass"}'))])
+    pipe = make_pipeline(("index", {"columns": {"caption": "alt_text"}}), ("text", {}))
+    assert run_pipeline(pipe, make_config(str(tmp_path / "b.tar"), tmp_path / "w2")).ok
+    idx = pl.read_parquet(tmp_path / "w2" / "index" / "b.parquet")
+    assert idx["caption"].to_list() == ["a brown dog on grass"] * 12 and set(idx["status"]) == {"ok"}
