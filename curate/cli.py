@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from curate.core.config import ConfigError
-from curate.io.parquet import WorkDirError
+from curate.io.parquet import RefusedOutput, WorkDirError
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose, getattr(args, "quiet", False))
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, RefusedOutput) as e:  # the user's mistake or choice: nothing was written
         if verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

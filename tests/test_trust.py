@@ -91,7 +91,7 @@ def test_export_replaces_its_own_output_only_with_overwrite(done_work: Path, tmp
 
 def test_cli_export_into_input_folder_is_one_line_no_traceback(done_work: Path, small_pool: Path):
     r = _cli("export", str(done_work), "--out", str(small_pool.parent))
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "input shards" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -287,3 +287,50 @@ def test_ctrl_c_while_the_cluster_starts_is_one_message(small_pool: Path, tmp_pa
     watchdog.cancel()
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "rerun the same command to resume" in err and len(err.strip().splitlines()) <= 12, err[-3000:]
+
+
+# 8. an export is one run's, and explains its columns ------------------------------------------------
+
+def test_export_of_an_older_run_refuses_once_a_later_run_rewrote_its_tables(small_pool: Path, tmp_path: Path):
+    from curate.core.decisions import run_record
+
+    work = tmp_path / "w"
+    cfg = make_config(str(small_pool / "*.tar"), work)
+    old = run_pipeline(BASIC, cfg).run_id
+    assert _export(work, tmp_path / "ok", run_id=old)["run_id"] == old  # its own tables: fine
+    new = run_pipeline(make_pipeline(("text", {"min_words": 6}), ("image", {"min_side": 200, "max_aspect": 3.0})), cfg)
+    with pytest.raises(WorkDirError, match=rf"stage\(s\) text, image are not its own on 2 shard\(s\).*"
+                                           rf"rewritten since by run {new.run_id}.*curate run .*{old}.pipeline.yaml"):
+        _export(work, tmp_path / "mixed", run_id=old)
+    assert not (tmp_path / "mixed").exists()
+    r = _cli("export", str(work), "--out", str(tmp_path / "mixed"), "--run", old, "--config",
+             str(_inprocess_config(tmp_path)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "mix two runs" in r.stderr
+    # the command the message names restores the old run's tables; the export then holds its decisions only
+    rd = work / "runs" / old
+    r = _cli("run", str(rd / "pipeline.yaml"), "--config", str(rd / "config.yaml"))
+    assert r.returncode == 0, r.stderr
+    m = _export(work, tmp_path / "restored", run_id=old)
+    assert m["stages"] == run_record(work, old)["stages"]
+
+
+def _inprocess_config(tmp_path: Path) -> Path:
+    p = tmp_path / "inprocess.yaml"
+    p.write_text("executor: {kind: inprocess}\n")
+    return p
+
+
+def test_exported_parquet_keeps_descriptions_and_only_computed_columns(done_work: Path, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    _export(done_work, out)
+    for folder in ("metadata", "pool"):
+        schema = pq.read_schema(next((out / folder).glob("*.parquet")))
+        undescribed = [f.name for f in schema if not (f.metadata or {}).get(b"description")]
+        assert not undescribed, (folder, undescribed)
+        # BASIC measures sizes only: no pixel measure, no metadata score column was computed
+        assert not {"blur_var", "phash", "color_sig", "clip_l14_similarity_score"} & set(schema.names)
+        assert {"img_width", "aspect", "lang", "caption", "sha256"} <= set(schema.names)
+    pool = pq.read_table(next((out / "pool").glob("*.parquet")))
+    assert "kept" in pool.column_names and pool.schema.field("reason").metadata[b"description"]

@@ -35,7 +35,8 @@ import pyarrow as pa
 from curate.core.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
-from curate.io.parquet import WorkDirError, atomic_path, atomic_write_bytes, read_frame, write_table
+from curate.io.parquet import (RefusedOutput, WorkDirError, atomic_path, atomic_write_bytes, read_meta, read_table,
+                               write_table)
 from curate.io.shards import is_metadata_shard, iter_samples, shard_name
 from curate.io import storage
 from curate.io.storage import call_with_options, is_url, set_storage_options, work_path
@@ -80,47 +81,87 @@ def check_output(out: Path, workdir: str | Path, inputs: list[str], overwrite: b
         return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
     if not is_url(workdir) and overlaps(out, Path(workdir).resolve()):
-        raise WorkDirError(f"--out {out} overlaps the work dir {workdir}: choose a folder outside it")
+        raise RefusedOutput(f"--out {out} overlaps the work dir {workdir}: choose a folder outside it")
     folders = {Path(p).resolve().parent for p in inputs if not is_url(p)}
     hit = next((f for f in sorted(folders) if overlaps(out, f)), None)
     if hit is not None:
-        raise WorkDirError(f"--out {out} overlaps the folder of the input shards ({hit}): choose a folder "
+        raise RefusedOutput(f"--out {out} overlaps the folder of the input shards ({hit}): choose a folder "
                            "outside it (export never writes where inputs live)")
     if out.exists() and not out.is_dir():
-        raise WorkDirError(f"--out {out} is a file, not a folder")
+        raise RefusedOutput(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise WorkDirError(f"--out {out} holds files that export did not write: choose a new or empty folder")
+            raise RefusedOutput(f"--out {out} holds files that export did not write: choose a new or empty folder")
         if not overwrite:
-            raise WorkDirError(f"--out {out} holds an earlier export: pass --overwrite to replace it")
+            raise RefusedOutput(f"--out {out} holds an earlier export: pass --overwrite to replace it")
 
 
 def _order_key(uid: str, seed: int) -> bytes:
     return hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest()
 
 
-def joined_shard(workdir: str, shard: str, stage_ids: list[str]) -> pl.DataFrame:
-    """Every column of every stage for one shard (index order), plus kept / dropped_by / reason."""
+# What the decision columns export adds mean (the stage tables' own columns carry their descriptions).
+DECISION_DOCS = {"kept": "true when every filter of the run kept the sample",
+                 "dropped_by": "id of the first stage of the run that dropped the sample (null when kept)",
+                 "reason": "that stage's reason (e.g. lang:de, image:min_side), null when kept"}
+
+
+def stale_stages(workdir: str, shard: str, stages: list[dict]) -> list[str]:
+    """The stages of a run whose table for ``shard`` is missing or was written by another run's
+    fingerprint (a later run of another pipeline or parameters over the same work dir)."""
     work = WorkDir.at(workdir)
-    df = read_frame(work.stage_table("index", shard))
-    for sid in stage_ids:
-        if sid == "index":
-            continue
-        t = read_frame(work.stage_table(sid, shard))
-        t = t.drop([c for c in t.columns if c in _SKIP_COLUMNS])
+    return [s["id"] for s in stages
+            if (read_meta(work.stage_table(s["id"], shard)) or {}).get("fingerprint") != s["fingerprint"]]
+
+
+def joined_shard(workdir: str, shard: str, stages: list[dict]) -> tuple[pl.DataFrame, dict[str, bytes]]:
+    """Every column of every stage of a run for one shard (index order), plus kept / dropped_by /
+    reason; and each column's description. Columns a stage never computes with its parameters on
+    this pool (``columns`` in the run record; all-null) are left out."""
+    work = WorkDir.at(workdir)
+    df: pl.DataFrame | None = None
+    docs: dict[str, bytes] = {}
+    for st in stages:
+        sid = st["id"]
+        table = read_table(work.stage_table(sid, shard))
+        computed = st.get("columns")  # absent in run records written before it was recorded
+        drop = {c for c in table.column_names if c in _SKIP_COLUMNS}
+        if computed is not None:
+            drop |= {c for c in table.column_names if c != "uid" and not c.startswith(("keep_", "reason_"))
+                     and c not in computed}
+        table = table.drop_columns(sorted(drop))
         # a second stage of one kind (two clip_score stages): its columns are suffixed with its id
-        t = t.rename({c: f"{c}_{sid}" for c in t.columns if c != "uid" and c in df.columns})
-        df = df.join(t, on="uid", how="left", maintain_order="left")
-    filt = [s for s in stage_ids if f"keep_{s}" in df.columns]
-    return df.with_columns(*decision_exprs(filt))
+        rename = {c: f"{c}_{sid}" for c in table.column_names if c != "uid" and df is not None and c in df.columns}
+        for f in table.schema:
+            if f.metadata and b"description" in f.metadata:
+                docs.setdefault(rename.get(f.name, f.name), f.metadata[b"description"])
+        t = pl.from_arrow(table).rename(rename)
+        df = t if df is None else df.join(t, on="uid", how="left", maintain_order="left")
+    assert df is not None
+    filt = [s["id"] for s in stages if f"keep_{s['id']}" in df.columns]
+    docs |= {k: v.encode() for k, v in DECISION_DOCS.items()}
+    return df.with_columns(*decision_exprs(filt)), docs
 
 
-def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSpec, shard_path: str,
+def described(df: pl.DataFrame, docs: dict[str, bytes], names: dict[str, str] | None = None) -> pa.Table:
+    """``df`` as Arrow with each column's description as field metadata (as the work dir's tables)."""
+    back = {v: k for k, v in (names or {}).items()}
+    table = df.to_arrow()
+    fields = [f.with_metadata({"description": docs[back.get(f.name, f.name)]}) if back.get(f.name, f.name) in docs
+              else f for f in table.schema]
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+
+
+def export_metadata(workdir: str, out: str, stages: list[dict], spec: ExportSpec, shard_path: str,
                     names: dict[str, str] | None = None) -> dict:
     """Map step: write this shard's metadata (kept rows) and pool (all rows); return kept keys.
-    ``names`` renames columns (``--schema datacomp``)."""
+    ``names`` renames columns (``--schema datacomp``). A shard whose tables are not all the run's
+    is not written: its stale stages are returned instead."""
     shard = shard_name(shard_path)
-    df = joined_shard(workdir, shard, stage_ids)
+    stale = stale_stages(workdir, shard, stages)
+    if stale:
+        return {"shard": shard, "stale": stale}
+    df, docs = joined_shard(workdir, shard, stages)
     if names:
         df = df.rename({k: v for k, v in names.items() if k in df.columns})
     kept = df.filter(pl.col("kept"))
@@ -129,10 +170,36 @@ def export_metadata(workdir: str, out: str, stage_ids: list[str], spec: ExportSp
             lambda u: _order_key(u, spec.shuffle_seed), return_dtype=pl.Binary).alias("_o")).sort("_o").drop("_o")
     decision_cols = [c for c in kept.columns if c.startswith(("keep_", "reason_"))] + ["kept", "dropped_by", "reason"]
     meta = kept.drop(decision_cols)
-    write_table(meta.to_arrow(), Path(out) / "metadata" / f"{shard}.parquet", row_group_size=ROW_GROUP)
+    write_table(described(meta, docs, names), Path(out) / "metadata" / f"{shard}.parquet", row_group_size=ROW_GROUP)
     if spec.write_pool:
-        write_table(df.to_arrow(), Path(out) / "pool" / f"{shard}.parquet", row_group_size=ROW_GROUP)
+        write_table(described(df, docs, names), Path(out) / "pool" / f"{shard}.parquet", row_group_size=ROW_GROUP)
     return {"shard": shard, "path": shard_path, "kept": kept.height, "rows": df.height}
+
+
+def refuse_stale(workdir: str, run: dict, stale: dict[str, list[str]]) -> None:
+    """Refuse to export a run whose tables were rewritten since: name the stages, the run that
+    wrote them and the command that restores the run's own tables."""
+    stages = sorted({sid for sids in stale.values() for sid in sids}, key=[s["id"] for s in run["stages"]].index)
+    work = WorkDir.at(workdir)
+    by: set[str] = set()
+    for rec in sorted((work.root / "runs").glob("*/run.json")):
+        try:
+            other = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("run_id") == run["run_id"]:
+            continue
+        for shard in list(stale)[:1]:
+            for st in other.get("stages", []):
+                fp = (read_meta(work.stage_table(st["id"], shard)) or {}).get("fingerprint")
+                if st["id"] in stages and fp == st["fingerprint"]:
+                    by.add(other["run_id"])
+    rd = work.run_dir(run["run_id"])
+    since = f", rewritten since by run {', '.join(sorted(by))}" if by else ""
+    raise RefusedOutput(
+        f"{workdir}: run {run['run_id']}'s tables of stage(s) {', '.join(stages)} are not its own on {len(stale)} "
+        f"shard(s) (e.g. {next(iter(stale))}){since}; exporting would mix two runs. Restore them with `curate run "
+        f"{rd / 'pipeline.yaml'} --config {rd / 'config.yaml'}`, or export the latest run (leave out --run)")
 
 
 def _sample_json(row: dict[str, Any]) -> bytes:
@@ -205,15 +272,15 @@ def check_url_output(url: str, inputs: list[str], overwrite: bool) -> None:
     earlier export (replaced only with ``overwrite``)."""
     prefix = url.rstrip("/") + "/"
     if any(str(p).startswith(prefix) or prefix.startswith(str(p).rsplit("/", 1)[0] + "/") for p in inputs if is_url(p)):
-        raise WorkDirError(f"--out {url} overlaps the input shards' location: choose another prefix")
+        raise RefusedOutput(f"--out {url} overlaps the input shards' location: choose another prefix")
     fs, root = storage.filesystem(url)
     listed = fs.ls(root, detail=False) if fs.exists(root) else []
     if listed:
         if not fs.exists(f"{root.rstrip('/')}/{MARKER}"):
-            raise WorkDirError(f"--out {url} holds objects that export did not write (or an export that never "
+            raise RefusedOutput(f"--out {url} holds objects that export did not write (or an export that never "
                                "finished): choose a new prefix")
         if not overwrite:
-            raise WorkDirError(f"--out {url} holds an earlier export: pass --overwrite to replace it")
+            raise RefusedOutput(f"--out {url} holds an earlier export: pass --overwrite to replace it")
 
 
 def _export_to_url(workdir: str, url: str, ex: Executor, spec: ExportSpec) -> dict:
@@ -294,24 +361,28 @@ def run_storage_options(workdir: str, run_id: str) -> dict[str, dict[str, Any]]:
 
 
 def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSpec) -> dict:
-    all_ids = [s["id"] for s in run["stages"]]
+    stages = run["stages"]
+    all_ids = [s["id"] for s in stages]
     options = run_storage_options(workdir, run["run_id"])
     set_storage_options(options)
     shards = run["shards"]
     missing = [shard_name(p) for p in shards if not WorkDir.at(workdir).stage_table(all_ids[-1], shard_name(p)).exists()]
     if missing:
-        raise WorkDirError(f"{workdir}: stage {all_ids[-1]} is not done on {len(missing)} shard(s) "
+        raise RefusedOutput(f"{workdir}: stage {all_ids[-1]} is not done on {len(missing)} shard(s) "
                            f"(e.g. {missing[0]}); finish the run before exporting")
     order = list(shards)
     if spec.shuffle_seed is not None:
         order.sort(key=lambda p: _order_key(shard_name(p), spec.shuffle_seed))
     names = datacomp_names(run) if spec.schema == "datacomp" else None
-    res = ex.map(functools.partial(call_with_options, options, export_metadata, workdir, out, all_ids, spec,
+    res = ex.map(functools.partial(call_with_options, options, export_metadata, workdir, out, stages, spec,
                                    names=names), order,
                  label="export:metadata")
     failed = [r for r in res if not r.ok]
     if failed:
         raise RuntimeError(f"export failed on {len(failed)} shard(s): {failed[0].item}: {failed[0].error}")
+    stale = {r.value["shard"]: r.value["stale"] for r in res if "stale" in r.value}
+    if stale:
+        refuse_stale(workdir, run, stale)
     counts = [r.value for r in res]  # in `order`: the output numbering follows it
     # a metadata pool has no images to copy: its export is the metadata, the pool table and uids.npy
     plans = [] if any(is_metadata_shard(p) for p in shards) else plan_output(counts, spec.shard_size)

@@ -26,6 +26,10 @@ class WorkDirError(OSError):
     """The work dir (or a file in it) cannot be written: full disk, read-only, permissions."""
 
 
+class RefusedOutput(WorkDirError):
+    """An output that would destroy or mix data is refused (a user's choice to change: exit 2)."""
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
