@@ -26,6 +26,20 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
 
 
+_STORAGE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure")
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """One line for an object store that cannot be reached or refuses us (no credentials, no
+    endpoint, a host that does not resolve), or None for any other error."""
+    if type(e).__module__.split(".")[0] not in _STORAGE_LIBRARIES:
+        return None
+    return (f"object storage cannot be reached: {type(e).__name__}: {str(e)[:200]}. Credentials come from the "
+            "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS...); an endpoint "
+            "other than the provider's (MinIO, a local server) from the run config: pass --config with its "
+            "storage_options, e.g. {s3: {endpoint_url: http://host:9000}}")
+
+
 def _quiet_shutdown() -> None:
     """After an interrupt the user has been told what happened: a Dask cluster interrupted while it
     starts would print tracebacks from its exit handlers and unfinished tasks. They still run, silently."""
@@ -232,23 +246,47 @@ def cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """Columns as wide as their longest cell, two spaces apart; the last column (a description)
+    wrapped to the terminal's width under itself."""
+    import shutil
+    import textwrap
+
+    widths = [max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(header[:-1])]
+    indent = sum(widths)
+    room = max(30, shutil.get_terminal_size((100, 24)).columns - indent)
+    lines = []
+    for row in [header, *rows]:
+        head = "".join(v.ljust(w) for v, w in zip(row, widths))
+        text = textwrap.wrap(row[-1], room) or [""]
+        lines.append(head + text[0])
+        lines += [" " * indent + t for t in text[1:]]
+    return "\n".join(lines)
+
+
 def cmd_stages(a: argparse.Namespace) -> int:
+    import shutil
+
     from curate.stages.registry import available_stages, describe_stage
 
     if not a.name:
-        print(f"{'stage':<18}{'kind':<8}what it does")
-        for n in available_stages():
-            d = describe_stage(n)
-            print(f"{n:<18}{d['kind']:<8}{d['summary']}")
+        rows = [(n, d["kind"], d["summary"]) for n in available_stages() for d in [describe_stage(n)]]
+        print(_table(rows, ("stage", "kind", "what it does")))
         print("\n`curate stages NAME` lists a stage's parameters.")
         return 0
     d = describe_stage(a.name)
-    print(f"{d['name']} ({d['kind']} stage{', filter' if d['filters'] else ''}): {d['summary']}")
-    rows = [(r["name"], r["type"], json.dumps(r["default"]), r["description"]) for r in d["params"]]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) + 2 for i, h in enumerate(("parameter", "type", "default"))]
-    print("\n" + "".join(h.ljust(w) for h, w in zip(("parameter", "type", "default"), widths)) + "description")
-    for row in rows:
-        print("".join(v.ljust(w) for v, w in zip(row, widths)) + row[3])
+    import textwrap
+
+    print(textwrap.fill(f"{d['name']} ({d['kind']} stage{', filter' if d['filters'] else ''}): {d['summary']}",
+                        shutil.get_terminal_size((100, 24)).columns) + "\n")
+    rows = []
+    for r in d["params"]:
+        kind, text = r["type"], r["description"]
+        if len(kind) > 24:  # a long Literal: named in full under the description, not as a column
+            kind, text = kind[:21] + "...", f"{text} (type: {kind})"
+        default = json.dumps(r["default"])
+        rows.append((r["name"], kind, default if len(default) <= 24 else default[:21] + "...", text))
+    print(_table(rows, ("parameter", "type", "default", "description")))
     return 0
 
 
@@ -288,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, parents=[common], formatter_class=_Help)
 
     sg = add("stages", help="list the stages, or one stage's parameters with types and defaults")
-    sg.add_argument("name", nargs="?", default=None)
+    sg.add_argument("name", nargs="?", default=None, help="a stage kind: list its parameters")
     sg.set_defaults(fn=cmd_stages)
 
     mo = add("models", help="stage model weights for machines without internet")
@@ -303,10 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     mf.set_defaults(fn=cmd_models_fetch)
 
     s = add("synth", help="write a synthetic pool with injected defects and ground truth")
-    s.add_argument("--out", required=True)
-    s.add_argument("--samples", type=int, default=5000)
-    s.add_argument("--shards", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="folder for the shards and ground_truth.parquet")
+    s.add_argument("--samples", type=int, default=5000, help="image-text pairs in the pool")
+    s.add_argument("--shards", type=int, default=10, help="tar shards to split them into")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same bytes on every machine")
     s.add_argument("--clean", action="store_true", help="no injected defects (training / held-out sets)")
     s.add_argument("--defect", action="append", metavar="NAME=FRACTION",
                    help="set one defect's share (repeatable), e.g. text_caption=0.1 or templated_caption=0.05 "
@@ -314,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_synth)
 
     r = add("run", help="run a pipeline (YAML) with a run config")
-    r.add_argument("pipeline")
-    r.add_argument("--config", default=None)
+    r.add_argument("pipeline", help="the recipe: a YAML of stages (pipelines/*.yaml)")
+    r.add_argument("--config", default=None, help="run config: input, work dir, executor, device, model cache, "
+                   "storage options, columns (configs/*.yaml; default: an embedded LocalCluster on the CPU)")
     r.add_argument("--input", default=None, help="path, glob, brace pattern or list file of shards")
-    r.add_argument("--workdir", default=None)
+    r.add_argument("--workdir", default=None, help="where tables, stats and run records go (a folder or a URL); "
+                   "overrides the config")
     r.add_argument("--stages", default=None, help="comma-separated stage ids to run (others skipped)")
     r.add_argument("--until", default=None, metavar="STAGE",
                    help="run the pipeline up to and including this stage (id or kind); done stages are skipped")
@@ -326,20 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = add("train", help="train an open_clip model on WebDataset shards (open_clip_train)")
     t.add_argument("input", help="shards: path, glob, brace pattern or list file")
     t.add_argument("--out", required=True, help="folder for the checkpoint and logs")
-    t.add_argument("--name", default="proxy")
-    t.add_argument("--model", default="curate-tiny")
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--name", default="proxy", help="run name: the checkpoint goes to OUT/NAME")
+    t.add_argument("--model", default="curate-tiny", help="open_clip architecture")
+    t.add_argument("--epochs", type=int, default=4, help="passes over the shards")
+    t.add_argument("--batch-size", type=int, default=128, help="pairs per step")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--seed", type=int, default=0, help="same seed, same checkpoint")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.set_defaults(fn=cmd_train)
 
     e = add("eval", help="zero-shot accuracy, retrieval R@1 and match AUC on a labelled set")
     e.add_argument("eval_dir", help="folder with shards and ground_truth.parquet (curate synth --clean)")
-    e.add_argument("--model", default="curate-tiny")
-    e.add_argument("--checkpoint", default=None)
-    e.add_argument("--max-samples", type=int, default=1000)
+    e.add_argument("--model", default="curate-tiny", help="open_clip architecture")
+    e.add_argument("--checkpoint", default=None, help="weights to evaluate (default: random, seeded)")
+    e.add_argument("--max-samples", type=int, default=1000, help="pairs evaluated at most")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.set_defaults(fn=cmd_eval)
 
@@ -347,25 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("source", nargs="?", help="Parquet/CSV/TSV of URLs and captions, or a folder of images + .txt")
     ig.add_argument("--from", dest="from_work", default=None, metavar="WORK",
                     help="download only the samples a metadata run in WORK kept (uids preserved)")
-    ig.add_argument("--out", required=True)
+    ig.add_argument("--out", required=True, help="folder for the WebDataset shards")
     ig.add_argument("--config", default=None, help="with --from: run config whose storage_options reach a work "
                                                    "dir on object storage")
     ig.add_argument("--input-format", default=None, help="parquet, csv, tsv (default: from the suffix)")
-    ig.add_argument("--url-col", default="url")
-    ig.add_argument("--caption-col", default="caption")
-    ig.add_argument("--processes", type=int, default=2)
-    ig.add_argument("--threads", type=int, default=16)
-    ig.add_argument("--samples-per-shard", type=int, default=10_000)
-    ig.add_argument("--timeout", type=int, default=10)
+    ig.add_argument("--url-col", default="url", help="column of the URLs in the list")
+    ig.add_argument("--caption-col", default="caption", help="column of the captions in the list")
+    ig.add_argument("--processes", type=int, default=2, help="img2dataset download processes")
+    ig.add_argument("--threads", type=int, default=16, help="download threads per process")
+    ig.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output tar")
+    ig.add_argument("--timeout", type=int, default=10, help="seconds per download")
     ig.set_defaults(fn=cmd_ingest)
 
     x = add("export", help="curated Parquet, uids.npy and resharded WebDataset from a work dir")
-    x.add_argument("workdir")
-    x.add_argument("--out", required=True)
+    x.add_argument("workdir", help="the work dir of a finished run")
+    x.add_argument("--out", required=True, help="a new or empty folder (or URL) for the export")
     x.add_argument("--config", default=None, help="run config for the executor (default: LocalCluster) and the "
                                                   "storage options of a work dir on object storage")
-    x.add_argument("--shard-size", type=int, default=10_000)
-    x.add_argument("--shuffle-seed", type=int, default=None)
+    x.add_argument("--shard-size", type=int, default=10_000, help="samples per output tar")
+    x.add_argument("--shuffle-seed", type=int, default=None, help="shuffle shards and samples "
+                   "within them with this seed (default: input order)")
     x.add_argument("--no-pool", action="store_true", help="skip OUT/pool (every row with its reason)")
     x.add_argument("--hf-parquet", action="store_true", help="also Parquet with embedded image bytes")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (atomically)")
@@ -377,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = add("report", help="write WORK/report/index.html with plots and galleries; with two "
                         "work dirs, WORK_A/report/compare.html (two runs side by side)")
-    rp.add_argument("workdir", nargs="+")
+    rp.add_argument("workdir", nargs="+", help="a work dir, or two to compare")
     rp.add_argument("--out", default=None, help="folder for the report (default WORK/report; required for a "
                                                 "work dir on object storage)")
     rp.add_argument("--config", default=None, help="run config whose storage_options reach a work dir on object "
@@ -385,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
 
     st = add("stats", help="print the funnel read back from the stats Parquet")
-    st.add_argument("workdir")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("workdir", help="the work dir of a run (a folder or a URL)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--config", default=None, help="run config whose storage_options reach a work dir on object "
                                                    "storage")
     st.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
@@ -408,6 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     except WorkDirError as e:  # full disk, read-only or blocked path: named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `curate stages | head`: the reader has all it wanted
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout again at exit)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
+    except Exception as e:
+        why = storage_failure(e)
+        if why is None or verbose:
+            raise
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         if not verbose:

@@ -74,6 +74,20 @@ def test_ingest_urls_with_img2dataset(http_root, tmp_path: Path):
     print(failed.select("url", "status", "error_message"))
 
 
+def test_an_ingest_that_downloads_nothing_is_one_line_and_exit_2(http_root, tmp_path: Path):
+    base, _ = http_root
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n" + "".join(f"{base}/missing-{i}.jpg,a photo of a dog\n" for i in range(6)))
+    r = subprocess.run([str(BIN / "curate"), "ingest", str(urls), "--out", str(tmp_path / "shards"), "--processes",
+                        "1", "--threads", "4", "--timeout", "5"], capture_output=True, text=True, timeout=300,
+                       env={"PATH": str(BIN), "HOME": str(tmp_path), "NO_ALBUMENTATIONS_UPDATE": "1",
+                            "WANDB_MODE": "disabled"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "downloaded no image: 6 URL(s) read, 6 failed" in err[0] and "404" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_ingest_folder_with_sidecar_captions(tmp_path: Path):
     coco = shared_data("images/coco_val2017_mini")
     src = tmp_path / "folder"

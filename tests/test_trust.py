@@ -289,6 +289,32 @@ def test_ctrl_c_while_the_cluster_starts_is_one_message(small_pool: Path, tmp_pa
     assert "rerun the same command to resume" in err and len(err.strip().splitlines()) <= 12, err[-3000:]
 
 
+def test_ctrl_c_on_a_terminal_reaches_the_workers_too_and_still_prints_one_message(small_pool: Path, tmp_path: Path):
+    """A terminal sends Ctrl-C to the whole process group, LocalCluster workers included: they
+    leave the answer to the driver instead of printing a KeyboardInterrupt traceback each."""
+    import signal
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("executor: {kind: local_cluster, n_workers: 2}\ndevice: cpu\n")
+    p = subprocess.Popen([*CLI, "run", str(ROOT / "pipelines" / "datacomp_basic.yaml"), "--config", str(cfg),
+                          "--input", str(small_pool / "*.tar"), "--workdir", str(tmp_path / "w")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env=os.environ | {"PYTHONPATH": str(ROOT)}, start_new_session=True)
+    watchdog = threading.Timer(120, lambda: os.killpg(p.pid, signal.SIGKILL))
+    watchdog.start()
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if "fused:" in line:
+            break
+    os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=120)
+    err = "".join(seen) + p.stderr.read()
+    watchdog.cancel()
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "rerun the same command to resume" in err and len(err.strip().splitlines()) <= 8, err[-3000:]
+
+
 # 8. an export is one run's, and explains its columns ------------------------------------------------
 
 def test_export_of_an_older_run_refuses_once_a_later_run_rewrote_its_tables(small_pool: Path, tmp_path: Path):
@@ -334,3 +360,46 @@ def test_exported_parquet_keeps_descriptions_and_only_computed_columns(done_work
         assert {"img_width", "aspect", "lang", "caption", "sha256"} <= set(schema.names)
     pool = pq.read_table(next((out / "pool").glob("*.parquet")))
     assert "kept" in pool.column_names and pool.schema.field("reason").metadata[b"description"]
+
+
+# 9. a command line that explains itself -------------------------------------------------------------
+
+def test_every_option_and_argument_has_help():
+    import argparse
+
+    from curate.cli import build_parser
+
+    def bare(p: argparse.ArgumentParser, where: str) -> list[str]:
+        out = []
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                out += [x for name, sub in a.choices.items() for x in bare(sub, f"{where} {name}")]
+            elif not a.help:
+                out.append(f"{where} {'/'.join(a.option_strings) or a.dest}")
+        return out
+
+    assert bare(build_parser(), "curate") == []
+
+
+def test_stages_tables_fit_the_terminal_and_a_closed_pipe_is_quiet():
+    env = os.environ | {"PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+    listing = subprocess.run([*CLI, "stages"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    lines = listing.stdout.splitlines()
+    assert listing.returncode == 0 and max(map(len, lines)) <= 100
+    assert any(ln.startswith("metadata_embeddings  map ") for ln in lines), listing.stdout
+    for stage in ("image", "dedup", "clip_rank"):
+        one = subprocess.run([*CLI, "stages", stage], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert one.returncode == 0 and max(map(len, one.stdout.splitlines())) <= 100, one.stdout
+    piped = subprocess.run(f"{sys.executable} -m curate.cli stages clip_score | head -1", shell=True,
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert piped.stdout.startswith("clip_score") and piped.stderr == "", piped.stderr
+
+
+def test_a_work_dir_on_object_storage_without_credentials_is_one_line(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    for cmd in (["stats", "s3://some-bucket/work"], ["export", "s3://some-bucket/work", "--out", str(tmp_path / "o")]):
+        r = subprocess.run([*CLI, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert len(r.stderr.strip().splitlines()) == 1 and "--config" in r.stderr and "credentials" in r.stderr.lower()

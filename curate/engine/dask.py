@@ -5,11 +5,14 @@ dict of counts. Retries re-run a task on another worker when one dies.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 
 from curate.core.config import RunConfig, scheduler_address
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
@@ -90,6 +93,21 @@ def _silence_logs(driver_pid: int) -> None:
         logging.disable(logging.CRITICAL)
 
 
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Worker processes started in this block ignore SIGINT: a Ctrl-C on the terminal reaches the
+    whole process group, and the driver alone should answer it (with one line, then closing the
+    cluster), not each worker with its own KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through spawn's exec
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _missing(paths: list[str]) -> list[str]:
     """The paths this process cannot read (run on each worker)."""
     return [p for p in paths if not os.access(p, os.R_OK)]
@@ -119,10 +137,11 @@ def _make_local_cluster(cfg: RunConfig) -> Executor:
         import dask
 
         dask.config.set({"distributed.worker.daemon": False})
-    cluster = LocalCluster(n_workers=ex.n_workers, threads_per_worker=ex.threads_per_worker,
-                           processes=True, memory_limit=ex.memory_limit,
-                           dashboard_address="127.0.0.1:0" if ex.dashboard else None,
-                           resources=resources or None, silence_logs=logging.WARNING)
+    with _children_ignore_sigint():
+        cluster = LocalCluster(n_workers=ex.n_workers, threads_per_worker=ex.threads_per_worker,
+                               processes=True, memory_limit=ex.memory_limit,
+                               dashboard_address="127.0.0.1:0" if ex.dashboard else None,
+                               resources=resources or None, silence_logs=logging.WARNING)
     client = Client(cluster)
     return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)
 
@@ -157,8 +176,9 @@ def _make_local_cuda_cluster(cfg: RunConfig) -> Executor:
                           "or use kind local_cluster with device: cpu")
     dask.config.set({"distributed.worker.daemon": False})  # the CLIP loader starts processes
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0" if ex.dashboard else None}}
-    cluster = SpecCluster(workers=cuda_worker_specs(gpus, ex.n_workers, ex.threads_per_worker, ex.memory_limit),
-                          scheduler=scheduler, silence_logs=logging.WARNING)
+    with _children_ignore_sigint():
+        cluster = SpecCluster(workers=cuda_worker_specs(gpus, ex.n_workers, ex.threads_per_worker, ex.memory_limit),
+                              scheduler=scheduler, silence_logs=logging.WARNING)
     client = Client(cluster)
     log.info("local_cuda_cluster: %d GPU worker(s) (%s), %d CPU worker(s)", len(gpus), gpus, ex.n_workers)
     return DaskExecutor(client, ex.retries, cluster, ex.task_timeout_s)

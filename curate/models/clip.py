@@ -76,7 +76,9 @@ class LoadedClip:
 
 
 def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precision: str = "fp32",
-              model_cache: str | None = None) -> LoadedClip:
+              model_cache: str | None = None, seed: int = 0) -> LoadedClip:
+    """The model with its weights; without ``pretrained``, random weights drawn from ``seed``
+    (the same on every run and worker, without touching the process's own random state)."""
     import open_clip
     import torch
 
@@ -89,7 +91,10 @@ def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precis
     # A cached tag loads without asking the hub (no retries on a machine without internet).
     try:
         cached = tag is not None and cached_weights(model, tag, model_cache) is not None
-        with hub_offline() if cached else contextlib.nullcontext():
+        seeded = torch.random.fork_rng(devices=[]) if not (ckpt or tag) else contextlib.nullcontext()
+        with hub_offline() if cached else contextlib.nullcontext(), seeded:
+            if not (ckpt or tag):
+                torch.manual_seed(seed)
             m, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=ckpt or tag, precision=precision, device=device,
                 cache_dir=model_cache, weights_only=True)
@@ -104,5 +109,6 @@ def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precis
     info = {"model": model, "pretrained": pretrained, "checkpoint": ckpt,
             "checkpoint_sha256": file_sha256(ckpt) if ckpt else None,
             "preprocess": repr(preprocess), "precision": precision, "device": device,
+            "random_seed": None if (ckpt or tag) else seed,
             "open_clip_version": open_clip.__version__, "embed_dim": embed_dim(model)}
     return LoadedClip(m, preprocess, open_clip.get_tokenizer(model), device, info)

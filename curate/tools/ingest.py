@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from curate.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -51,7 +54,37 @@ def ingest_urls(url_list: str | Path, out: str | Path, spec: IngestSpec = Ingest
         st = json.loads(p.read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[k] = totals.get(k, 0) + int(st.get(k, 0))
+    if not totals.get("successes"):
+        raise NothingDownloaded(out, totals)
     return totals
+
+
+class NothingDownloaded(ConfigError):
+    """img2dataset fetched no image: the URLs, the column names or the network are wrong."""
+
+    def __init__(self, out: Path, totals: dict[str, int]):
+        errors = download_errors(out)
+        common = "; ".join(f"{msg} ({n}x)" for msg, n in errors.most_common(3)) or "no error recorded"
+        super().__init__(f"ingest downloaded no image: {totals.get('count', 0)} URL(s) read, "
+                         f"{totals.get('failed_to_download', 0)} failed to download; most common errors: {common}. "
+                         f"Check the URL column (--url-col), the list and the network; per-URL status and "
+                         f"error_message are in {out}/*.parquet")
+
+
+def download_errors(out: Path) -> Counter:
+    """img2dataset's ``error_message`` of every failed URL under ``out``, counted."""
+    import pyarrow.parquet as pq
+
+    errors: Counter = Counter()
+    for p in sorted(out.glob("*.parquet")):
+        if p.name.startswith("_"):
+            continue
+        try:
+            t = pq.read_table(p, columns=["error_message"])
+        except Exception:  # a file img2dataset did not finish or another table: not a status file
+            continue
+        errors.update(str(e)[:120] for e in t.column("error_message").to_pylist() if e)
+    return errors
 
 
 def ingest_survivors(workdir: str | Path, out: str | Path, spec: IngestSpec = IngestSpec()) -> dict:

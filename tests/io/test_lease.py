@@ -55,3 +55,18 @@ def test_two_cli_runs_on_one_work_dir(pool: Path, tmp_path: Path):
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2 and "is in use by run" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_the_lease_is_taken_before_preflight(pool: Path, tmp_path: Path):
+    """A second run is refused at once: not after checking every model (a CLIP preflight takes tens of
+    seconds) and not with the preflight's own complaints."""
+    work = tmp_path / "w"
+    missing_weights = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": str(tmp_path / "no.pt")}))
+    _lease(work, os.getpid())
+    with pytest.raises(ConfigError, match="in use by run other-run") as e:
+        run_pipeline(missing_weights, make_config(str(pool / "*.tar"), work))
+    assert "preflight" not in str(e.value)
+    (work / LEASE).unlink()
+    with pytest.raises(ConfigError, match="preflight"):
+        run_pipeline(missing_weights, make_config(str(pool / "*.tar"), work))
+    assert not (work / LEASE).exists()  # a refused run leaves no lease behind

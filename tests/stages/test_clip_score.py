@@ -233,3 +233,22 @@ def test_batch_decode_isolates_corrupt_items_by_halving(bad: set[int]):
     if 0 < len(bad) <= 4:
         assert len(calls) <= 2 * len(bad) * 7 + 1
     assert decode_bisecting(0, run) == ({}, [])
+
+
+def test_a_model_without_weights_is_seeded_the_same_in_every_process():
+    """pretrained: null builds random weights: drawn from a fixed seed, so two runs (and the reference
+    stage, which reloads the scorer it describes) score with the same model; the caller's RNG is untouched."""
+    import torch
+
+    from curate.models.clip import load_clip
+
+    torch.manual_seed(123)
+    expect_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_clip("curate-tiny", None).model.state_dict()
+    assert torch.equal(torch.rand(3), expect_next)
+    torch.manual_seed(999)
+    b = load_clip("curate-tiny", None).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_clip("curate-tiny", None, seed=1).model.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
