@@ -48,3 +48,4 @@ def test_report_renders_with_every_image_and_no_console_error(pool: Path, tmp_pa
     dom, log = render(cmp_page, tmp_path)
     assert "Funnel A" in dom and "Funnel B" in dom and "kept by both" in dom
     assert "CONSOLE" not in log and "Uncaught" not in log
+

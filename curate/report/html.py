@@ -48,20 +48,31 @@ def _read_stage(work: WorkDir, stage: str, columns: list[str]) -> pl.DataFrame |
     return read_frame(files, columns=cols) if cols else None
 
 
-def plot_funnel(rows: list[dict], out: Path) -> str:
+def funnel_figure(rows: list[dict]):
+    """Samples in and kept per stage, one horizontal bar per stage (pipeline order, top down), so
+    stage ids of any length stay readable."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    names = [r["stage"] for r in rows]
-    ax.bar(names, [r["n_in"] for r in rows], color="#c8d6e5", label="in")
-    ax.bar(names, [r["n_kept"] for r in rows], color="#2e86de", label="kept")
-    ax.set_ylabel("samples")
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    names = [r["stage"] for r in rows][::-1]
+    ax.barh(names, [r["n_in"] for r in rows][::-1], color="#c8d6e5", label="in")
+    ax.barh(names, [r["n_kept"] for r in rows][::-1], color="#2e86de", label="kept")
+    ax.set_xlabel("samples")
     ax.set_title("Funnel (from stats Parquet)")
-    ax.legend()
-    return _save(fig, out / "funnel.png")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_funnel(rows: list[dict], out: Path) -> str:
+    return _save(funnel_figure(rows), out / "funnel.png")
+
+
+def reason_label(stage: str, reason: str) -> str:
+    """``stage: reason``, without the stage twice when the reason already starts with it (image:aspect)."""
+    return reason if reason.startswith(f"{stage}:") else f"{stage}: {reason}"
 
 
 def plot_reasons(rows: list[dict], out: Path) -> str | None:
-    items = [(f"{r['stage']}: {k}", v) for r in rows for k, v in r["dropped"].items()]
+    items = [(reason_label(r["stage"], k), v) for r in rows for k, v in r["dropped"].items()]
     if not items:
         return None
     items.sort(key=lambda kv: kv[1])
