@@ -10,10 +10,12 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import uuid
 from typing import Callable, Iterator
 
+from curate.core import heartbeat
 from curate.core.config import RunConfig, scheduler_address
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
 from curate.engine.progress import Progress
@@ -49,12 +51,13 @@ class DaskExecutor(Executor):
         if self.task_timeout_s:
             fn = functools.partial(run_with_deadline, fn, self.task_timeout_s)
         tag = uuid.uuid4().hex[:8]
+        fn = functools.partial(_reporting_samples, tag, fn)
         keys = [f"{label}-{tag}-{i}" for i in range(len(items))]
-        futures = self.client.map(fn, items, key=keys, retries=self.retries, pure=False,
-                                  resources=resources or None)
-        by_key = {f.key: (i, item) for i, (f, item) in enumerate(zip(futures, items))}
-        results: list[Outcome | None] = [None] * len(items)
-        with Progress(label, len(items)) as bar:
+        with Progress(label, len(items)) as bar, self._samples_of(tag, bar):
+            futures = self.client.map(fn, items, key=keys, retries=self.retries, pure=False,
+                                      resources=resources or None)
+            by_key = {f.key: (i, item) for i, (f, item) in enumerate(zip(futures, items))}
+            results: list[Outcome | None] = [None] * len(items)
             for fut in as_completed(futures):
                 i, item = by_key[fut.key]
                 try:
@@ -65,6 +68,27 @@ class DaskExecutor(Executor):
                 fut.release()
                 bar.update(1)
         return [r for r in results if r is not None]
+
+    @contextlib.contextmanager
+    def _samples_of(self, tag: str, bar: Progress) -> Iterator[None]:
+        """The sample counts the tasks of one map report (worker events), into ``bar``."""
+        def on_event(event: tuple[float, dict]) -> None:
+            msg = event[1]
+            if not isinstance(msg, dict) or msg.get("tag") != tag:
+                return
+            if "log" in msg:
+                logging.getLogger(msg["log"]).log(msg["level"], "%s", msg["message"])
+            else:
+                bar.samples(msg["stage"], msg["shard"], msg["done"], msg["total"])
+
+        self.client.subscribe_topic(PROGRESS_TOPIC, on_event)
+        try:
+            yield
+        finally:
+            try:
+                self.client.unsubscribe_topic(PROGRESS_TOPIC)
+            except Exception:  # the scheduler already gone (an interrupt): nothing to unsubscribe from
+                pass
 
     def unseen_paths(self, paths: list[str]) -> dict[str, list[str]]:
         got = self.client.run(_missing, paths)  # on every worker
@@ -91,6 +115,58 @@ def _silence_logs(driver_pid: int) -> None:
         _quiet_dask_logs(logging.CRITICAL + 1)
     else:
         logging.disable(logging.CRITICAL)
+
+
+PROGRESS_TOPIC = "curate-progress"
+
+
+_task = threading.local()  # the tag of the map whose task this worker thread runs
+
+
+class _ToDriver(logging.Handler):
+    """On a worker: warnings logged while a task runs (a library's ``WARNING:root:`` lines among
+    them) go to the driver, which logs them through its own handlers, above its progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tag = getattr(_task, "tag", None)
+        if tag is None:  # outside a task: where a worker's own log goes
+            sys.stderr.write(self.format(record) + "\n")
+            return
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(PROGRESS_TOPIC, {"tag": tag, "log": record.name, "level": record.levelno,
+                                                    "message": record.getMessage()[:2000]})
+        except Exception:  # no worker here after all, or its connection is closing
+            sys.stderr.write(self.format(record) + "\n")
+
+
+def _forward_warnings() -> None:
+    """Install _ToDriver on this worker process's root logger, once."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _ToDriver) for h in root.handlers):
+        handler = _ToDriver(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def _reporting_samples(tag: str, fn: Callable, item: object) -> object:
+    """Run ``fn(item)`` on a worker with its sample counts (and its warnings) sent to the driver
+    as worker events."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    _forward_warnings()
+
+    def send(stage: str, shard: str, done: int, total: int | None) -> None:
+        worker.log_event(PROGRESS_TOPIC, {"tag": tag, "stage": stage, "shard": shard, "done": done, "total": total})
+
+    _task.tag = tag
+    try:
+        with heartbeat.reporting(send):
+            return fn(item)
+    finally:
+        _task.tag = None
 
 
 @contextlib.contextmanager

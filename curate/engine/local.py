@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from curate.core import heartbeat
 from curate.core.config import RunConfig
 from curate.engine.base import Executor, Outcome, describe_exception, register_executor
 from curate.engine.progress import Progress
@@ -18,7 +19,7 @@ class LocalExecutor(Executor):
     def map(self, fn: Callable, items: list, *, label: str,
             resources: dict[str, float] | None = None) -> list[Outcome]:
         out = []
-        with Progress(label, len(items)) as progress:
+        with Progress(label, len(items)) as progress, heartbeat.reporting(progress.samples):
             for item in items:
                 self._run_one(fn, item, label, out)
                 progress.update()

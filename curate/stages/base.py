@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 from curate.core.config import Strict
+from curate.core.heartbeat import Sink, Ticker, current_sink
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_frame, read_meta, read_table
 from curate.io.shards import RawSample, ShardReadResult, SharedShard, iter_indexed_samples
@@ -82,6 +83,8 @@ class ShardContext:
     shared: SharedShard | None = None  # the tar read shared by fused map stages (None: read the tar)
     # tables the earlier stages of a fused task wrote for this shard, as written (not read back)
     written: dict[str, pa.Table] = field(default_factory=dict)
+    # where sample counts go while the task runs (the engine's progress line); None: nowhere
+    heartbeat: Sink | None = field(default_factory=current_sink)
     _cache: dict[str, pa.Table] = field(default_factory=dict)
     _evaluate: np.ndarray | None = None
 
@@ -164,21 +167,33 @@ class ShardContext:
             return self.shared.load(self.read_result).indexed
         return functools.partial(iter_indexed_samples, self.shard_path)
 
+    def ticker(self, total: int | None) -> Ticker:
+        """Counts the samples this stage goes through on the shard, for the driver's progress line
+        (``samples`` and ``samples_at`` count theirs; a stage with its own data path ticks this)."""
+        return Ticker(self.heartbeat, self.stage_id, self.shard, total)
+
     def samples(self) -> Iterator[RawSample]:
         """Stream the raw shard; read errors land in ``read_result`` (reported, not raised)."""
-        return (s for _, s in self.reader()(self.read_result))
+        tick = self.ticker(None)
+        for _, s in self.reader()(self.read_result):
+            yield s
+            tick.tick()
+        tick.close()
 
     def samples_at(self, rows: list[int]) -> Iterator[tuple[int, RawSample]]:
         """(row, sample) for ``rows`` in tar order; the other members are skipped unread. A sample
         whose key differs from the index (the shard changed since indexing) is an error."""
         want = set(rows)
         keys = self.column("key")
+        tick = self.ticker(len(want))
         for i, s in self.reader()(self.read_result, want.__contains__):
             if i >= len(keys):
                 break
             if s.key != keys[i]:
                 raise RuntimeError(f"shard {self.shard} changed since indexing (row {i}: {s.key} != {keys[i]})")
             yield i, s
+            tick.tick()
+        tick.close()
 
     def describe(self, stage_id: str) -> dict[str, Any]:
         """What a declared earlier stage recorded about how it computed this shard's values

@@ -184,7 +184,8 @@ class ClipScoreStage(MapStage):
 
     def embed(self, shard: str | Callable[..., Iterator[tuple[int, Any]]], rows: list[int], captions: list[str],
               device: str, model_cache: str | None, masks: dict[int, list] | None = None,
-              keys: list[str] | None = None) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
+              keys: list[str] | None = None, on_batch: Callable[[int], None] | None = None
+              ) -> tuple[dict[int, tuple[float, Any, Any]], dict[int, str]]:
         """{row: (score, image_emb, text_emb)} and {row: reason} for images that failed to decode;
         ``shard`` is a tar path or a ``ShardContext.reader()``; ``masks``: text boxes per row to fill
         before scoring; ``keys``: the index's sample keys (checked where DALI reads the tar)."""
@@ -196,6 +197,8 @@ class ClipScoreStage(MapStage):
         failed: dict[int, str] = {}
         chunk = self.params.batch_size
         for batch_rows, imgs, failures, tokens in self.batches(shard, rows, captions, device, masks, keys):
+            if on_batch is not None:
+                on_batch(len(batch_rows))
             failed.update((r, why) for r, why in zip(batch_rows, failures) if why is not None)
             good_idx = [j for j, why in enumerate(failures) if why is None]
             if not good_idx:
@@ -396,8 +399,10 @@ class ClipScoreStage(MapStage):
             masks = {i: boxes[i] for i in rows if boxes[i]}
         # the tar's path where no fused task has read it already: DALI's reader can take a path
         shard = ctx.shard_path if ctx.shared is None else ctx.reader()
+        tick = ctx.ticker(len(rows))
         res, failed = self.embed(shard, rows, captions, ctx.run.device, ctx.run.model_cache, masks,
-                                 keys=ctx.column("key"))
+                                 keys=ctx.column("key"), on_batch=tick.tick)
+        tick.close()
         # a row without a result failed to decode, or the tar no longer holds it
         reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
         got = [res.get(i, (None, None, None)) for i in rows]
