@@ -9,8 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from curate.core.config import ConfigError
-from curate.io.parquet import RefusedOutput, WorkDirError
+from curate.core.errors import ConfigError, RefusedOutput, WorkDirError
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 

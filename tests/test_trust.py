@@ -403,3 +403,23 @@ def test_a_work_dir_on_object_storage_without_credentials_is_one_line(tmp_path: 
         r = subprocess.run([*CLI, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert len(r.stderr.strip().splitlines()) == 1 and "--config" in r.stderr and "credentials" in r.stderr.lower()
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    """`curate --version` and `--help` load none of the data libraries; listing the stages loads
+    neither torch nor Dask nor open_clip (their import is most of a slow start)."""
+    probe = ("import sys, runpy; sys.argv = ['curate', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('curate.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "heavy = ('torch', 'polars', 'pyarrow', 'dask', 'distributed', 'open_clip', 'pydantic', 'scipy')\n"
+             "print('LOADED', sorted(m for m in heavy if m in sys.modules), file=sys.stderr)")
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+
+    def loaded(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=120)
+        return r.stderr.strip().splitlines()[-1]
+
+    assert loaded("--version") == "LOADED []"
+    assert loaded("--help") == "LOADED []"
+    assert loaded("run", "--help") == "LOADED []"
+    stages = loaded("stages")
+    assert not {"'torch'", "'dask'", "'distributed'", "'open_clip'", "'scipy'"} & set(stages[8:-1].split(", ")), stages

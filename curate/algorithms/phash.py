@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
-from scipy.fft import dctn
 
 
 def phash(rgb: np.ndarray) -> int:
     """pHash of an RGB uint8 array (any size), as a signed int64 (Parquet has no uint64 stats)."""
+    from scipy.fft import dctn  # imported here: listing the stages need not load scipy
+
     im = Image.fromarray(rgb).convert("L").resize((32, 32), Image.BILINEAR)
     coeffs = dctn(np.asarray(im, dtype=np.float64), norm="ortho")[:8, :8]
     bits = (coeffs > np.median(coeffs)).ravel()

@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or on the command line; shown without a traceback."""
+from curate.core.errors import ConfigError  # noqa: F401  (importers take it from here too)
 
 
 class Strict(BaseModel):

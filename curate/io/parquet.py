@@ -22,12 +22,7 @@ from curate.io import storage
 META_KEY = b"curate"
 
 
-class WorkDirError(OSError):
-    """The work dir (or a file in it) cannot be written: full disk, read-only, permissions."""
-
-
-class RefusedOutput(WorkDirError):
-    """An output that would destroy or mix data is refused (a user's choice to change: exit 2)."""
+from curate.core.errors import RefusedOutput, WorkDirError  # noqa: F401  (importers take them from here)
 
 
 def _fsync_dir(path: Path) -> None:
