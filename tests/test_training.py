@@ -23,13 +23,22 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "heldout"
 
 
-def test_train_then_evaluate(clean, tmp_path: Path):
+def test_train_then_evaluate(clean, tmp_path: Path, caplog):
+    import logging
+    import shutil
+
     train, heldout = clean
+    caplog.set_level(logging.INFO, logger="curate.tools.training")
     ckpt = train_clip(str(train / "*.tar"), tmp_path / "m", SPEC, name="t")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert any(k.startswith("visual.") for k in state)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training t: epoch 1, ")]
+    assert progress and "256/256 samples, loss " in progress[-1], [r.getMessage() for r in caplog.records]
     stamp = os.stat(ckpt).st_mtime_ns
     assert train_clip(str(train / "*.tar"), tmp_path / "m", SPEC, name="t") == ckpt  # same spec and data: reused
+    # the same shards elsewhere (a moved or re-cloned checkout): reused too
+    shutil.copytree(train, tmp_path / "moved")
+    assert train_clip(str(tmp_path / "moved" / "*.tar"), tmp_path / "m", SPEC, name="t") == ckpt
     assert os.stat(ckpt).st_mtime_ns == stamp
     m = evaluate_clip("curate-tiny", str(ckpt), heldout)
     assert m["samples"] == 60

@@ -6,15 +6,19 @@ measures it.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 from curate.io.shards import expand_input, iter_samples
 from curate.models.train_entry import deterministic_env
@@ -73,7 +77,9 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     n = count_samples(shards)
     if n < spec.batch_size:
         raise ValueError(f"{n} samples in {len(shards)} shard(s): fewer than one batch of {spec.batch_size}")
-    record = asdict(spec) | {"trainer": TRAINER_VERSION, "samples": n, "shards": shards, "shard_bytes": _shard_bytes(shards)}
+    # shard names, not paths: a checkpoint is reused wherever the checkout (and its demo/) lives
+    record = asdict(spec) | {"trainer": TRAINER_VERSION, "samples": n, "shards": [Path(p).name for p in shards],
+                             "shard_bytes": _shard_bytes(shards)}
     final, side = out / f"{name}.pt", out / f"{name}.json"
     if reuse and final.exists() and side.exists() and _same_record(json.loads(side.read_text()), record):
         log.info("%s: trained before with the same spec and data, reusing it (sha256 %s)", final, file_sha256(final))
@@ -91,11 +97,13 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     env = os.environ | deterministic_env(spec.threads) | {
         "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.info("training %s on %d samples from %d shard(s), %d epochs", spec.model, n, len(shards), spec.epochs)
-    r = subprocess.run([sys.executable, "-m", "curate.models.train_entry", *argv], env=env,
-                       capture_output=True, text=True, preexec_fn=_die_with_parent)
-    if r.returncode != 0:
-        tail = "\n".join((r.stdout + r.stderr).splitlines()[-20:])
-        raise RuntimeError(f"open_clip training failed (exit {r.returncode}):\n{tail}")
+    per_epoch = spec.samples_per_epoch or n
+    with subprocess.Popen([sys.executable, "-m", "curate.models.train_entry", *argv], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent) as proc:
+        tail = follow_training(proc.stdout, spec.epochs * per_epoch, per_epoch, f"training {name}")
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"open_clip training failed (exit {code}):\n" + "\n".join(tail[-20:]))
     ckpts = sorted((logs / name / "checkpoints").glob("epoch_*.pt"),
                    key=lambda p: int(p.stem.split("_")[1]))
     if not ckpts:
@@ -113,6 +121,39 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
     return final
 
 
+_STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) .*?Loss: ([0-9.]+)")
+
+
+def follow_training(lines: Iterable[str], total: int, per_epoch: int, label: str, every_s: float = 10.0) -> list[str]:
+    """Show open_clip's training log as progress: on a terminal a bar (samples, epoch, loss, ETA),
+    otherwise a log line every ``every_s`` seconds. Returns the last lines, for an error message."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="sample") if sys.stderr.isatty() else None
+    start = last = time.monotonic()
+    done, tail = 0, collections.deque(maxlen=50)
+    for line in lines:
+        tail.append(line.rstrip("\n"))
+        m = _STEP.search(line)
+        if not m:
+            continue
+        epoch, seen, loss = int(m.group(1)), int(m.group(2)), float(m.group(4))
+        now_done = min(epoch * per_epoch + seen, total)
+        now = time.monotonic()
+        if bar is not None:
+            bar.update(now_done - done)
+            bar.set_postfix_str(f"epoch {epoch + 1}, loss {loss:.3f}")
+        elif now - last >= every_s or now_done >= total:
+            last = now
+            rate = now_done / max(now - start, 1e-9)
+            log.info("%s: epoch %d, %d/%d samples, loss %.3f, elapsed %.0f s, ETA %.0f s", label, epoch + 1,
+                     now_done, total, loss, now - start, (total - now_done) / rate if rate else float("inf"))
+        done = now_done
+    if bar is not None:
+        bar.close()
+    return list(tail)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,4 +163,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _same_record(saved: dict, wanted: dict) -> bool:
-    return {k: v for k, v in saved.items() if k != "sha256"} == wanted
+    """The same spec, trainer and data: shard names (a record that saved paths is read by their
+    names), sizes and sample count."""
+    saved = {k: v for k, v in saved.items() if k != "sha256"}
+    saved["shards"] = [Path(p).name for p in saved.get("shards", [])]
+    return saved == wanted
