@@ -87,7 +87,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         summary = run_pipeline(pipe, cfg, only=a.stages.split(",") if a.stages else None)
     except InputError as e:
         raise ConfigError(str(e)) from None
-    print(format_funnel(funnel(summary.workdir, summary.run_id), stale_stages(summary.workdir, summary.run_id)))
+    rows = funnel(summary.workdir, summary.run_id)
+    print(format_funnel(rows, stale_stages(summary.workdir, summary.run_id)))
+    if summary.ok and rows and rows[0]["n_in"] == 0:
+        print(f"error: the input holds no sample ({rows[0]['shards_total']} shard(s) read, every one empty): "
+              "check --input (an ingest that downloaded nothing leaves empty shards)", file=sys.stderr)
+        return 2
     glob = global_summaries(summary.workdir, summary.run_id)
     if glob:
         print("\n" + format_globals(glob, summary.workdir, summary.run_id))

@@ -423,3 +423,15 @@ def test_the_command_line_starts_without_the_heavy_libraries():
     assert loaded("run", "--help") == "LOADED []"
     stages = loaded("stages")
     assert not {"'torch'", "'dask'", "'distributed'", "'open_clip'", "'scipy'"} & set(stages[8:-1].split(", ")), stages
+
+
+def test_a_run_over_a_pool_without_a_sample_is_an_error(tmp_path: Path):
+    import tarfile
+
+    for i in range(2):
+        tarfile.open(tmp_path / f"{i:05d}.tar", "w").close()
+    cfg = _inprocess_config(tmp_path)
+    r = _cli("run", str(ROOT / "pipelines" / "datacomp_basic.yaml"), "--config", str(cfg),
+             "--input", str(tmp_path / "*.tar"), "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "the input holds no sample (2 shard(s) read" in r.stderr
