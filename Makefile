@@ -17,7 +17,7 @@ STAGES  := index text image url_domain text_mask nsfw clip_score metadata_embedd
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-gpu bench bench-scale synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test test-fast test-gpu bench bench-scale synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -43,8 +43,11 @@ $(STAMP): pyproject.toml
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
 	$(BIN)/python -m curate.tools.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
-test: install browser ## run the test suite (offline, minutes on 2 cores)
+test: install browser ## run the whole test suite (offline; what CI runs)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install browser ## the everyday loop: the suite without the tests marked slow (a few minutes)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 GPU_STAMP := $(VENV)/.installed-gpu
 $(GPU_STAMP): $(STAMP)

@@ -1,6 +1,8 @@
 """`make compare`'s recipes and the models it makes for them (the quality head)."""
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,7 @@ def test_logistic_head_is_balanced_and_repeatable():
     assert np.array_equal(w, w2) and b == b2
 
 
+@pytest.mark.slow
 def test_quality_head_runs_as_an_embedding_head(tmp_path: Path):
     """The head is fitted on a labelled synthetic pool's stored embeddings and loads as a user's
     checkpoint; blank and blurry images score lower than clean ones on that pool."""
@@ -68,6 +71,7 @@ def test_quality_head_runs_as_an_embedding_head(tmp_path: Path):
     assert bad < 0.5 < clean
 
 
+@pytest.mark.slow
 def test_every_compared_recipe_runs_on_real_photos(tmp_path: Path, tiny_ckpt: Path):
     """Each `make compare` recipe (the newer methods included) on 159 COCO photos with their
     captions: every sample gets a decision, every dropped one a reason. Random tiny CLIP weights

@@ -34,6 +34,7 @@ def _checks(out: str) -> dict[str, bool]:
 
 # The first test to use the fixture pays for training the demo's scorer (6-10 min on 2 cores).
 @pytest.mark.timeout(2400)
+@pytest.mark.slow
 def test_small_demo_passes_its_self_check(small_demo):
     out, out_dir = small_demo
     checks = _checks(out)

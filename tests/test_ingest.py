@@ -41,6 +41,7 @@ def http_root(tmp_path: Path):
     srv.shutdown()
 
 
+@pytest.mark.slow
 def test_ingest_urls_with_img2dataset(http_root, tmp_path: Path):
     base, photos = http_root
     caps = pl.read_csv(shared_data("images/coco_val2017_mini_captions.tsv"), separator="\t", quote_char=None)
@@ -74,6 +75,7 @@ def test_ingest_urls_with_img2dataset(http_root, tmp_path: Path):
     print(failed.select("url", "status", "error_message"))
 
 
+@pytest.mark.slow
 def test_an_ingest_that_downloads_nothing_is_one_line_and_exit_2(http_root, tmp_path: Path):
     base, _ = http_root
     urls = tmp_path / "urls.csv"
@@ -124,6 +126,7 @@ def synthetic_site(tmp_path: Path):
     srv.shutdown()
 
 
+@pytest.mark.slow
 def test_ingest_from_a_metadata_run_downloads_only_its_survivors(synthetic_site: str, tmp_path: Path):
     """Filter before download: a text filter on a metadata pool, then img2dataset fetches only the
     kept samples, with their uids, and an image run over the shards sees exactly those uids."""
@@ -160,6 +163,7 @@ def test_ingest_from_a_metadata_run_downloads_only_its_survivors(synthetic_site:
     assert bad.returncode == 2 and "not a work dir" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_ingest_from_a_metadata_run_whose_work_dir_is_on_s3(synthetic_site: str, s3, tmp_path: Path):
     """The same filter-before-download with the metadata run's work dir on S3 (`--config` gives
     the endpoint): the survivors are downloaded and ingest.json lands in the bucket."""

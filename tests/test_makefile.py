@@ -35,6 +35,7 @@ def test_every_stage_has_a_target_and_help_lists_it():
     assert r.stdout.strip() in (ROOT / "README.md").read_text(), "README's `make help` block is stale"
 
 
+@pytest.mark.slow
 def test_make_text_then_make_dedup(tmp_path: Path):
     from curate.tools.synth import synthesize
 

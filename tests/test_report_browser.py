@@ -27,6 +27,7 @@ def render(page: Path, tmp_path: Path) -> tuple[str, str]:
     return r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_report_renders_with_every_image_and_no_console_error(pool: Path, tmp_path: Path):
     pipe = make_pipeline(("text", {}), ("image", {"max_dominant_share": 0.97, "min_blur_var": 20.0}),
                          ("dedup", {"keep": "smallest_uid"}))

@@ -22,9 +22,8 @@ from tests.conftest import jpeg_bytes, make_config
 
 
 def _ckpt(tmp: Path, seed: int) -> str:
-    torch.manual_seed(seed)
     p = tmp / f"tiny-{seed}.pt"
-    torch.save({"state_dict": load_clip("curate-tiny", None).model.state_dict()}, p)
+    torch.save({"state_dict": load_clip("curate-tiny", None, seed=seed).model.state_dict()}, p)
     return str(p)
 
 

@@ -19,6 +19,7 @@ def _visible(_: int) -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
 
 
+@pytest.mark.slow
 def test_each_gpu_task_runs_on_a_worker_pinned_to_one_gpu(tmp_path: Path):
     cfg = make_config("x", tmp_path, kind="local_cuda_cluster", gpus=[3, 5], n_workers=1)
     with make_executor(cfg) as ex:

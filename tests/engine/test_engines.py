@@ -89,6 +89,7 @@ def _stats_files(work: Path) -> list[Path]:
     return sorted((work / "stats").glob("*/*.parquet"))
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun_completes_identically(tmp_path: Path):
     from curate.tools.synth import synthesize
 

@@ -36,6 +36,7 @@ def _problems(summary) -> list[str]:
     return sorted(summary.problems())
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_and_reads_each_tar_once(pool: Path, tmp_path: Path, tiny_ckpt: Path):
     inp = str(pool / "*.tar")
     a = run_pipeline(_pipe(tiny_ckpt), make_config(inp, tmp_path / "unfused", fuse=False))

@@ -30,6 +30,7 @@ def _can_unshare() -> bool:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="mount namespaces (unshare -m) not permitted here")
+@pytest.mark.slow
 def test_a_worker_without_the_drivers_disk_is_named_before_any_work(pool: Path, tmp_path: Path):
     work = tmp_path / "work"
     port = _free_port()
@@ -61,6 +62,7 @@ def test_a_worker_without_the_drivers_disk_is_named_before_any_work(pool: Path, 
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="mount namespaces (unshare -m) not permitted here")
+@pytest.mark.slow
 def test_two_workers_without_the_drivers_disk_run_on_an_s3_work_dir(s3, tmp_path: Path):
     """A real `dask scheduler` and two `dask worker` processes, each in its own mount namespace
     with an empty tmpfs over the driver's temp folders and its own working and temp dir: no path in

@@ -37,6 +37,7 @@ def _slow_shard(item: int) -> int:
 
 
 @pytest.mark.parametrize("kind", ["inprocess", "local_cluster"])
+@pytest.mark.slow
 def test_lines_count_samples_before_the_first_shard_finishes(kind: str, quick_lines, tmp_path: Path, caplog):
     with make_executor(make_config("unused", tmp_path, kind=kind, n_workers=1)) as ex:
         out = ex.map(_slow_shard, [0, 1], label="stage-a")
@@ -49,6 +50,7 @@ def test_lines_count_samples_before_the_first_shard_finishes(kind: str, quick_li
     assert [r.getMessage() for r in warned] == ["a library's warning on shard 0", "a library's warning on shard 1"]
 
 
+@pytest.mark.slow
 def test_a_run_on_one_large_shard_reports_its_samples(quick_lines, tmp_path: Path):
     from curate.tools.synth import synthesize
 

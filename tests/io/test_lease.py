@@ -41,6 +41,7 @@ def test_a_live_lease_refuses_and_a_dead_one_is_taken_over(pool: Path, tmp_path:
     assert not (work / LEASE).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_two_cli_runs_on_one_work_dir(pool: Path, tmp_path: Path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("executor: {kind: local_cluster, n_workers: 1}\ndevice: cpu\n")

@@ -85,6 +85,7 @@ def _full_pipe(ckpt: Path):
         ("balance", {"vocabulary": "imagenet21k", "case_sensitive": False, "target_size": 150, "unmatched": "keep"}))
 
 
+@pytest.mark.slow
 def test_input_work_dir_and_export_all_on_s3_equal_the_local_run(s3, tmp_path: Path, tiny_ckpt: Path):
     """Nothing local but the model: pool, work dir and export on s3://. Every stage table, the
     decisions, the funnel and the exported bytes equal the local run's; a second run recomputes

@@ -71,6 +71,7 @@ def _kill_a_worker_when(ex, cond, killed: list) -> None:
 
 
 @pytest.mark.parametrize("phase", ["map", "global", "export"])
+@pytest.mark.slow
 def test_worker_killed_mid_stage(big_pool: Path, reference: Path, tmp_path: Path, phase: str, record):
     work = tmp_path / "w"
     cfg = make_config(str(big_pool / "*.tar"), work, kind="local_cluster", retries=3)
@@ -110,6 +111,7 @@ def _stats(work: Path) -> int:
     return len(list((work / "stats").rglob("*.parquet")))
 
 
+@pytest.mark.slow
 def test_driver_killed_several_times_then_rerun(big_pool: Path, reference: Path, tmp_path: Path, record):
     work = tmp_path / "w"
     cmd = _run_cmd(tmp_path, big_pool, work)
@@ -151,6 +153,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_then_rerun(big_pool: Path, reference: Path, tmp_path: Path, record):
     work = tmp_path / "w"
     cmd = _run_cmd(tmp_path, big_pool, work)

@@ -2,6 +2,8 @@
 limit), and a task that hangs is ended on the cluster (per-task deadline)."""
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import polars as pl
@@ -16,6 +18,7 @@ def sleepy(seconds: float) -> float:
     return seconds
 
 
+@pytest.mark.slow
 def test_hung_task_is_ended_and_the_rest_finish(tmp_path, record):
     cfg = make_config("unused", tmp_path, kind="local_cluster", retries=0, task_timeout_s=3)
     t0 = time.perf_counter()

@@ -2,6 +2,8 @@
 sample processed or carrying a reason."""
 from __future__ import annotations
 
+import pytest
+
 import io
 import json
 import os
@@ -99,6 +101,7 @@ def test_hostile_members_never_escape_or_exhaust(tmp_path: Path, record):
     record("hostile members (.., abs, links, device, 10MB caption, deep json)", 1, 0, 0)
 
 
+@pytest.mark.slow
 def test_gzip_bomb_member_is_skipped_quickly(tmp_path: Path, record):
     big = tarfile.TarInfo("0002.jpg")
     big.size = 300 * 1024 * 1024  # 300 MB of zeros, ~300 KB compressed

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -50,6 +52,7 @@ def _peak_mb(inp: str, work: Path) -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_rss_bounded_and_independent_of_pool_size(tmp_path: Path, record):
     pool = _caption_shards(tmp_path / "pool", 3)
     one = _peak_mb(str(pool / "00000.tar"), tmp_path / "w1")
@@ -60,6 +63,7 @@ def test_peak_rss_bounded_and_independent_of_pool_size(tmp_path: Path, record):
     record(f"memory: 10k-sample shards, peak {one:.0f}/{three:.0f} MB (1/3 shards)", 2, 0, 0)
 
 
+@pytest.mark.slow
 def test_full_pipeline_decisions_identical_across_workers_and_shards(tmp_path: Path, tiny_ckpt: Path, record):
     synthesize(tmp_path / "p1", samples=400, shards=1, seed=31)
     synthesize(tmp_path / "p4", samples=400, shards=4, seed=31)

@@ -44,6 +44,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.slow
 def test_retried_storage_faults_change_nothing(fault: str, s3, tmp_path: Path, record):
     endpoint, pool = s3
     kwargs, counter, expected, remote_work = FAULTS[fault]
@@ -60,6 +61,7 @@ def test_retried_storage_faults_change_nothing(fault: str, s3, tmp_path: Path, r
     assert (lost, differ) == (0, 0)
 
 
+@pytest.mark.slow
 def test_uploads_failing_for_good_commit_nothing_partial_and_the_rerun_resumes(s3, tmp_path: Path, record):
     """After 20 uploads every further upload is reset (retries kept short): the run reports failed
     shards; the bucket holds only whole objects (no temp object; every table has its stats); the

@@ -87,6 +87,7 @@ def test_bf16_weights_within_tolerance_of_fp32():
     assert np.abs(score - _reference(ref_clip, images, tokens)[0]).max() < 2e-2
 
 
+@pytest.mark.slow
 def test_compiled_forward_equals_eager_with_a_short_last_batch():
     """torch.compile (inductor) with the batch padded to one shape: the same scores as eager, for
     a full batch and a short last one."""

@@ -84,6 +84,7 @@ def test_hanging_decode_is_a_reason_rest_scored(tmp_path: Path, tiny_ckpt: Path,
     assert t["clip_score"].null_count() == 1
 
 
+@pytest.mark.slow
 def test_batch_size_workers_and_order_do_not_change_selection(pool: Path, tmp_path: Path, tiny_ckpt: Path):
     rank = {"top_fraction": 0.3}
     inp = str(pool / "*.tar")

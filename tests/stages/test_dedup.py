@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 import io
 from pathlib import Path
 
@@ -134,6 +136,7 @@ def test_synthetic_duplicates_recall_precision(pool: Path, tmp_path: Path):
     assert dropped["dup_of"].is_in(list(kept)).all()
 
 
+@pytest.mark.slow
 def test_same_decisions_for_1_or_4_shards_and_1_or_2_workers(tmp_path: Path):
     synthesize(tmp_path / "p1", samples=300, shards=1, seed=11)
     synthesize(tmp_path / "p4", samples=300, shards=4, seed=11)

@@ -67,6 +67,7 @@ def _both_ways(pool: str, tmp_path: Path, stages: list, dedup: dict, parts: int 
     return a
 
 
+@pytest.mark.slow
 def test_partitioned_combine_equals_one_task_on_the_synthetic_pool(pool: Path, tmp_path: Path, tiny_ckpt: Path):
     """Exact (image and url keys) and pHash groups, the kept sample chosen by CLIP score."""
     clip = ("clip_score", {"model": "curate-tiny", "pretrained": str(tiny_ckpt), "batch_size": 64})

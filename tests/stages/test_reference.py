@@ -92,6 +92,7 @@ def test_kept_pool_enriched_for_reference_concepts(pool: Path, tmp_path: Path):
     assert 99.0 <= cov["pct_of_all_kept"].sum() <= 101.0
 
 
+@pytest.mark.slow
 def test_same_decisions_with_1_or_2_workers(pool: Path, tmp_path: Path):
     ref = _reference(tmp_path, DESCRIBE)
     out = []

@@ -57,6 +57,7 @@ def test_junk_patterns(caption: str, kind: str | None):
     assert junk_kind(normalise(caption)) == kind
 
 
+@pytest.mark.slow
 def test_caption_is_never_altered_but_scored_normalised(tmp_path: Path, pool: Path):
     run_pipeline(load_pipeline(ROOT / "pipelines" / "full.yaml"), make_config(str(pool / "00000.tar"), tmp_path),
                  only=["index", "text"])

@@ -174,6 +174,7 @@ def test_real_photos_with_signs():
     assert read("000000011813.jpg") == [] and read("000000019221.jpg") == []  # no text in these
 
 
+@pytest.mark.slow
 def test_synthetic_text_defects_are_what_the_rules_remove(tmp_path: Path):
     """The pool's opt-in defects: a sign's words in the image that the caption only repeats (CAT's
     rule drops them, and no clean pair), and one spam template (caption MinHash groups them)."""
