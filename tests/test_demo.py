@@ -32,7 +32,7 @@ def _checks(out: str) -> dict[str, bool]:
             for m in re.finditer(r"^  (PASS|FAIL)  (.{46})", out, re.M)}
 
 
-# The first test to use the fixture pays for training the demo's scorer (6-10 min on 2 cores).
+# The first test to use the fixture pays for training the demo's scorer (a few minutes on 2 cores).
 @pytest.mark.timeout(2400)
 @pytest.mark.slow
 def test_small_demo_passes_its_self_check(small_demo):

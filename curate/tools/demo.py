@@ -87,8 +87,9 @@ SCORER = f"curate-tiny-synth-v{SYNTH_VERSION}.pt"
 
 
 def _scorer_spec():
-    """Batch 64: at a budget of a few minutes on 2 cores the tiny model gains more from the number
-    of contrastive steps than from more negatives per batch."""
+    """Batch 64, 6 epochs over 5,000 pairs at 32 px: with fewer epochs the held-out AUC stays near
+    0.97 but the CLIP rule misses more than 5 % of the demo's mismatched captions; batch 32 (more,
+    cheaper steps) learns less in the same time."""
     from curate.tools.training import TrainSpec
 
     return TrainSpec(epochs=6, batch_size=64, warmup=50)

@@ -26,7 +26,7 @@ from curate.models.train_entry import deterministic_env
 log = logging.getLogger(__name__)
 # Part of every checkpoint's record: bump when a change to the training code changes its result,
 # so that cached checkpoints are retrained instead of reused.
-TRAINER_VERSION = "2"
+TRAINER_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def train_clip(input: str | list[str], out_dir: str | Path, spec: TrainSpec = Tr
             "--epochs", str(spec.epochs), "--lr", str(spec.lr), "--warmup", str(spec.warmup),
             "--wd", "0.1", "--seed", str(spec.seed), "--workers", str(spec.workers),
             "--device", spec.device, "--precision", "fp32", "--logs", str(logs), "--name", name,
-            "--save-frequency", str(spec.epochs), "--report-to", "", "--log-every-n-steps", "20"]
+            "--save-frequency", str(spec.epochs), "--report-to", "", "--log-every-n-steps", "10"]
     if spec.samples_per_epoch:
         argv.append("--dataset-resampled")
     env = os.environ | deterministic_env(spec.threads) | {
