@@ -17,13 +17,14 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from curate.core.config import Strict
+from curate.io.images import open_checked
 from curate.io.parquet import atomic_write_bytes, num_rows, read_table
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
@@ -44,8 +45,31 @@ def model_identity(describe: dict[str, Any]) -> dict[str, Any]:
             "pretrained": None if describe.get("checkpoint_sha256") else describe.get("pretrained")}
 
 
+class Reference(NamedTuple):
+    """L2-normalised embeddings, their labels (or None), and how many images could not be decoded."""
+
+    emb: np.ndarray
+    labels: list[str] | None
+    skipped: int = 0
+
+
+def decodable(images: list[bytes], max_pixels: int = 100_000_000) -> list[int]:
+    """Positions of the images that decode (a truncated or corrupt file, a bomb, are left out)."""
+    ok = []
+    for i, data in enumerate(images):
+        try:
+            im, _ = open_checked(data, None, max_pixels)
+            with im:
+                im.convert("RGB").load()
+        except Exception:  # any reason a reference image cannot be read: skipped and counted
+            continue
+        ok.append(i)
+    return ok
+
+
 def embed_images(images: list[bytes], describe: dict[str, Any], batch: int = 128) -> np.ndarray:
-    """Reference images through the same open_clip model and preprocessing as the pool."""
+    """Reference images (each one decodable: see ``decodable``) through the same open_clip model
+    and preprocessing as the pool."""
     import torch
     from PIL import Image
 
@@ -81,9 +105,9 @@ def _shard_images(source: str) -> tuple[list[bytes], list[str] | None]:
     return images, [str(x) for x in labels] if labels and all(x is not None for x in labels) else None
 
 
-def load_reference(source: str, describe: dict[str, Any]) -> tuple[np.ndarray, list[str] | None]:
+def load_reference(source: str, describe: dict[str, Any]) -> Reference:
     """L2-normalised reference embeddings, made with (or checked against) the pool's model, and
-    their labels where the reference has them."""
+    their labels where the reference has them; images that do not decode are skipped and counted."""
     p = Path(source)
     want = model_identity(describe)
     labels: list[str] | None
@@ -104,10 +128,20 @@ def load_reference(source: str, describe: dict[str, Any]) -> tuple[np.ndarray, l
         images, labels = _folder_images(p) if p.is_dir() and not any(p.glob("*.tar")) else _shard_images(source)
         if not images:
             raise ReferenceError(f"{source}: no reference images found")
-        emb = embed_images(images, describe)
+        ok = decodable(images)
+        skipped = len(images) - len(ok)
+        if skipped:
+            log.warning("reference %s: %d of %d image(s) do not decode and are skipped", source, skipped, len(images))
+        if not ok:
+            raise ReferenceError(f"{source}: none of its {len(images)} reference image(s) decodes")
+        labels = [labels[i] for i in ok] if labels is not None else None
+        emb = embed_images([images[i] for i in ok], describe)
+        if emb.ndim != 2 or not len(emb):
+            raise ReferenceError(f"{source}: empty reference embeddings")
+        return Reference(emb / np.linalg.norm(emb, axis=1, keepdims=True), labels, skipped)
     if emb.ndim != 2 or not len(emb):
         raise ReferenceError(f"{source}: empty reference embeddings")
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+    return Reference(emb / np.linalg.norm(emb, axis=1, keepdims=True), labels)
 
 
 def save_reference(emb: np.ndarray, describe: dict[str, Any], path: str | Path,
@@ -220,7 +254,7 @@ class ReferenceFilterStage(GlobalStage):
             raise ReferenceError(f"no {p.embeddings_from} outputs with model metadata: the pool's embeddings "
                                  "cannot be matched to a model")
         ident = model_identity(describe)
-        ref, labels = load_reference(p.reference, describe)
+        ref, labels, skipped = load_reference(p.reference, describe)
         if p.centroids:
             cent = np.load(p.centroids).astype(np.float32)
             side = Path(p.centroids).with_suffix(".json")
@@ -256,7 +290,8 @@ class ReferenceFilterStage(GlobalStage):
         atomic_write_bytes(gdir / f"{ctx.stage_id}_centroids.npy", buf.getvalue())
         atomic_write_bytes(gdir / f"{ctx.stage_id}_centroids.json",
                            json.dumps({"model_identity": ident, "k": len(cent)}).encode())
-        art = {"k": int(len(cent)), "reference_size": int(len(ref)), "reference_centroids": chosen,
+        art = {"k": int(len(cent)), "reference_size": int(len(ref)), "reference_skipped": skipped,
+               "reference_centroids": chosen,
                "model_identity": ident,
                "label_centroids": {k: sorted(v) for k, v in sorted(label_centroids.items())},
                "label_counts": dict(sorted(Counter(labels or []).items()))}

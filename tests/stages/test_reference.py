@@ -156,8 +156,8 @@ def test_reference_labels_from_class_folders_and_sidecar(tmp_path: Path):
         (tmp_path / "ref" / cls).mkdir(parents=True)
         for i in range(2):
             (tmp_path / "ref" / cls / f"{i}.jpg").write_bytes(jpeg_bytes((80, 80), colour))
-    emb, labels = load_reference(str(tmp_path / "ref"), tiny)
-    assert labels == ["circle", "circle", "square", "square"] and emb.shape[0] == 4
+    emb, labels, skipped = load_reference(str(tmp_path / "ref"), tiny)
+    assert labels == ["circle", "circle", "square", "square"] and emb.shape[0] == 4 and skipped == 0
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes())
     assert load_reference(str(tmp_path / "flat"), tiny)[1] is None  # no class folders: no labels
@@ -196,3 +196,26 @@ def test_plain_kmeans_keeps_mean_centroids_and_spherical_unit_ones():
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
     assert (np.linalg.norm(plain, axis=1) < 0.99).all()
     np.testing.assert_allclose(np.sort(plain[:, 0]), np.sort([x[:200, 0].mean(), x[200:, 0].mean()]), atol=1e-5)
+
+
+def test_a_broken_image_in_a_reference_set_is_skipped_and_counted(pool: Path, tmp_path: Path):
+    """A truncated JPEG among the reference shards: left out with its label, counted in the stage's
+    summary, and the stage and those after it still run."""
+    from curate.stages.reference import load_reference
+    from tests.conftest import jpeg_bytes, write_tar
+
+    good = jpeg_bytes((80, 80), (200, 0, 0))
+    members = [("a.jpg", good), ("a.json", b'{"label": "red"}'), ("b.jpg", good[: len(good) // 2]),
+               ("b.json", b'{"label": "broken"}'), ("c.jpg", jpeg_bytes((80, 80), (0, 0, 200))),
+               ("c.json", b'{"label": "blue"}')]
+    write_tar(tmp_path / "ref.tar", members)
+    tiny = {"model": "curate-tiny", "pretrained": None}
+    ref = load_reference(str(tmp_path / "ref.tar"), tiny)
+    assert ref.labels == ["red", "blue"] and ref.emb.shape[0] == 2 and ref.skipped == 1
+    pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": None}),
+                         ("reference_filter", {"reference": str(tmp_path / "ref.tar"), "n_centroids": 4}),
+                         ("text", {}))
+    summary = run_pipeline(pipe, make_config(str(pool / "0000[01].tar"), tmp_path / "w"))
+    assert summary.ok, summary.problems()
+    art = json.loads((tmp_path / "w" / "global" / "reference_filter.json").read_text())
+    assert art["reference_size"] == 2 and art["reference_skipped"] == 1
