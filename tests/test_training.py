@@ -23,6 +23,7 @@ def clean(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "heldout"
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(clean, tmp_path: Path, caplog):
     import logging
     import shutil
@@ -48,6 +49,7 @@ def test_train_then_evaluate(clean, tmp_path: Path, caplog):
     assert 0.0 <= m["retrieval_i2t_r1"] <= 1.0 and 0.0 <= m["match_vs_shuffled_auc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(clean, tmp_path: Path):
     """Same seed, spec and data: the same checkpoint bytes, also with resampled (fixed-budget)
     training, whose webdataset shuffle would otherwise seed itself from the clock."""

@@ -115,6 +115,7 @@ def test_preflight_missing_checkpoint_and_offline_hub_tag(small_pool: Path, tmp_
     assert "not cached" in str(e.value) and "curate models fetch ViT-B-32 openai" in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_preflight_is_quick_and_quiet(small_pool: Path, tmp_path: Path):
     pipe = tmp_path / "p.yaml"
     pipe.write_text("name: p\nstages:\n  - name: clip_score\n    params: {model: ViT-B-32, pretrained: openai}\n")

@@ -76,6 +76,7 @@ def real_cluster(tmp_path: Path):
         p.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_real_dask_cluster_matches_inprocess(pool: Path, tmp_path: Path, real_cluster):
     addr, _ = real_cluster
     inp = str(pool / "*.tar")

@@ -211,7 +211,8 @@ def test_large_jpegs_stay_on_the_cpu_path(monkeypatch):
     monkeypatch.setattr(clip_loader.ShardImages, "RAW_JPEG_MAX_PIXELS", 100 * 100)
     assert ds._preprocess(small, "jpg").dtype == torch.uint8  # bytes for the device decoder
     out = ds._preprocess(big, "jpg")
-    assert out.dtype == torch.float32 and out.shape == (3, 64, 64)  # decoded and preprocessed here
+    size = clip.model.visual.image_size
+    assert out.dtype == torch.float32 and out.shape == (3, *size)  # decoded and preprocessed here
 
 
 @pytest.mark.parametrize("bad", [set(), {0}, {3, 50, 51, 99}, set(range(100))])

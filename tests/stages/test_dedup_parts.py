@@ -77,6 +77,7 @@ def test_partitioned_combine_equals_one_task_on_the_synthetic_pool(pool: Path, t
     assert set(reasons["reason_dedup"].drop_nulls()) == {"dedup:exact", "dedup:phash"}
 
 
+@pytest.mark.slow
 def test_partitioned_combine_on_broken_samples(tmp_path: Path):
     """Empty, truncated and missing images and captions: the same decisions either way."""
     good = _jpeg(Image.new("RGB", (300, 300), (200, 40, 40)))
