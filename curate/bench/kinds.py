@@ -126,7 +126,8 @@ def kmeans(n: int) -> dict:
 def balance(n: int) -> dict:
     import polars as pl
 
-    from curate.stages.balance import keep_probability, uniform_hash
+    from curate.algorithms.sampling import uniform_hash
+    from curate.stages.balance import keep_probability
 
     rng = np.random.default_rng(0)
     n_entries = 20_000

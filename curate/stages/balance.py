@@ -13,7 +13,6 @@ counts), so a language with a small pool is not cut at English's cap.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 import numpy as np
@@ -22,16 +21,11 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.algorithms.concepts import get_matcher, load_vocabulary
+from curate.algorithms.sampling import uniform_hash
 from curate.core.config import Strict, require_exactly_one
 from curate.io.parquet import read_frame, write_table
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext
 from curate.stages.registry import register_stage
-
-
-def uniform_hash(uid: str, seed: int) -> float:
-    """A uniform [0, 1) number from (uid, seed): the coin of every sampling decision."""
-    h = hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0**64
 
 
 def tail_share(counts: np.ndarray, t: float) -> float:

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs, unique_pairs
 from curate.algorithms.components import component_roots
 from curate.algorithms.minhash import signatures, similar_pairs
+from curate.algorithms.sampling import sample_share, uid_sample
 from curate.algorithms.vectors import members, nearest_with_boundary, train_centroids
 from curate.core.config import Strict
 from curate.io.embeddings import read_f16_rows, unit
@@ -66,7 +67,7 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "5"
+    version = "6"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
@@ -348,18 +349,21 @@ class DedupStage(GlobalStage):
             return np.zeros((0, 2), dtype=np.int64)
         shards = ctx.shards
         rows_of = shard_rows(df, shards)
-        # 1) train spherical k-means on a deterministic sample of embeddings
-        sample = []
-        per = max(1, p.kmeans_sample // len(shards))
+        # 1) train spherical k-means on a sample drawn by uid, ordered by uid: the same rows in the
+        # same order whatever the sharding
+        sample, sampled = [], []
+        share = sample_share(p.kmeans_sample, df.height)
         for k, s in enumerate(shards):
             rows, emb = self._shard_embeddings(ctx, s, rows_of(k))
             if len(rows):
-                pick = np.random.default_rng([p.seed, len(rows)]).permutation(len(rows))[:per]
-                sample.append(emb[np.sort(pick)])
-        if not sample:
+                uids = df["uid"].gather(rows).to_list()
+                pick = uid_sample(uids, p.seed, share)
+                sample.append(emb[pick])
+                sampled += [u for u, keep in zip(uids, pick) if keep]
+        if not sampled:
             return np.zeros((0, 2), dtype=np.int64)
-        train = np.concatenate(sample)
-        del sample
+        train = np.concatenate(sample)[np.argsort(sampled, kind="stable")]
+        del sample, sampled
         d = train.shape[1]
         k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)

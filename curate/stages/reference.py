@@ -29,6 +29,7 @@ from curate.io.parquet import atomic_write_bytes, num_rows, read_table
 from curate.io.shards import expand_input, iter_samples
 from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
 from curate.stages.registry import register_stage
+from curate.algorithms.sampling import sample_share, uid_sample
 from curate.algorithms.vectors import nearest, train_centroids
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class ReferenceFilterStage(GlobalStage):
         "centroid": "the pool k-means centroid nearest the image embedding",
         "centroid_sim": "inner product of the unit image embedding with that centroid (cosine when centroids are unit)",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         embeddings_from: str = Field("clip_score", description="id of the clip_score stage whose image embeddings are clustered")
@@ -240,9 +241,10 @@ class ReferenceFilterStage(GlobalStage):
         uids = ctx.index(["uid"]).column("uid").to_pylist()
         return {"uid": [u for u, e in zip(uids, ctx.evaluate) if e]}
 
-    def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> np.ndarray:
+    def _pool_embeddings(self, ctx: GlobalContext, shard: str) -> tuple[list[str], np.ndarray]:
         keep = set(read_table(ctx.work.partial(ctx.stage_id, shard)).column("uid").to_pylist())
-        return ctx.unit_embeddings(self.params.embeddings_from, "image_emb", shard, keep)[1]
+        uids, emb = ctx.unit_embeddings(self.params.embeddings_from, "image_emb", shard, keep)
+        return list(uids), emb
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         import faiss
@@ -262,14 +264,16 @@ class ReferenceFilterStage(GlobalStage):
                 raise ReferenceError(f"{p.centroids}: centroids were trained on another model's embeddings")
         else:
             n_pool = sum(num_rows(work.partial(ctx.stage_id, s)) for s in ctx.shards)
-            per = max(1, p.kmeans_sample // max(1, len(ctx.shards)))
-            sample = []
+            share = sample_share(p.kmeans_sample, n_pool)
+            sample, sampled = [], []
             for s in ctx.shards:
-                e = self._pool_embeddings(ctx, s)
-                if len(e):
-                    pick = np.sort(np.random.default_rng([p.seed, len(e)]).permutation(len(e))[:per])
-                    sample.append(e[pick])
-            train = np.concatenate(sample) if sample else np.zeros((0, ref.shape[1]), np.float32)
+                uids, e = self._pool_embeddings(ctx, s)
+                pick = uid_sample(uids, p.seed, share)
+                sample.append(e[pick])
+                sampled += [u for u, k in zip(uids, pick) if k]
+            # by uid: the same rows in the same order whatever the sharding
+            train = (np.concatenate(sample)[np.argsort(sampled, kind="stable")] if sampled
+                     else np.zeros((0, ref.shape[1]), np.float32))
             k = p.n_centroids or max(8, int(math.sqrt(max(1, n_pool)) / 2))
             k = min(k, len(train))
             if k < 1:

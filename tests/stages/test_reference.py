@@ -219,3 +219,58 @@ def test_a_broken_image_in_a_reference_set_is_skipped_and_counted(pool: Path, tm
     assert summary.ok, summary.problems()
     art = json.loads((tmp_path / "w" / "global" / "reference_filter.json").read_text())
     assert art["reference_size"] == 2 and art["reference_skipped"] == 1
+
+
+def _uid_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16) -> None:
+    """As _fake_clip_tables, with each sample's embedding drawn from its uid alone, so one pool
+    written as 1 or 4 shards has the same embeddings."""
+    import hashlib
+
+    truth = pl.read_parquet(pool / "ground_truth.parquet")
+    shape_of = dict(zip(truth["uid"], truth["shape"]))
+    centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
+    for shard in sorted(p.stem for p in pool.glob("*.tar")):
+        uids = pl.read_parquet(work / "index" / f"{shard}.parquet")["uid"].to_list()
+        emb = np.stack([centers[SHAPES.index(shape_of[u])] + np.random.default_rng(
+            int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")).normal(size=dim)
+            for u in uids]).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())
+        t = pa.table({"uid": uids, "clip_score": np.zeros(len(uids), np.float32),
+                      "image_emb": pa.FixedSizeListArray.from_arrays(flat, dim),
+                      "keep_clip_score": [True] * len(uids), "reason_clip_score": pa.nulls(len(uids), pa.string())})
+        meta = {"stage": "clip_score", "shard": shard, "fingerprint": fp}
+        write_table(t, work / "clip_score" / f"{shard}.parquet", meta=meta | {"describe": DESCRIBE})
+        stats = pa.table({"run_id": ["fake"], "stage": ["clip_score"], "shard": [shard], "metric": ["n_in"],
+                          "value": [float(len(uids))]})
+        write_table(stats, work / "stats" / "clip_score" / f"{shard}.parquet", meta=meta)
+
+
+@pytest.mark.parametrize("stage", [
+    ("reference_filter", {"n_centroids": 16, "kmeans_sample": 100}),
+    ("dedup", {"exact": [], "phash_radius": None, "semantic_eps": 0.08, "kmeans_sample": 100, "n_clusters": 8,
+               "keep": "smallest_uid"}),
+])
+def test_one_pool_as_1_or_4_shards_gives_the_same_decisions(tmp_path: Path, stage):
+    """The k-means sample is drawn by uid: a pool larger than it, resharded, decides alike."""
+    from curate.core.decisions import decisions
+    from curate.core.pipeline import stage_fingerprints
+    from curate.stages.registry import build_stages
+    from curate.tools.synth import synthesize
+
+    name, params = stage
+    if name == "reference_filter":
+        params = params | {"reference": str(_reference(tmp_path, DESCRIBE))}
+    pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": None}), (name, params))
+    got = {}
+    for shards in (1, 4):
+        pool, work = tmp_path / f"pool{shards}", tmp_path / f"w{shards}"
+        synthesize(pool, samples=400, shards=shards, seed=21)
+        assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["index"]).ok
+        names = sorted(p.stem for p in pool.glob("*.tar"))
+        _uid_clip_tables(pool, work, stage_fingerprints(build_stages(pipe), names)[1])
+        assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work)).ok
+        got[shards] = decisions(work).select("uid", "kept", "reason").sort("uid")
+    assert got[1]["uid"].to_list() == got[4]["uid"].to_list()
+    assert got[1].equals(got[4]), got[1].join(got[4], on="uid").filter(pl.col("kept") != pl.col("kept_right"))
+    assert 0 < got[1]["kept"].sum() < got[1].height  # the stage decided something
