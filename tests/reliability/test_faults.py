@@ -60,14 +60,17 @@ def lost(work: Path, pool_rows: int) -> int:
     return pool_rows - idx["uid"].n_unique() + (idx.height - idx["uid"].n_unique())
 
 
-def _kill_a_worker_when(ex, cond, killed: list) -> None:
+def _kill_a_worker_when(ex, cond, during, killed: list) -> None:
+    """SIGKILL a worker once ``cond()`` holds; record (victim, whether ``cond`` held, whether the
+    phase was still running just after the kill: ``during()``), so the test knows where it hit."""
     deadline = time.time() + 120
-    while time.time() < deadline and not cond():
+    met = False
+    while time.time() < deadline and not (met := cond()):
         time.sleep(0.01)
     pids = ex.client.run(os.getpid)
     victim = sorted(pids.values())[0]
     os.kill(victim, signal.SIGKILL)
-    killed.append(victim)
+    killed.append((victim, met, during()))
 
 
 @pytest.mark.parametrize("phase", ["map", "global", "export"])
@@ -80,14 +83,20 @@ def test_worker_killed_mid_stage(big_pool: Path, reference: Path, tmp_path: Path
         "global": lambda: len(list((work / "partials" / "dedup").glob("*.parquet"))) >= 2,
         "export": lambda: any(tmp_path.glob(".out.partial-*/metadata")),
     }
+    running = {  # the phase has not finished yet
+        "map": lambda: len(list((work / "stats" / "image").glob("*.parquet"))) < 8,
+        "global": lambda: not list(work.glob("runs/*/summary.json")),
+        "export": lambda: not (tmp_path / "out").exists(),
+    }
     killed: list = []
     with make_executor(cfg) as ex:
-        t = threading.Thread(target=_kill_a_worker_when, args=(ex, conds[phase], killed), daemon=True)
+        t = threading.Thread(target=_kill_a_worker_when, args=(ex, conds[phase], running[phase], killed), daemon=True)
         t.start()
         s = run_pipeline(PIPE, cfg, executor=ex)
         m = export(work, tmp_path / "out", ex, ExportSpec(shard_size=150))
         t.join(timeout=130)
     assert killed, "the fault was not injected"
+    assert killed[0][1] and killed[0][2], f"the worker was not killed during {phase}: {killed}"
     assert s.ok, s.problems()
     diff = sum(differing(reference, work, sub) for sub in ("index", "text", "image", "dedup"))
     ref_out = reference.parent / f"{reference.name}-out"
