@@ -59,3 +59,19 @@ def test_self_check_fails_when_curation_does_not_work(pool: Path, tmp_path: Path
     assert "curation did NOT work" in format_checks(self_check(work, pool / "ground_truth.parquet"))
     truth = pl.read_parquet(pool / "ground_truth.parquet")
     assert truth.filter(pl.col("label") == "mismatch").height > 0
+
+
+def test_the_duplicate_check_reads_what_dedup_kept_not_what_balancing_left(pool: Path, tmp_path: Path):
+    """decisions(until=STAGE) are the pipeline's decisions up to that stage: a later stage (balancing,
+    here the image filter) cannot hide what an earlier one let through."""
+    from curate.core.decisions import decisions
+    from curate.core.pipeline import run_pipeline
+    from tests.conftest import make_config, make_pipeline
+
+    work = tmp_path / "w"
+    assert run_pipeline(make_pipeline(("text", {}), ("image", {"min_side": 200})), make_config(str(pool / "*.tar"), work)).ok
+    upto_text, everything = decisions(work, until="text"), decisions(work)
+    assert everything["kept"].sum() < upto_text["kept"].sum()
+    assert set(upto_text.filter(pl.col("kept").not_())["dropped_by"].unique()) == {"text"}
+    with pytest.raises(Exception, match="no stage 'dedup'"):
+        decisions(work, until="dedup")

@@ -59,11 +59,18 @@ def decision_exprs(stage_ids: list[str]) -> list[pl.Expr]:
     return [kept.alias("kept"), dropped_by.alias("dropped_by"), reason.alias("reason")]
 
 
-def decisions(workdir: str | Path, shard: str | None = None, run_id: str | None = None) -> pl.DataFrame:
+def decisions(workdir: str | Path, shard: str | None = None, run_id: str | None = None,
+              until: str | None = None) -> pl.DataFrame:
     """uid, kept, dropped_by (first failing stage), reason: one row per sample of the pool, by the
-    filters of one run (the latest by default)."""
+    filters of one run (the latest by default); with ``until``, by its filters up to and including
+    that stage id (what a later stage, such as balancing, was given)."""
     work = WorkDir.at(workdir)
     stage_ids = filter_stage_ids(workdir, run_id)
+    if until is not None:
+        order = [s["id"] for s in run_record(workdir, run_id)["stages"]]
+        if until not in order:
+            raise ConfigError(f"{workdir}: no stage {until!r} in run (stages: {', '.join(order)})")
+        stage_ids = [s for s in stage_ids if order.index(s) <= order.index(until)]
     pattern = f"{shard}.parquet" if shard else "*.parquet"
     df = read_frame(work.root / "index" / pattern, columns=["uid", "shard", "key"])
     for sid in stage_ids:

@@ -12,7 +12,7 @@ import polars as pl
 
 from curate.cli import setup_logging
 from curate.core.config import PipelineConfig, load_pipeline, load_run_config
-from curate.core.decisions import decisions
+from curate.core.decisions import decisions, run_record
 from curate.core.pipeline import run_pipeline
 from curate.engine import make_executor
 from curate.core.export import ExportSpec, export
@@ -65,7 +65,9 @@ def self_check(workdir: Path, truth_path: Path, bounds: Bounds = Bounds()) -> li
             checks.append((f"{label} removed >= {bounds.min_defect_removed:.0%}",
                            removed >= bounds.min_defect_removed, f"{removed:.1%} of {row['samples']}"))
     truth = pl.read_parquet(truth_path, columns=["uid", "dup_of"])
-    kept = decisions(workdir).filter(pl.col("kept")).join(truth, on="uid", how="left")
+    # on what dedup kept, before a later stage (balancing samples) can hide a copy it missed
+    dedup = [s["id"] for s in run_record(workdir)["stages"] if s["name"] == "dedup"]
+    kept = decisions(workdir, until=dedup[-1] if dedup else None).filter(pl.col("kept")).join(truth, on="uid", how="left")
     in_groups = set(truth["dup_of"].drop_nulls().to_list())
     per_group = (kept.with_columns(pl.coalesce("dup_of", "uid").alias("group"))
                  .filter(pl.col("group").is_in(in_groups)).group_by("group").len())
