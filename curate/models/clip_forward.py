@@ -16,6 +16,11 @@ to rounding (the tests compare against ``encode_image``/``encode_text`` in fp32)
   towers that pool at the end-of-text token (OpenAI-style CLIP): no position after it can reach it.
   Other towers get the full context. Embeddings of captions already seen in this shard come from a
   cache (``text_cache`` captions, least recently used dropped first).
+- ``batch_invariant``: every forward has one shape (image and text batches padded to the batch
+  size, the text at its full context), so a sample's score and embeddings are the same bits whatever
+  shard, batch or position it lands in (CPU kernels compute a row alike at any position of a batch
+  of one shape, not across shapes); without it, the text cut and a short last batch change the
+  last bits with the batch-mates.
 - attention runs through torch's fused scaled-dot-product kernels (``nn.MultiheadAttention``'s
   inference path calls them; ``attention_kernels`` names the kernels a forward used).
 """
@@ -31,7 +36,7 @@ TEXT_LENGTH_STEP = 16
 
 class ClipForward:
     def __init__(self, clip: Any, device: str, *, precision: str = "auto", compile: bool = False,
-                 batch_size: int = 256, text_cache: int = 0):
+                 batch_size: int = 256, text_cache: int = 0, batch_invariant: bool = False):
         import torch
         from open_clip import get_input_dtype
 
@@ -41,8 +46,12 @@ class ClipForward:
         self.channels_last = device == "cuda" and hasattr(getattr(self.model, "visual", None), "conv1")
         if self.channels_last:
             self.model.visual.conv1.to(memory_format=torch.channels_last)
-        self.trims_text = causal_eot_pooled(self.model)
+        # batch_invariant: every forward has one shape (padded batches, the full text context), so a
+        # sample's result is the same bits whatever batch it lands in
+        self.batch_invariant = batch_invariant
+        self.trims_text = causal_eot_pooled(self.model) and not batch_invariant
         self.compiled = compile
+        self.pads = compile or batch_invariant
         self.encode_image = self.model.encode_image
         self.encode_text = self._text_features
         if compile:
@@ -80,7 +89,7 @@ class ClipForward:
         x = images.to(self.device, non_blocking=True)
         if self.input_dtype is not None:
             x = x.to(self.input_dtype)
-        if self.compiled and n < self.batch_size:
+        if self.pads and n < self.batch_size:
             x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -122,7 +131,7 @@ class ClipForward:
             end = int(tokens.argmax(dim=-1).max()) + 1
             length = min(tokens.shape[1], -(-end // TEXT_LENGTH_STEP) * TEXT_LENGTH_STEP)
             tokens = tokens[:, :length]
-        if self.compiled and n < self.batch_size:
+        if self.pads and n < self.batch_size:
             tokens = torch.cat([tokens, tokens[:1].expand(self.batch_size - n, -1)])
         out = self.encode_text(tokens.to(self.device, non_blocking=True))[:n].float()
         return torch.nn.functional.normalize(out, dim=-1)

@@ -51,6 +51,10 @@ class ClipScoreStage(MapStage):
                                "autocast on CUDA; fp32; bf16 or fp16: the weights themselves in that type")
         compile: bool = Field(False, description="torch.compile both towers for the fixed batch size (CUDA graphs "
                                                  "on cuda); the first batches of each worker pay the compilation")
+        batch_invariant: bool = Field(True, description="one shape for every forward (batches padded to batch_size, "
+                                      "the full text context): a sample's score is the same bits whatever shard or "
+                                      "batch it lands in; false: the text cut after each batch's longest caption and "
+                                      "no padding (faster; the last bits then depend on the batch-mates)")
         text_cache: int = Field(100_000, ge=0, description="captions of a shard whose text embeddings are kept, so "
                                                            "a repeated caption is encoded once; 0: none")
         store_embeddings: bool = Field(True, description="keep float16 image/text embeddings (dedup and the reference filter read them)")
@@ -139,10 +143,12 @@ class ClipScoreStage(MapStage):
             decoder = "DALI" if self.params.device_decoder == "dali" else "nvJPEG"
             self._forward_fn = ClipForward(clip, device, precision=self.params.precision,
                                            compile=self.params.compile, batch_size=self.params.batch_size,
-                                           text_cache=self.params.text_cache)
+                                           text_cache=self.params.text_cache,
+                                           batch_invariant=self.params.batch_invariant)
             self._info = dict(clip.info, image_size=clip.info.get("image_size") or image_size(clip.preprocess),
                               decode=f"device ({decoder} for JPEG)" if on_device else "PIL on the CPU",
-                              compiled=self.params.compile, text_prefix=self._forward_fn.trims_text)
+                              compiled=self.params.compile, text_prefix=self._forward_fn.trims_text,
+                              batch_invariant=self.params.batch_invariant)
             self._clip = clip
         return self._clip
 
