@@ -289,3 +289,16 @@ def test_a_shard_whose_captions_are_mostly_missing_fails_the_run_with_the_reason
                for p in summary.problems()), summary.problems()
     opted_in = make_pipeline(("index", {"max_structural_share": 1.0}), ("text", {}))
     assert run_pipeline(opted_in, make_config(str(pool / "*.parquet"), tmp_path / "w")).ok
+
+
+def test_recipes_that_need_other_columns_share_one_index(metadata_pool: Path, tmp_path: Path):
+    """The columns a recipe requires are checked, not part of the index's fingerprint: a second
+    recipe in the same work dir reuses the index the first one wrote."""
+    from curate.core.stats import funnel
+
+    pool, work = str(metadata_pool / "pool" / "*.parquet"), tmp_path / "w"
+    assert run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"), make_config(pool, work)).ok
+    before = {p: p.stat().st_mtime_ns for p in (work / "index").glob("*.parquet")}
+    assert run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_clip_score_metadata.yaml"), make_config(pool, work)).ok
+    assert {p: p.stat().st_mtime_ns for p in (work / "index").glob("*.parquet")} == before
+    assert funnel(work)[0]["complete"]

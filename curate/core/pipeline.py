@@ -84,7 +84,7 @@ def stage_fingerprints(stages: list[Stage], shards: list[str], model_cache: str 
     pool = fingerprint(sorted(shards))
     for st in stages:
         obj: dict[str, Any] = {"name": st.name, "version": st.version,
-                               "params": st.params.model_dump(mode="json"), "prev": prev,
+                               "params": st.fingerprint_params(), "prev": prev,
                                "extra": st.fingerprint_extra(model_cache),
                                "reads": {sid: by_id[sid] for sid in st.reads()}}
         if st.kind == "global":

@@ -327,6 +327,11 @@ class Stage:
         """Recorded in every output file (model, preprocessing...): what makes a value reproducible."""
         return {}
 
+    def fingerprint_params(self) -> dict[str, Any]:
+        """The parameters that decide what the stage writes (default: all of them); a parameter
+        that only decides whether a shard fails is left out, so changing it redoes nothing."""
+        return self.params.model_dump(mode="json")
+
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
         """Extra inputs to the fingerprint, such as a checkpoint hash or a vocabulary hash."""
         return {}

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.core.config import StageSpec
+from curate.core.config import StageSpec, fingerprint
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.engine.base import describe_exception
@@ -44,15 +44,21 @@ class StageTask:
     run: RunInfo
     shards: tuple[str, ...] = field(default=())  # all shard names (global stages)
 
+    @property
+    def cache_key(self) -> str:
+        """The fingerprint and every parameter: a parameter left out of the fingerprint (one that
+        only decides whether a shard fails) still gets a stage object of its own."""
+        return f"{self.fingerprint}:{fingerprint(self.spec.model_dump(mode='json'))}"
+
     def stage(self, keep: tuple[str, ...] = ()) -> Stage:
         """The stage object, built once per worker. Only the stages of one task stay alive (their
-        fingerprints in ``keep``): a worker holds the models of the stages it runs now, no others."""
-        st = _STAGE_CACHE.get(self.fingerprint)
+        cache keys in ``keep``): a worker holds the models of the stages it runs now, no others."""
+        st = _STAGE_CACHE.get(self.cache_key)
         if st is None:
             st = build_stage(self.spec)
             for fp in [fp for fp in _STAGE_CACHE if fp not in keep]:
                 del _STAGE_CACHE[fp]
-            _STAGE_CACHE[self.fingerprint] = st
+            _STAGE_CACHE[self.cache_key] = st
         return st
 
 
@@ -154,7 +160,7 @@ def _stats_table(task: StageTask, shard: str, metrics: dict[str, float],
 def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, shared: SharedShard | None = None,
               keep: tuple[str, ...] = (), written: dict[str, pa.Table] | None = None) -> dict[str, Any]:
     """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs.
-    ``shared``: the tar read of a fused task; ``keep``: the fingerprints of that task's stages;
+    ``shared``: the tar read of a fused task; ``keep``: the cache keys of that task's stages;
     ``written``: the tables its earlier stages wrote (later stages read them from memory, not back
     from the work dir, which may be a bucket), and this stage's table is added to it."""
     t0 = time.perf_counter()
@@ -197,7 +203,7 @@ def run_fused(tasks: tuple[StageTask, ...], shard_path: str) -> dict[str, Any]:
     writes its own table and stats exactly as ``run_shard`` does alone, so a stage done before is
     skipped, and a failure (raised for the engine to retry or report) leaves the outputs of the
     stages before it. The tar's samples stay in memory while a later stage still reads images."""
-    keep = tuple(t.fingerprint for t in tasks)
+    keep = tuple(t.cache_key for t in tasks)
     stages = [t.stage(keep) for t in tasks]
     last_reader = max((k for k, st in enumerate(stages) if k > 0 and st.needs_pixels()), default=-1)
     shared = SharedShard(shard_path) if last_reader > 0 else None

@@ -191,6 +191,11 @@ class IndexStage(MapStage):
             return self
         return type(self)(self.params.model_copy(update={"require": sorted(columns & set(MAPPABLE))}), self.stage_id)
 
+    def fingerprint_params(self) -> dict[str, Any]:
+        """Without ``require`` and ``max_structural_share``: they fail a shard or let it pass, and a
+        shard that passes is written alike, so recipes that need other columns share one index."""
+        return self.params.model_dump(mode="json", exclude={"require", "max_structural_share"})
+
     def computed_columns(self, metadata_pool: bool) -> set[str]:
         pixels = {"image_format", "image_ext", "image_bytes", "width", "height"}
         scores = {"clip_b32_similarity_score", "clip_l14_similarity_score"}
