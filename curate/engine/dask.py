@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -71,24 +72,35 @@ class DaskExecutor(Executor):
 
     @contextlib.contextmanager
     def _samples_of(self, tag: str, bar: Progress) -> Iterator[None]:
-        """The sample counts the tasks of one map report (worker events), into ``bar``."""
-        def on_event(event: tuple[float, dict]) -> None:
+        """The sample counts the tasks of one map report (worker events), into ``bar``; the
+        warnings they log, into the driver's log. A warning whose event reaches the driver after the
+        map's last result is read back from the scheduler's event log at the end, so none is lost."""
+        logged: set[tuple[float, str]] = set()
+
+        def on_samples(event: tuple[float, dict]) -> None:
             msg = event[1]
-            if not isinstance(msg, dict) or msg.get("tag") != tag:
-                return
-            if "log" in msg:
-                logging.getLogger(msg["log"]).log(msg["level"], "%s", msg["message"])
-            else:
+            if isinstance(msg, dict) and msg.get("tag") == tag:
                 bar.samples(msg["stage"], msg["shard"], msg["done"], msg["total"])
 
-        self.client.subscribe_topic(PROGRESS_TOPIC, on_event)
+        def on_log(event: tuple[float, dict]) -> None:
+            msg = event[1]
+            key = (event[0], json.dumps(msg, sort_keys=True, default=str))
+            if isinstance(msg, dict) and msg.get("tag") == tag and key not in logged:
+                logged.add(key)
+                logging.getLogger(msg["log"]).log(msg["level"], "%s", msg["message"])
+
+        self.client.subscribe_topic(PROGRESS_TOPIC, on_samples)
+        self.client.subscribe_topic(LOG_TOPIC, on_log)
         try:
             yield
+            for event in self.client.get_events(LOG_TOPIC):
+                on_log(event)
         finally:
-            try:
-                self.client.unsubscribe_topic(PROGRESS_TOPIC)
-            except Exception:  # the scheduler already gone (an interrupt): nothing to unsubscribe from
-                pass
+            for topic in (PROGRESS_TOPIC, LOG_TOPIC):
+                try:
+                    self.client.unsubscribe_topic(topic)
+                except Exception:  # the scheduler already gone (an interrupt): nothing to unsubscribe from
+                    pass
 
     def unseen_paths(self, paths: list[str]) -> dict[str, list[str]]:
         got = self.client.run(_missing, paths)  # on every worker
@@ -117,7 +129,8 @@ def _silence_logs(driver_pid: int) -> None:
         logging.disable(logging.CRITICAL)
 
 
-PROGRESS_TOPIC = "curate-progress"
+PROGRESS_TOPIC = "curate-progress"  # sample counts of running tasks
+LOG_TOPIC = "curate-log"  # warnings that tasks log on workers
 
 
 _task = threading.local()  # the tag of the map whose task this worker thread runs
@@ -135,8 +148,8 @@ class _ToDriver(logging.Handler):
         try:
             from distributed import get_worker
 
-            get_worker().log_event(PROGRESS_TOPIC, {"tag": tag, "log": record.name, "level": record.levelno,
-                                                    "message": record.getMessage()[:2000]})
+            get_worker().log_event(LOG_TOPIC, {"tag": tag, "log": record.name, "level": record.levelno,
+                                               "message": record.getMessage()[:2000]})
         except Exception:  # no worker here after all, or its connection is closing
             sys.stderr.write(self.format(record) + "\n")
 
