@@ -93,7 +93,11 @@ class DaskExecutor(Executor):
         self.client.subscribe_topic(LOG_TOPIC, on_log)
         try:
             yield
-            for event in self.client.get_events(LOG_TOPIC):
+            try:
+                late = self.client.get_events(LOG_TOPIC)
+            except Exception:  # the scheduler cannot answer (it is closing): the warnings seen so far stand
+                late = ()
+            for event in late:
                 on_log(event)
         finally:
             for topic in (PROGRESS_TOPIC, LOG_TOPIC):
