@@ -19,16 +19,27 @@ DESCRIBE = {"model": "fake-embedder", "pretrained": None, "checkpoint_sha256": "
 REF_SHAPES = ("square", "triangle")
 
 
-def _fake_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16) -> dict[str, str]:
+def _fake_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16, noise_by_uid: bool = False) -> dict[str, str]:
     """clip_score tables whose image embeddings cluster by shape (what a trained CLIP would give),
-    written with the pipeline's fingerprint and stats so the runner takes them as done."""
+    written with the pipeline's fingerprint and stats so the runner takes them as done. With
+    ``noise_by_uid`` each embedding is drawn from its uid alone, so a pool written as 1 or 4 shards
+    gets the same embeddings."""
+    import hashlib
+
     truth = pl.read_parquet(pool / "ground_truth.parquet")
     shape_of = dict(zip(truth["uid"], truth["shape"]))
     centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
     for shard in sorted(p.stem for p in pool.glob("*.tar")):
         uids = pl.read_parquet(work / "index" / f"{shard}.parquet")["uid"].to_list()
         rng = np.random.default_rng(int(shard))
-        emb = np.stack([centers[SHAPES.index(shape_of[u])] + rng.normal(size=dim) for u in uids]).astype(np.float32)
+
+        def noise(u: str) -> np.ndarray:
+            if not noise_by_uid:
+                return rng.normal(size=dim)
+            return np.random.default_rng(int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(),
+                                                        "little")).normal(size=dim)
+
+        emb = np.stack([centers[SHAPES.index(shape_of[u])] + noise(u) for u in uids]).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())
         t = pa.table({"uid": uids, "clip_score": np.zeros(len(uids), np.float32),
@@ -221,31 +232,6 @@ def test_a_broken_image_in_a_reference_set_is_skipped_and_counted(pool: Path, tm
     assert art["reference_size"] == 2 and art["reference_skipped"] == 1
 
 
-def _uid_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16) -> None:
-    """As _fake_clip_tables, with each sample's embedding drawn from its uid alone, so one pool
-    written as 1 or 4 shards has the same embeddings."""
-    import hashlib
-
-    truth = pl.read_parquet(pool / "ground_truth.parquet")
-    shape_of = dict(zip(truth["uid"], truth["shape"]))
-    centers = np.random.default_rng(0).normal(size=(len(SHAPES), dim)).astype(np.float32) * 3
-    for shard in sorted(p.stem for p in pool.glob("*.tar")):
-        uids = pl.read_parquet(work / "index" / f"{shard}.parquet")["uid"].to_list()
-        emb = np.stack([centers[SHAPES.index(shape_of[u])] + np.random.default_rng(
-            int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")).normal(size=dim)
-            for u in uids]).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())
-        t = pa.table({"uid": uids, "clip_score": np.zeros(len(uids), np.float32),
-                      "image_emb": pa.FixedSizeListArray.from_arrays(flat, dim),
-                      "keep_clip_score": [True] * len(uids), "reason_clip_score": pa.nulls(len(uids), pa.string())})
-        meta = {"stage": "clip_score", "shard": shard, "fingerprint": fp}
-        write_table(t, work / "clip_score" / f"{shard}.parquet", meta=meta | {"describe": DESCRIBE})
-        stats = pa.table({"run_id": ["fake"], "stage": ["clip_score"], "shard": [shard], "metric": ["n_in"],
-                          "value": [float(len(uids))]})
-        write_table(stats, work / "stats" / "clip_score" / f"{shard}.parquet", meta=meta)
-
-
 @pytest.mark.parametrize("stage", [
     ("reference_filter", {"n_centroids": 16, "kmeans_sample": 100}),
     ("dedup", {"exact": [], "phash_radius": None, "semantic_eps": 0.08, "kmeans_sample": 100, "n_clusters": 8,
@@ -268,7 +254,7 @@ def test_one_pool_as_1_or_4_shards_gives_the_same_decisions(tmp_path: Path, stag
         synthesize(pool, samples=400, shards=shards, seed=21)
         assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work), only=["index"]).ok
         names = sorted(p.stem for p in pool.glob("*.tar"))
-        _uid_clip_tables(pool, work, stage_fingerprints(build_stages(pipe), names)[1])
+        _fake_clip_tables(pool, work, stage_fingerprints(build_stages(pipe), names)[1], noise_by_uid=True)
         assert run_pipeline(pipe, make_config(str(pool / "*.tar"), work)).ok
         got[shards] = decisions(work).select("uid", "kept", "reason").sort("uid")
     assert got[1]["uid"].to_list() == got[4]["uid"].to_list()
