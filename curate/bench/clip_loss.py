@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from curate.bench.common import peak_rss_mb, save, timer
+from curate.algorithms.sampling import uid_keys
 from curate.stages.clip_loss import neg_clip_loss, norm_sim
 
 
@@ -19,7 +20,7 @@ def run(n: int = 8192, d: int = 768, targets: int = 10_000) -> dict:
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     tau = 0.01
     with timer() as t_ours:
-        ours = neg_clip_loss(img, txt, tau, batch_size=n, batches=1, rng=np.random.default_rng(0))
+        ours = neg_clip_loss(img, txt, uid_keys([str(i) for i in range(n)], 0), tau, batch_size=n, batches=1)
     with timer() as t_raw:
         logits = torch.from_numpy(img).double() @ torch.from_numpy(txt).double().T / tau
         y = torch.arange(n)

@@ -62,7 +62,7 @@ class ScoreEnsembleStage(GlobalStage):
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         frames = [read_frame(p).with_columns(pl.lit(s).alias("shard")) for s, p in zip(ctx.shards, ctx.partials())]
-        df = pl.concat(frames) if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String})
+        df = pl.concat(frames).sort("uid") if frames else pl.DataFrame(schema={"uid": pl.String, "shard": pl.String})
         cols = [f"s{k}" for k in range(len(self.params.inputs))]
         complete = df.drop_nulls(cols) if df.height else df
         if self.params.rule == "rank_mean":

@@ -9,6 +9,7 @@ import torch
 
 from curate.core.config import ConfigError
 from curate.core.pipeline import run_pipeline
+from curate.algorithms.sampling import uid_keys
 from curate.stages.clip_loss import neg_clip_loss, norm_sim
 from curate.stages.reference import save_reference
 from tests.conftest import make_config, make_pipeline
@@ -27,7 +28,7 @@ def test_neg_clip_loss_is_minus_tau_times_the_clip_loss_of_the_batch():
     rng = np.random.default_rng(0)
     img, txt = _unit(rng, 300), _unit(rng, 300)
     tau = 0.05
-    ours = neg_clip_loss(img, txt, tau, batch_size=1000, batches=1, rng=np.random.default_rng(1))
+    ours = neg_clip_loss(img, txt, uid_keys([str(i) for i in range(300)], 1), tau, batch_size=1000, batches=1)
     logits = torch.from_numpy(img).double() @ torch.from_numpy(txt).double().T / tau
     target = torch.arange(300)
     ce = (torch.nn.functional.cross_entropy(logits, target, reduction="none")
@@ -46,10 +47,13 @@ def test_a_generic_caption_ranks_below_a_specific_one_at_equal_clip_score():
         other /= np.linalg.norm(other)
         txt[i] = 0.5 * img[i] + np.sqrt(1 - 0.25) * other  # cosine 0.5 with its own image
     assert abs(img[0] @ txt[0] - img[1] @ txt[1]) < 1e-5
-    loss = neg_clip_loss(img, txt, 0.05, 128, 5, np.random.default_rng(0))
+    keys = uid_keys([f"{i:04d}" for i in range(400)], 0)
+    loss = neg_clip_loss(img, txt, keys, 0.05, 128, 5)
     assert np.isfinite(loss).all() and loss[0] < loss[1]
-    # a short last batch (400 = 3 x 128 + 16) is filled up: every pair has a value; same seed, same values
-    assert np.array_equal(loss, neg_clip_loss(img, txt, 0.05, 128, 5, np.random.default_rng(0)))
+    assert np.array_equal(loss, neg_clip_loss(img, txt, keys, 0.05, 128, 5))
+    # another seed draws other batches: other values, the same ranking of the two pairs
+    other = neg_clip_loss(img, txt, uid_keys([f"{i:04d}" for i in range(400)], 1), 0.05, 128, 5)
+    assert not np.array_equal(loss, other) and other[0] < other[1]
 
 
 def test_norm_sim_is_max_and_l2_of_cosines():
@@ -108,3 +112,31 @@ def test_mistakes_are_named_before_any_work(pool: Path, tmp_path: Path):
                      make_config(str(pool / "*.tar"), tmp_path / "b"))
     with pytest.raises(ConfigError, match="not earlier"):
         run_pipeline(make_pipeline(("clip_loss", {})), make_config(str(pool / "*.tar"), tmp_path / "c"))
+
+
+def test_batches_span_the_pool_so_values_do_not_depend_on_sharding_or_partitions(tmp_path: Path, tiny_ckpt: Path):
+    """The same 300 pairs as 1 shard and as 4, combined in 1 task and in 3: byte-identical
+    negCLIPLoss, equal to the in-memory computation over the whole pool in uid order."""
+    from curate.io.embeddings import embeddings
+    from curate.tools.synth import synthesize
+
+    synthesize(tmp_path / "p1", samples=300, shards=1, seed=5)
+    synthesize(tmp_path / "p4", samples=300, shards=4, seed=5)
+    scorer = ("clip_score", {"model": "curate-tiny", "pretrained": str(tiny_ckpt), "batch_size": 32})
+    out = {}
+    for name, pool, parts in (("a", "p1", None), ("b", "p4", None), ("c", "p4", 3)):
+        pipe = make_pipeline(scorer, ("clip_loss", {"batch_size": 64, "batches": 3, "partitions": parts}))
+        s = run_pipeline(pipe, make_config(str(tmp_path / pool / "*.tar"), tmp_path / name))
+        assert s.ok, s.problems()
+        out[name] = pl.read_parquet(tmp_path / name / "clip_loss" / "*.parquet", columns=["uid", "negclip_loss"]).sort("uid")
+    assert out["a"]["negclip_loss"].drop_nulls().len() > 250
+    assert out["a"].equals(out["b"]) and out["a"].equals(out["c"])
+
+    t = pl.read_parquet(tmp_path / "a" / "clip_score" / "*.parquet").filter(pl.col("image_emb").is_not_null()).sort("uid")
+    arrow = t.to_arrow()
+    img, txt = (embeddings(arrow, c) for c in ("image_emb", "text_emb"))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    want = neg_clip_loss(img, txt, uid_keys(t["uid"].to_list(), 0), 0.01, 64, 3).astype(np.float32)
+    got = out["a"].join(t.select("uid"), on="uid")["negclip_loss"].to_numpy()
+    np.testing.assert_array_equal(got, want)
