@@ -67,7 +67,7 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "6"
+    version = "7"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
@@ -397,6 +397,8 @@ class DedupStage(GlobalStage):
         p = self.params
         emb = unit(read_f16_rows(tmp / f"{c}.f16", d))
         rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
+        order = np.argsort(rows, kind="stable")  # uid order, not the order shards were streamed in:
+        emb, rows = emb[order], rows[order]  # a split's k-means then sees the same rows, same order
         return _cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed, p.semantic_boundary)
 
     def _eval_matches(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:

@@ -77,7 +77,7 @@ class EmbeddingHeadStage(MapStage):
     """A user's MLP head (LAION aesthetics, NSFW...) on stored CLIP embeddings; optional min/max score rules."""
 
     name = "embedding_head"
-    version = "1"
+    version = "2"
     columns = {"head_score": "the head's output for the (L2-normalised) stored embedding"}
 
     class Params(Strict):
@@ -90,7 +90,7 @@ class EmbeddingHeadStage(MapStage):
         output: Literal["identity", "sigmoid"] = Field("identity", description="after the last layer")
         min_score: float | None = Field(None, description="drop rows scoring below (e.g. aesthetics 5.0)")
         max_score: float | None = Field(None, description="drop rows scoring above (e.g. an NSFW probability 0.5)")
-        batch_size: int = Field(65536, ge=1, description="rows per forward")
+        batch_size: int = Field(4096, ge=1, description="rows per forward (the last batch of a shard is padded to it)")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -158,9 +158,15 @@ class EmbeddingHeadStage(MapStage):
         ok = np.flatnonzero(np.isfinite(emb).all(axis=1) & (norms > 0))
         x = emb[ok] / norms[ok, None] if p.normalize else emb[ok]
         out = np.empty(len(ok), dtype=np.float32)
+        batch = np.zeros((p.batch_size, x.shape[1]), dtype=np.float32)
         with torch.inference_mode():
             for a in range(0, len(ok), p.batch_size):
-                out[a:a + p.batch_size] = head(torch.from_numpy(np.ascontiguousarray(x[a:a + p.batch_size]))).squeeze(1).numpy()
+                # every forward has one shape (the last batch padded with zeros), so a row's score
+                # is the same bits whichever shard or batch it lands in
+                n = min(p.batch_size, len(ok) - a)
+                batch[:n] = x[a:a + n]
+                batch[n:] = 0
+                out[a:a + n] = head(torch.from_numpy(batch)).squeeze(1).numpy()[:n]
         scores: list = [None] * len(rows)
         reasons: list = [f"{self.stage_id}:no_embedding"] * len(rows)
         for j, v in zip(ok.tolist(), out.tolist()):
