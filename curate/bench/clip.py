@@ -16,7 +16,8 @@ Targets (one H100): B/32 stage >= 8,000 img/s and >= 0.85 of its optimised forwa
 >= 2,400 img/s (40 % of peak) and >= 0.9 of its optimised forward. On CPU the synthetic pool is
 scored with the tiny model (the figures check the code, not the targets). On a GPU the shard is
 real photos (COCO val2017 repeated to 10k samples, where ``../shared/data`` or
-``CURATE_BENCH_PHOTOS`` gives them) and the models ViT-B-32 and ViT-L-14 with random weights."""
+``CURATE_BENCH_PHOTOS`` gives them) and the models ViT-B-32 and ViT-L-14 with random weights (none ship
+offline); on CPU, curate-tiny with the trained demo scorer, so score differences are those of real weights."""
 from __future__ import annotations
 
 import io
@@ -31,6 +32,7 @@ from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
 from curate.io.shards import expand_input, iter_samples
 from curate.models.dali_preprocess import dali_available
 from curate.stages.clip_score import ClipScoreStage
+from curate.tools.demo import ensure_scorer
 
 COCO_SHARD = ROOT.parent / "shared" / "data" / "shards" / "coco-val2017-mini-000000.tar"
 
@@ -127,16 +129,17 @@ def _preloaded(clip, samples, caps) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([imgs[samples[i].image()] for i in good]), clip.tokenizer([caps[i] for i in good])
 
 
-def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_workers: int | None = 0) -> dict:
+def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_workers: int | None = 0,
+                pretrained: str | None = None) -> dict:
     gpu = device == "cuda"
-    common = dict(model=model, pretrained=None, batch_size=batch, loader_workers=loader_workers)
+    common = dict(model=model, pretrained=pretrained, batch_size=batch, loader_workers=loader_workers)
     eager = ClipScoreStage(ClipScoreStage.Params(**common, text_cache=0))
     # the caption cache is off: the photo shard repeats its captions, web shards rarely do
     fast = ClipScoreStage(ClipScoreStage.Params(**common, text_cache=0, compile=True,
                                                 precision="bf16" if gpu else "auto",
                                                 device_decoder="dali" if dali_available() else "nvjpeg"))
     clip, fast_clip = eager.clip(device, None), fast.clip(device, None)
-    fast_clip.model.load_state_dict(clip.model.state_dict())  # the same random weights
+    fast_clip.model.load_state_dict(clip.model.state_dict())  # the same weights (random without a checkpoint)
     samples = [s for _, s in zip(range(n), iter_samples(shard))]
     caps = [(s.caption_bytes() or b"").decode("utf-8", "replace") for s in samples]
     x, toks = _preloaded(clip, samples, caps)
@@ -146,7 +149,8 @@ def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_
         eager_forward(clip, xb, tb, device)
         fast.forward(xb, tb.cpu())
     fast.forward(*[t[:max(1, batch // 3)] for t in (x, toks.cpu())])
-    res: dict = {"model": model, "device": device, "batch_size": batch, "images": len(x),
+    res: dict = {"model": model, "weights": Path(pretrained).name if pretrained else "random", "device": device,
+                 "batch_size": batch, "images": len(x),
                  "loader_workers": eager.loader_processes(device),
                  "optimised": {"precision": fast.params.precision, "compile": True,
                                "text_prefix": fast.forward.trims_text, "decode": fast.describe()["decode"]}}
@@ -246,10 +250,13 @@ def run() -> dict:
         # not as on a 1,000-sample toy shard
         pool = bench_pool(3000, 1)
         shard = expand_input(str(pool / "00000.tar"))[0]
+        # the trained demo scorer (trained here once if missing): score errors on real weights, not random ones
+        ckpt = str(ensure_scorer(ROOT / "demo" / "models"))
         # no loader process (as on a daemonic Dask worker): decoding runs on a helper thread
-        res = {"curate-tiny": bench_model("curate-tiny", shard, 3000, 256, device),
+        res = {"curate-tiny": bench_model("curate-tiny", shard, 3000, 256, device, pretrained=ckpt),
                # decode in one DataLoader process beside the 1-thread forward (uses the second core)
-               "curate-tiny+1_loader": bench_model("curate-tiny", shard, 3000, 256, device, loader_workers=1)}
+               "curate-tiny+1_loader": bench_model("curate-tiny", shard, 3000, 256, device, loader_workers=1,
+                                                   pretrained=ckpt)}
     else:
         photos = photo_shard(10_000)
         shard = str(photos) if photos else expand_input(str(bench_pool(4000, 4) / "00000.tar"))[0]

@@ -2,8 +2,9 @@
 
 - text: captions/s of the whole text stage (language ID + every caption measure + decisions)
   against raw fastText predict over the same captions (target >= 0.7).
-- image: images/s of the image stage (header rules + reduced-decode quality) against a plain
-  full-resolution PIL decode of the same images (target >= 1.0).
+- image: images/s of the image stage (header rules + reduced-decode quality + hashes) against the
+  decode it sits on, PIL's DCT-scaled draft plus a thumbnail of the same size, and,
+  for reference, a full-resolution decode.
 - scaling: the stage on a LocalCluster with 1 and 2 workers (target >= 1.7x), with peak RSS per worker.
 """
 from __future__ import annotations
@@ -71,20 +72,31 @@ def bench_image(pool: Path) -> dict:
     src = COCO if COCO.exists() else Path(expand_input(str(pool / "*.tar"))[0])
     imgs = [(s.image(), s.image_ext()) for s in iter_samples(src) if s.image()]
     stage = ImageStage(ImageStage.Params(max_dominant_share=0.97, min_blur_var=20.0))
-    best_raw = best_stage = 0.0
+    thumb = stage.params.thumb
+    best_raw = best_reduced = best_stage = 0.0
     for _ in range(3):
         with timer() as t:
             for data, _ext in imgs:
                 with Image.open(io.BytesIO(data)) as im:
                     im.convert("RGB").load()
         best_raw = max(best_raw, len(imgs) / t["seconds"])
+        # the decode the stage sits on: PIL's DCT-scaled draft, then a thumbnail of the same size
+        with timer() as t:
+            for data, _ext in imgs:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.draft("RGB", (thumb, thumb))
+                    small = im.convert("RGB")
+                    small.thumbnail((thumb, thumb))
+        best_reduced = max(best_reduced, len(imgs) / t["seconds"])
         with timer() as t:
             for data, ext in imgs:
                 stage.measure_one(data, ext, (None, None))
         best_stage = max(best_stage, len(imgs) / t["seconds"])
     return {"images": len(imgs), "source": src.name, "raw_full_pil_decode_images_per_s": round(best_raw),
-            "image_stage_images_per_s": round(best_stage), "ratio": round(best_stage / best_raw, 3),
-            "target_ratio": 1.0}
+            "raw_reduced_decode_images_per_s": round(best_reduced),
+            "image_stage_images_per_s": round(best_stage),
+            "ratio_vs_reduced_decode": round(best_stage / best_reduced, 3),
+            "ratio_vs_full_decode": round(best_stage / best_raw, 3)}
 
 
 def caption_pool(n_shards: int = 8, per_shard: int = 10_000) -> Path:

@@ -40,22 +40,49 @@ def exact(n: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
 
 
+def planted_hashes(n: int, radius: int = 4, share: float = 0.1) -> tuple[np.ndarray, int]:
+    """``n`` 64-bit hashes: random, with ``share`` of them copies of another hash with 1 to
+    ``radius + 1`` bits flipped (the last just outside the radius). Returns the hashes and how
+    many copies lie within the radius of their original."""
+    rng = np.random.default_rng(0)
+    h = rng.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    copies = rng.choice(n, int(n * share), replace=False)
+    flips = rng.integers(1, radius + 2, len(copies))
+    for i, f in zip(copies.tolist(), flips.tolist()):
+        src = int(rng.integers(n))
+        bits = rng.choice(64, f, replace=False)
+        v = int(h[src]) & (2**64 - 1)
+        for b in bits.tolist():
+            v ^= 1 << b
+        h[i] = v - 2**64 if v >= 2**63 else v
+    return h, int((flips <= radius).sum())
+
+
+def _pair_digest(pairs: np.ndarray) -> str:
+    import hashlib
+
+    p = np.unique(np.sort(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
+    return hashlib.blake2b(p.tobytes(), digest_size=8).hexdigest()
+
+
 def phash_banded(n: int, radius: int = 4) -> dict:
     from curate.algorithms.phash import near_pairs
 
-    h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    h, planted = planted_hashes(n, radius)
     t0 = time.perf_counter()
     pairs = near_pairs(h, radius)
-    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs), "planted_within_radius": planted,
+            "pairs_digest": _pair_digest(pairs)}
 
 
 def phash_brute(n: int, radius: int = 4) -> dict:
     from curate.algorithms.phash import brute_force_pairs
 
-    h = np.random.default_rng(0).integers(-2**63, 2**63 - 1, size=n, dtype=np.int64)
+    h, planted = planted_hashes(n, radius)
     t0 = time.perf_counter()
     pairs = brute_force_pairs(h, radius)
-    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs)}
+    return {"seconds": time.perf_counter() - t0, "pairs": len(pairs), "planted_within_radius": planted,
+            "pairs_digest": _pair_digest(pairs)}
 
 
 def semantic(n: int) -> dict:
