@@ -139,7 +139,8 @@ def test_datacomp_text_based_matches_datacomp(tmp_path: Path):
     """Expected concept matches come from NLTK's WordNet run the way DataComp's baseline runs it
     (tests/data/datacomp_text_based.json says how): edge cases such as "Flowers", "dog,", "GEESE",
     "aromatic" (an adjective whose first sense's offset is also an ImageNet noun's, which DataComp
-    counts) and "teddy" (in timm's 21,844-synset list, not in DataComp's 21,843), then LAION captions."""
+    counts), "teddy" (in timm's 21,844-synset list, not in DataComp's 21,843) and "womens" (NLTK 3.8.1, DataComp's
+    pin, applies the suffix rules again until a form is in WordNet: "women", then "woman"), then LAION captions."""
     import json
 
     from curate.bench.recipes import datacomp_text_based_uids

@@ -65,17 +65,31 @@ class FirstSenses:
     exceptions: dict[str, dict[str, tuple[str, ...]]]  # pos -> inflected form -> base forms
 
     def lemmas_of(self, word: str, pos: str) -> list[str]:
-        """The base forms of ``word`` in ``pos`` that WordNet lists, as NLTK's ``_morphy``: the word
-        itself, then its exception-list bases or else each detachment rule applied once."""
+        """The base forms of ``word`` in ``pos`` that WordNet lists, as NLTK 3.8.1's ``_morphy``
+        (DataComp's pin): the word itself and its exception-list bases; else the word and each
+        detachment rule applied once; while none is in WordNet, the rules applied again to the forms
+        derived ("womens" -> "women" -> "woman")."""
         k = POS_ORDER.index(pos)
+
+        def listed(forms: list[str]) -> list[str]:
+            out: list[str] = []
+            for f in forms:
+                if f not in out and f in self.first and self.first[f][k] is not None:
+                    out.append(f)
+            return out
+
+        def detach(forms: list[str]) -> list[str]:
+            return [f[: -len(old)] + new for f in forms for old, new in _DETACH[pos] if f.endswith(old)]
+
         bases = self.exceptions[pos].get(word)
-        forms = [word, *(bases if bases is not None else
-                         (word[: -len(old)] + new for old, new in _DETACH[pos] if word.endswith(old)))]
-        out: list[str] = []
-        for f in forms:
-            if f not in out and f in self.first and self.first[f][k] is not None:
-                out.append(f)
-        return out
+        if bases is not None:
+            return listed([word, *bases])
+        forms = detach([word])
+        found = listed([word, *forms])
+        while not found and forms:
+            forms = detach(forms)
+            found = listed(forms)
+        return found
 
     def first_sense(self, word: str) -> int | None:
         """The offset of ``wordnet.synsets(word)[0]`` (None when WordNet has no sense): the word in

@@ -2,8 +2,8 @@
 with NLTK's WordNet as DataComp's baseline computes it (a whitespace token whose
 ``wordnet.synsets(token)[0].offset()`` is one of the 21,843 ImageNet-21k offsets).
 
-NLTK is not a curate dependency; to regenerate, on a machine with ``pip install nltk`` and Debian's
-``wordnet-base``:
+NLTK is not a curate dependency; to regenerate, with DataComp's pinned ``pip install nltk==3.8.1`` and
+Debian's ``wordnet-base``:
 
     python tests/data/make_datacomp_text_based.py /usr/share/wordnet WNIDS.txt LAION.parquet
 
@@ -24,7 +24,11 @@ EDGE = ["Flowers in a garden", "dog, on the beach", "dog on the beach", "GEESE f
         "a photo of\na mountain lake", "Dogs.", "(cat)", "cats!", "a mossy stone", "", "   ",
         "ein Foto von einem Hund am Strand", "une photo d'un chat sur le canapé", "leaves in autumn",
         "mice and men", "the children's toys", "wolves howling", "glasses on a table", "A BOY WITH A BLUE SHIRT",
-        "teddy", "my teddy", "aromatic", "so cogent", "mossy"]
+        "teddy", "my teddy", "aromatic", "so cogent", "mossy",
+        # NLTK 3.8.1 (DataComp's pin) applies the suffix rules again to forms it derived until one is in
+        # WordNet ("womens" -> "women" -> "woman"); later NLTK releases apply them once
+        "womens shoes", "princessess crowns", "the mens room", "boxeses of toys", "dresseses on sale",
+        "glasseses", "churcheses in town", "wishes"]
 
 
 def _wordnet(wordnet_dir: Path):
