@@ -88,6 +88,53 @@ def test_datacomp_clip_score_on_a_metadata_pool_matches_datacomp(metadata_pool: 
     assert _kept(tmp_path / "w") == expect
 
 
+def _scored_pool(out: Path, dtype: str) -> Path:
+    """800 rows whose scores (in ``dtype``) hold ties, NaN, nulls and values at and around 0.3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(8)
+    n = 800
+    s = np.round(rng.uniform(0.1, 0.45, n), 3)
+    s[:40] = 0.3  # exactly 0.3 in float64, float32(0.3) != 0.3
+    s[40:60] = np.nextafter(0.3, 1.0)
+    s[60:80] = float(np.float32(0.3))  # float32(0.3) as a float64: just above 0.3
+    scores = pa.array(s, pa.float64()).cast(pa.float32() if dtype == "float32" else pa.float64())
+    nan = np.zeros(n, dtype=bool)
+    nan[100:260] = True  # NaN and nulls among the top scores: 20 % of the pool
+    scores = pa.array([None if i % 2 and nan[i] else (float("nan") if nan[i] else v)
+                       for i, v in enumerate(scores.to_pylist())], scores.type)
+    table = pa.table({"uid": [f"{i:032x}" for i in range(n)], "text": ["a photo of a dog"] * n,
+                      "clip_l14_similarity_score": scores})
+    out.mkdir(parents=True)
+    pq.write_table(table, out.parent / f"{out.name}_all.parquet")
+    pq.write_table(table.slice(0, 300), out / "00000.parquet")
+    pq.write_table(table.slice(300), out / "00001.parquet")
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_clip_score_parity_with_nan_null_and_the_column_dtype(tmp_path: Path, dtype: str):
+    """DataComp's rules to the last row: the fraction is sized over every row (NaN and null too),
+    NaN sorts last and is never kept, and an absolute threshold compares in the column's own type
+    (pandas: a float32 column against float32(0.3), a float64 column against 0.3)."""
+    import pandas as pd
+
+    pool = _scored_pool(tmp_path / "pool", dtype)
+    df = pd.read_parquet(tmp_path / "pool_all.parquet")
+    col = df["clip_l14_similarity_score"]
+    for rule, expect in (("top_fraction", datacomp_clip_score_uids(tmp_path / "pool_all.parquet",
+                                                                   "clip_l14_similarity_score", 0.3)),
+                         ("min_score", set(df.uid[col >= 0.3]))):
+        params = {"scores_from": "index", "score_column": "clip_l14_similarity_score", "all_rows": True}
+        params |= {"top_fraction": 0.3, "datacomp_parity": True} if rule == "top_fraction" else {"min_score": 0.3}
+        work = tmp_path / rule
+        assert run_pipeline(make_pipeline(("clip_rank", params)), make_config(str(pool / "*.parquet"), work)).ok
+        assert _kept(work) == expect, (rule, len(_kept(work) ^ expect))
+        if rule == "min_score":  # at and just above 0.3, where a float32(0.3) threshold drops float64 rows
+            assert set(df.uid[:80]) <= expect
+
+
 def test_a_pixel_stage_on_a_metadata_pool_is_refused_before_any_work(metadata_pool: Path, tmp_path: Path):
     pipe = make_pipeline(("text", {}), ("image", {"min_blur_var": 20.0}),
                          ("clip_score", {"model": "curate-tiny", "pretrained": None}))

@@ -35,19 +35,22 @@ class ClipRankStage(GlobalStage):
     columns = {
         "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
     }
-    version = "1"
+    version = "2"
 
     class Params(Strict):
         scores_from: str = Field("clip_score", description="id of the stage whose scores are ranked (a clip_score "
                                  "stage; or index, for the scores a metadata pool carries)")
         score_column: str = Field("clip_score", description="the column of that stage to rank, e.g. "
                                   "clip_l14_similarity_score of a DataComp metadata pool")
-        datacomp_parity: bool = Field(False, description="top_fraction as DataComp computes it: the threshold is "
-                                      "the score at index floor(n * f) of the scores sorted descending, "
-                                      "ties kept (default: exactly ceil(n * f) kept, ties broken by uid)")
+        datacomp_parity: bool = Field(False, description="top_fraction as DataComp's get_threshold computes it: "
+                                      "n counts every row (a missing or NaN score too), the threshold is the score "
+                                      "at index floor(n * f) of the scores sorted descending with NaN last, ties "
+                                      "kept, a missing score never kept (default: exactly ceil(n * f) of the "
+                                      "scored rows kept, ties broken by uid)")
         top_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the pool")
-        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this "
-                                        "(tied to one scorer: prefer calibrate)")
+        min_score: float | None = Field(None, ge=-1, le=1, description="or keep scores >= this, compared in the "
+                                        "column's own type (float32(0.3) for a float32 column, as pandas does; "
+                                        "tied to one scorer: prefer calibrate)")
         calibrate: Calibration | None = Field(None, description="or keep scores >= a threshold chosen "
                                               "on held-out pairs scored by this run's CLIP stage")
         exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
@@ -105,11 +108,35 @@ class ClipRankStage(GlobalStage):
                                        "usable pair(s); calibration needs at least 20"]
 
     def summarize(self, ctx: ShardContext) -> dict[str, Any]:
+        """The scores to rank. With ``datacomp_parity`` a row without a score counts in the pool as
+        NaN (DataComp's pandas reads a null as NaN and sizes the fraction over every row)."""
         uids = ctx.column("uid")
         scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
         ev = ctx.evaluate
+        if self.params.datacomp_parity:
+            keep = [i for i in range(len(uids)) if ev[i]]
+            return {"uid": [uids[i] for i in keep],
+                    "clip_score": [math.nan if scores[i] is None else scores[i] for i in keep]}
         keep = [i for i in range(len(uids)) if ev[i] and scores[i] is not None]
         return {"uid": [uids[i] for i in keep], "clip_score": [scores[i] for i in keep]}
+
+    def single_precision(self, ctx: ShardContext) -> bool:
+        """Whether the ranked column holds float32 values where the pool stores it: a clip_score
+        table, or the metadata Parquet behind the index (which widens scores to float64). An
+        absolute ``min_score`` is compared in that type, as pandas compares a column with a float."""
+        if self.params.scores_from != "index":
+            field = ctx.read(self.params.scores_from, [self.params.score_column]).schema.field(0)
+            return field.type == pa.float32()
+        if not ctx.shard_path.endswith(".parquet"):
+            return False
+        import pyarrow.parquet as pq
+
+        from curate.io.storage import open_read
+
+        with open_read(ctx.shard_path) as f:
+            schema = pq.read_schema(f)
+        i = schema.get_field_index(self.params.score_column)
+        return i >= 0 and schema.field(i).type == pa.float32()
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
         p = self.params
@@ -122,8 +149,8 @@ class ClipRankStage(GlobalStage):
             n += len(s)
         art: dict[str, Any] = {"n": n, "rule": "min_score" if p.min_score is not None else
                                "calibrated" if p.calibrate else "top_fraction"}
-        if p.min_score is not None:
-            art.update(threshold=float(np.float32(p.min_score)), tie_uid=None, k=None, exact=True)
+        if p.min_score is not None:  # apply rounds it to the column's type, shard by shard
+            art.update(threshold=float(p.min_score), tie_uid=None, k=None, exact=True)
         elif p.calibrate is not None:
             scorer = ctx.pipeline_stage(self.params.scores_from)
             matched, shuffled = heldout_scores(scorer, p.calibrate, ctx.run.device, ctx.run.model_cache)
@@ -133,10 +160,13 @@ class ClipRankStage(GlobalStage):
         elif n == 0:
             art.update(threshold=None, tie_uid=None, k=0, exact=True)
         elif p.datacomp_parity:
-            s = np.sort(np.concatenate([read_table(x, columns=["clip_score"]).column(0).to_numpy()
-                                        for x in ctx.partials()]))[::-1]
-            art.update(threshold=float(s[min(n - 1, math.floor(n * p.top_fraction))]), tie_uid=None,
-                       k=None, exact=True, rule="datacomp_top_fraction")
+            # DataComp's get_threshold: every row counts (NaN too), sorted with -np.sort(-x) so NaN
+            # comes last; a NaN threshold keeps nothing, as ``score >= NaN`` is false
+            s = np.concatenate([read_table(x, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False)
+                                for x in ctx.partials()]).astype(np.float64)
+            t = -np.sort(-s)[min(n - 1, math.floor(n * p.top_fraction))]
+            art.update(threshold=None if np.isnan(t) else float(t), tie_uid=None, k=None, exact=True,
+                       rule="datacomp_top_fraction")
         else:
             k = max(1, math.ceil(p.top_fraction * n))
             art["k"] = k
@@ -162,10 +192,12 @@ class ClipRankStage(GlobalStage):
     def apply(self, ctx: ShardContext) -> StageOutput:
         art = json.loads(ctx.work.global_artifact(ctx.stage_id, ".json").read_text())
         thr, tie = art["threshold"], art["tie_uid"]
+        if art["rule"] == "min_score" and self.single_precision(ctx):
+            thr = float(np.float32(thr))
         uids = ctx.column("uid")
         scores = ctx.column(self.params.score_column, stage_id=self.params.scores_from)
         ev = ctx.evaluate
-        reasons = [None if not e else "clip:no_score" if s is None else
+        reasons = [None if not e else "clip:no_score" if s is None or s != s else
                    None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
                    for u, s, e in zip(uids, scores, ev)]
         return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
