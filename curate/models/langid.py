@@ -31,21 +31,20 @@ def load_langid(path: str | None = None):
 
 def predict_languages(model, texts: list[str], k: int = 2) -> list[list[tuple[str, float]]]:
     """Top-k (language, probability) per text. Newlines become spaces, as DataComp does."""
-    f = model.f
+    predict = model.f.predict
     code = _LABELS  # "__label__en" -> "en", filled as labels are first seen (176 at most)
     out = []
+    append = out.append
     for t in texts:
         if "\n" in t or "\r" in t:
             t = t.replace("\n", " ").replace("\r", " ")
-        preds = f.predict(t + "\n", k, 0.0, "replace")
-        row = []
-        for p, lab in preds:
-            c = code.get(lab)
-            if c is None:
-                c = code[lab] = lab[9:] if lab.startswith("__label__") else lab
-            row.append((c, p))
-        out.append(row)
+        append([(code.get(lab) or _label(lab), p) for p, lab in predict(t + "\n", k, 0.0, "replace")])
     return out
+
+
+def _label(lab: str) -> str:
+    c = _LABELS[lab] = lab[9:] if lab.startswith("__label__") else lab
+    return c
 
 
 _LABELS: dict[str, str] = {}

@@ -89,7 +89,8 @@ def max_repeat_run(words: list[str]) -> int:
 
 # Measures computed only when a threshold (or ``measures``) asks for them; language, characters and
 # words are always computed (cheap, and what the report plots).
-OPTIONAL_MEASURES = ("unique_word_ratio", "alpha_ratio", "max_repeat_run", "n_concepts", "junk")
+OPTIONAL_MEASURES = ("unique_word_ratio", "alpha_ratio", "max_repeat_run", "n_concepts", "junk", "lang2")
+OPTIONAL_COLUMNS = {m: m for m in OPTIONAL_MEASURES} | {"lang2_prob": "lang2"}  # column -> its measure
 THRESHOLD_MEASURE = {"min_unique_word_ratio": "unique_word_ratio", "min_alpha_ratio": "alpha_ratio",
                      "max_repeat_run": "max_repeat_run", "min_concepts": "n_concepts", "drop_junk": "junk"}
 
@@ -167,6 +168,7 @@ class TextStage(RowFilter):
         if p.measures == "all":
             return frozenset(OPTIONAL_MEASURES)
         wanted = {m for k, m in THRESHOLD_MEASURE.items() if getattr(p, k) not in (None, False)}
+        wanted |= {"lang2"} if p.language_decision == "robust" else set()  # read anyway: the runner-up is kept
         return frozenset(wanted | (set(p.measures) if isinstance(p.measures, list) else set()))
 
     def index_columns(self) -> set[str]:
@@ -174,7 +176,7 @@ class TextStage(RowFilter):
 
     def computed_columns(self, metadata_pool: bool) -> set[str]:
         wanted = self.optional_measures()
-        return {f.name for f in self.value_fields() if f.name not in OPTIONAL_MEASURES or f.name in wanted}
+        return {f.name for f in self.value_fields() if OPTIONAL_COLUMNS.get(f.name, "") in wanted | {""}}
 
     def value_fields(self) -> list[pa.Field]:
         return [pa.field("lang", pa.string()), pa.field("lang_prob", pa.float32()),
@@ -205,15 +207,16 @@ class TextStage(RowFilter):
         else:  # DataComp: fastText on the caption with newlines as spaces; counts on the raw text
             norms = [c.replace("\n", " ") if c else "" for c in captions]
         # the robust decision reads five candidates (the script rule looks past a top-3 that fastText
-        # fills with Latin languages); top-1 needs only the runner-up column, and k=2 is cheaper
-        preds = predict_languages(model, norms, k=5 if p.language_decision == "robust" else 2)
+        # fills with Latin languages); top-1 needs the runner-up only when its column is asked for
+        wanted = self.optional_measures()
+        preds = predict_languages(model, norms, k=5 if p.language_decision == "robust" else
+                                  2 if "lang2" in wanted else 1)
         if p.language_decision == "robust":
             second = second_detector() if p.second_detector else None
             decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0], second)
                        for n, pr in zip(norms, preds)]
         else:
             decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
-        wanted = self.optional_measures()
         n = len(captions)
         lowers = [x.lower() for x in norms] if wanted & {"junk", "unique_word_ratio", "max_repeat_run"} else []
         words = [lo.split() for lo in lowers] if wanted & {"unique_word_ratio", "max_repeat_run"} else []
@@ -228,7 +231,7 @@ class TextStage(RowFilter):
             "n_words": (split_count(norms) if p.word_count == "split"
                         # parity counts the raw caption: its newlines are tokens to fastText
                         else [fasttext_token_count(c or "") for c in (norms if p.normalise else captions)]),
-        } | {m: [None] * n for m in OPTIONAL_MEASURES}
+        } | {m: [None] * n for m in OPTIONAL_MEASURES if m != "lang2"}
         if wanted & {"unique_word_ratio", "max_repeat_run"}:
             n_unique = [len(set(w)) for w in words]
             vals["unique_word_ratio"] = [u / len(w) if w else 0.0 for u, w in zip(n_unique, words)]
@@ -244,7 +247,7 @@ class TextStage(RowFilter):
         if "junk" in wanted:
             vals["junk"] = [junk_kind(x, lo) if c is not None else "empty" for c, x, lo in zip(captions, norms, lowers)]
         # unique ratio and repeat run share a pass; keep only the asked-for one
-        return {k: v if k not in OPTIONAL_MEASURES or k in wanted else [None] * n for k, v in vals.items()}
+        return {k: v if OPTIONAL_COLUMNS.get(k, "") in wanted | {""} else [None] * n for k, v in vals.items()}
 
     def rules(self) -> list[Rule]:
         p = self.params

@@ -80,7 +80,12 @@ def test_broken_captions_get_reasons_not_crashes():
 
 def test_only_the_measures_a_threshold_reads_are_computed():
     caps = ["a photo of a dog dog dog on the beach"]
-    assert _stage(drop_junk=False).optional_measures() == frozenset()
+    assert _stage(drop_junk=False).optional_measures() == frozenset({"lang2"})  # the robust rule reads the runner-up
+    top1 = _stage(drop_junk=False, language_decision="top1")
+    assert top1.optional_measures() == frozenset()
+    assert top1.measure_captions(caps)["lang2"] == [None] and top1.measure_captions(caps)["lang"] == ["en"]
+    asked = _stage(drop_junk=False, language_decision="top1", measures=["lang2"]).measure_captions(caps)
+    assert asked["lang2"][0] not in (None, "en") and 0 < asked["lang2_prob"][0] < asked["lang_prob"][0]
     vals = _stage(drop_junk=False, min_concepts=1).measure_captions(caps)
     assert vals["n_concepts"] == [2] and vals["alpha_ratio"] == [None] and vals["max_repeat_run"] == [None]
     every = _stage(measures="all").measure_captions(caps)
