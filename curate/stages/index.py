@@ -305,13 +305,12 @@ class IndexStage(MapStage):
         the image columns stay null. A missing or empty caption is noted in ``status`` but drops
         nothing here: metadata rows are judged by the stages a recipe has (DataComp's CLIP-score
         baseline ranks every row, whatever its caption)."""
-        import pyarrow.parquet as pq
-
+        from curate.io.parquet import parquet_file
         from curate.io.storage import open_read
 
         try:
             with open_read(ctx.shard_path) as f:
-                t = pq.read_table(f) if ctx.shard_path.endswith(".parquet") else read_url_list(f, ctx.shard_path)
+                t = parquet_file(f) if ctx.shard_path.endswith(".parquet") else read_url_list(f, ctx.shard_path)
         except Exception as e:  # unreadable, or not the format its suffix says: the shard is damaged, no row
             ctx.read_result.error = f"not a readable metadata table: {e}"
             t = pa.table({})
