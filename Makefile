@@ -17,7 +17,7 @@ STAGES  := index text image url_domain text_mask nsfw clip_score metadata_embedd
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-fast test-gpu bench bench-scale synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test test-fast test-gpu docs bench bench-scale synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -55,6 +55,10 @@ $(GPU_STAMP): $(STAMP)
 	touch $(GPU_STAMP)
 
 # The DALI tests run on DALI's CPU operators where there is no GPU, so this passes on any machine.
+docs: install ## build the documentation site into site/ (offline, strict: a broken link fails)
+	$(BIN)/python -m curate.tools.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -q -f docs/mkdocs.yml
+
 test-gpu: $(GPU_STAMP) ## install the gpu extra (NVIDIA DALI, ~700 MB) and run the CLIP data-path and forward tests
 	$(BIN)/python -m pytest -q tests/stages/test_dali_pipeline.py tests/stages/test_clip_score.py \
 		tests/stages/test_clip_forward.py $(ARGS)

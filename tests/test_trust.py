@@ -183,11 +183,12 @@ def test_stages_version_and_verbose_anywhere():
     assert "default:" in r.stdout  # help shows defaults
 
 
-@pytest.mark.parametrize("page", ["stages.md", "columns.md"])
+@pytest.mark.parametrize("page", ["stages.md", "columns.md", "cli.md", "config.md"])
 def test_docs_are_current(page: str):
-    from curate.tools.docs import PAGES
+    from curate.tools.docs import PAGES, REFERENCE
 
-    assert (ROOT / "docs" / page).read_text() == PAGES[page](), f"docs/{page} is stale: run `python -m curate.tools.docs`"
+    assert (REFERENCE / page).read_text() == PAGES[page](), \
+        f"docs/pages/reference/{page} is stale: run `python -m curate.tools.docs`"
 
 
 def test_every_parameter_and_column_is_described():

@@ -38,10 +38,10 @@ class ExecutorConfig(Strict):
     address: str | None = Field(None, description="tcp://host:8786 (or DASK_SCHEDULER_ADDRESS)")
     n_workers: int = Field(2, ge=1, description="worker processes (local_cuda_cluster: CPU workers beside the GPU ones)")
     gpus: list[int] | None = Field(None, description="local_cuda_cluster: the GPU ids to use (null: every visible GPU)")
-    threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = "4GiB"
-    retries: int = Field(2, ge=0)
-    dashboard: bool = True
+    threads_per_worker: int = Field(1, ge=1, description="threads per worker process")
+    memory_limit: str = Field("4GiB", description="memory per worker process (Dask's memory_limit)")
+    retries: int = Field(2, ge=0, description="times a failed shard task is retried before it counts as failed")
+    dashboard: bool = Field(True, description="serve the Dask dashboard (its address is printed at start)")
     task_timeout_s: float | None = Field(None, gt=0, description="fail a shard task after this long (with "
                                          "fuse: the task of all the shard's consecutive map stages)")
     fuse: bool = Field(True, description="run consecutive map stages as one task per shard, reading its "
@@ -49,11 +49,12 @@ class ExecutorConfig(Strict):
 
 
 class RunConfig(Strict):
-    input: str | list[str] | None = None
+    input: str | list[str] | None = Field(None, description="the pool: a path, folder, glob, brace pattern, "
+                                          "list file or URL of shards (tars, metadata Parquet, URL lists); --input overrides")
     workdir: str = Field("work", description="where every table, stats file and run record goes: a folder, "
                          "or a URL (s3://bucket/work) when workers share no disk")
     executor: ExecutorConfig = ExecutorConfig()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where model stages run; auto: cuda when a GPU is visible")
     model_cache: str | None = Field(None, description="folder (or URL, copied to each machine once) with CLIP "
                                     "checkpoints and open_clip tags staged by `curate models fetch`")
     columns: dict[str, str] = Field(default_factory=dict, description="the pool's own column names for curate's "
@@ -68,12 +69,12 @@ class StageSpec(Strict):
     id: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
                            description="the stage's id in this pipeline (default: its kind); two stages "
                            "of one kind need distinct ids")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="the stage's parameters")
 
 
 class PipelineConfig(Strict):
-    name: str
-    description: str = ""
+    name: str = Field(description="the recipe's name (default: the file name)")
+    description: str = Field("", description="what the recipe reproduces and what it needs")
     stages: list[StageSpec]
 
 

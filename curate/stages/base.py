@@ -303,7 +303,7 @@ class Stage:
     version: ClassVar[str] = "1"
     # Filters add keep_<id> / reason_<id>; pure annotators (embeddings, hashes) do not.
     filters: ClassVar[bool] = True
-    # What each value column means: Parquet field metadata, `curate stages`, docs/columns.md.
+    # What each value column means: Parquet field metadata, `curate stages`, docs/pages/reference/columns.md.
     columns: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Strict, stage_id: str | None = None):

@@ -118,7 +118,7 @@ def param_rows(model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]
 
 def describe_stage(name: str) -> dict[str, Any]:
     """A stage's kind, one-line summary and parameters, read from its class and its parameter
-    model: what `curate stages NAME` prints and docs/stages.md lists."""
+    model: what `curate stages NAME` prints and docs/pages/reference/stages.md lists."""
     cls = get_stage_class(name)
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, "kind": cls.kind, "summary": doc[0] if doc else "", "filters": cls.filters,

@@ -1,5 +1,5 @@
 """URL domain filter: drop samples whose source domain is on a blocklist (opt-outs, evaluation
-sites, known junk hosts). The example stage of the README's "Writing a stage": a per-row filter
+sites, known junk hosts). The example stage of docs/pages/how-to/write-a-stage.md: a per-row filter
 is a ``measure`` (value columns) and ``rules`` (drop conditions over them, each with a reason)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's example stage: a source-domain blocklist, tested on in-memory samples."""
+"""The example stage of docs/pages/how-to/write-a-stage.md: a source-domain blocklist, tested on in-memory samples."""
 from __future__ import annotations
 
 from pathlib import Path
