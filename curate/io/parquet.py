@@ -111,8 +111,8 @@ def write_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None =
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """The Parquet columns (leaf paths) to dictionary-encode: all but the values of fixed-size
     float lists (embeddings). Their values rarely repeat, so the writer gives the dictionary up
-    after the first page, and reading that mixed encoding back took about 4x as long as plain
-    values (a 50k x 256 float16 column: 0.25 s against 0.065 s, and a smaller file)."""
+    after the first page, and that mixed encoding reads back several times slower than plain
+    values (figures on the performance page)."""
     def leaves(name: str, t: pa.DataType, in_float_vector: bool = False) -> list[tuple[str, bool]]:
         if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             vector = in_float_vector or (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type))

@@ -128,7 +128,7 @@ class TextStage(RowFilter):
             "top-1 alone (DataComp parity)")
         second_detector: bool = Field(False, description="robust decision: consult lingua where fastText is "
                                       "unsure or the caption is short (better on short non-English captions; "
-                                      "about 14x slower and ~1.4 GB more memory per worker)")
+                                      "much slower, and more memory per worker: see the performance page)")
         min_lang_prob: float = Field(0.0, ge=0, le=1, description="DataComp uses 0 (top-1 only)")
         langid_model: str | None = Field(None, description="path to lid.176.bin/.ftz; default: bundled .ftz")
         min_words: int | None = Field(3, ge=0, description="DataComp: more than 2 words")
