@@ -11,13 +11,13 @@ WORKDIR ?=
 DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
-# One target per stage kind (a test keeps this list equal to the stage registry).
-STAGES  := index text image url_domain text_mask nsfw clip_score metadata_embeddings clip_loss score_ensemble embedding_head clip_rank classifier dedup balance reference_filter
+# One target per stage: a stage is one file in curate/stages/ named as the stage (a test checks it).
+STAGES  := $(filter-out __init__,$(basename $(notdir $(wildcard curate/stages/*.py))))
 
 RUN_ARGS = $(if $(INPUT),--input '$(INPUT)') $(if $(WORKDIR),--workdir '$(WORKDIR)') $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-fast test-gpu docs bench bench-scale synth run stats export report reliability ingest compare \
+.PHONY: help install browser demo test test-fast test-gpu lint docs bench bench-scale synth run stats export report reliability ingest compare \
 	cluster-up cluster-down clean distclean $(STAGES)
 
 help: ## list the targets and the variables they read
@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
 	$(BIN)/python -m curate.tools.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
-test: install browser ## run the whole test suite (offline; what CI runs)
+test: install browser lint ## run the whole test suite (offline; what CI runs), after make lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: install browser ## the everyday loop: the suite without the tests marked slow (a few minutes)
@@ -55,8 +55,12 @@ $(GPU_STAMP): $(STAMP)
 	touch $(GPU_STAMP)
 
 # The DALI tests run on DALI's CPU operators where there is no GPU, so this passes on any machine.
+lint: install ## ruff, the floors of the package (import-linter) and mypy on the stage contract and the runner
+	$(BIN)/ruff check curate tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
 docs: install ## build the documentation site into site/ (offline, strict: a broken link fails)
-	$(BIN)/python -m curate.tools.docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -q -f docs/mkdocs.yml
 
 test-gpu: $(GPU_STAMP) ## install the gpu extra (NVIDIA DALI, ~700 MB) and run the CLIP data-path and forward tests

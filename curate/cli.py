@@ -10,19 +10,11 @@ import sys
 from pathlib import Path
 
 from curate.core.errors import ConfigError, RefusedOutput, WorkDirError
+from curate.core.logs import setup_logging
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
 log = logging.getLogger("curate")
-
-
-def setup_logging(verbose: bool, quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("distributed", "bokeh", "tornado", "PIL", "urllib3", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bokeh warns that the dashboard accepts any websocket origin; the embedded one listens on 127.0.0.1
-    logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
 
 
 _STORAGE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure")
@@ -71,10 +63,11 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from curate.core.config import load_pipeline, load_run_config
+    from curate.core.config import load_run_config
+    from curate.runner.registry import load_pipeline
     from curate.io.shards import InputError
-    from curate.core.pipeline import run_pipeline
-    from curate.core.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
+    from curate.runner.pipeline import run_pipeline
+    from curate.report.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
     pipe = load_pipeline(a.pipeline)
     overrides = {"workdir": a.workdir, "input": a.input}
@@ -109,7 +102,7 @@ def pipeline_until(pipe, stage: str, source: str):
     """The pipeline cut after ``stage``: its id, or else the first stage of that kind. The kept
     stages keep the parameters they resolve to in the whole pipeline (e.g. the image measures that
     a later dedup reads), so the cut run's tables are the ones the whole run would reuse."""
-    from curate.stages.registry import build_stages, spec_of
+    from curate.runner.registry import build_stages, spec_of
 
     stages = build_stages(pipe, source)
     pos = next((i for i, st in enumerate(stages) if st.stage_id == stage), None)
@@ -160,8 +153,8 @@ def _storage_from(config: str | None) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from curate.core.decisions import run_record
-    from curate.core.export import ExportSpec, check_output, check_url_output, export, run_storage_options
+    from curate.report.decisions import run_record
+    from curate.report.export import ExportSpec, check_output, check_url_output, export, run_storage_options
     from curate.io.storage import is_url, set_storage_options
 
     _storage_from(a.config)
@@ -183,7 +176,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from curate.core.decisions import run_record
+    from curate.report.decisions import run_record
     from curate.report.html import write_comparison, write_report
 
     _storage_from(a.config)
@@ -235,7 +228,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    from curate.core.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
+    from curate.report.stats import format_funnel, format_globals, funnel, global_summaries, stale_stages
 
     _storage_from(a.config)
     rows = funnel(a.workdir, a.run)
@@ -271,7 +264,7 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 def cmd_stages(a: argparse.Namespace) -> int:
     import shutil
 
-    from curate.stages.registry import available_stages, describe_stage
+    from curate.runner.registry import available_stages, describe_stage
 
     if not a.name:
         rows = [(n, d["kind"], d["summary"]) for n in available_stages() for d in [describe_stage(n)]]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from curate.engine.background import in_background
+from curate.core.background import in_background
 
 
 def test_yields_all_items_in_order():

@@ -10,7 +10,7 @@ import polars as pl
 
 from curate.models.clip import embed_dim
 from curate.stages.embedding_head import load_head
-from curate.stages.registry import build_stages
+from curate.runner.registry import build_stages
 from curate.tools.compare import recipes
 from curate.tools.quality_head import BAD_LABELS, fit_logistic, train_quality_head
 from tests.conftest import make_config, shared_data
@@ -52,7 +52,7 @@ def test_quality_head_runs_as_an_embedding_head(tmp_path: Path):
     """The head is fitted on a labelled synthetic pool's stored embeddings and loads as a user's
     checkpoint; blank and blurry images score lower than clean ones on that pool."""
     from curate.core.config import PipelineConfig, StageSpec
-    from curate.core.pipeline import run_pipeline
+    from curate.runner.pipeline import run_pipeline
 
     cfg = make_config("unused", tmp_path / "unused")
     path = train_quality_head(tmp_path / "head", cfg, TINY, samples=300)
@@ -78,8 +78,8 @@ def test_every_compared_recipe_runs_on_real_photos(tmp_path: Path, tiny_ckpt: Pa
     stand in for the trained scorers (the run, not the ranking, is under test)."""
     import shutil
 
-    from curate.core.decisions import decisions
-    from curate.core.pipeline import run_pipeline
+    from curate.report.decisions import decisions
+    from curate.runner.pipeline import run_pipeline
     from curate.tools.compare import SECOND_SCORER
     from curate.tools.demo import SCORER
     from curate.tools.synth import synthesize

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curate.core.config import ConfigError, load_pipeline, load_run_config
-from curate.core.pipeline import run_pipeline
+from curate.core.config import ConfigError, load_run_config
+from curate.runner.registry import load_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import ROOT, make_config, make_pipeline
 
 

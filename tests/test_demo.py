@@ -48,7 +48,7 @@ def test_small_demo_passes_its_self_check(small_demo):
 
 def test_self_check_fails_when_curation_does_not_work(pool: Path, tmp_path: Path):
     """The check can fail: a pipeline without a CLIP rule keeps every mismatched caption."""
-    from curate.core.pipeline import run_pipeline
+    from curate.runner.pipeline import run_pipeline
     from tests.conftest import make_config, make_pipeline
 
     work = tmp_path / "w"
@@ -64,8 +64,8 @@ def test_self_check_fails_when_curation_does_not_work(pool: Path, tmp_path: Path
 def test_the_duplicate_check_reads_what_dedup_kept_not_what_balancing_left(pool: Path, tmp_path: Path):
     """decisions(until=STAGE) are the pipeline's decisions up to that stage: a later stage (balancing,
     here the image filter) cannot hide what an earlier one let through."""
-    from curate.core.decisions import decisions
-    from curate.core.pipeline import run_pipeline
+    from curate.report.decisions import decisions
+    from curate.runner.pipeline import run_pipeline
     from tests.conftest import make_config, make_pipeline
 
     work = tmp_path / "w"

@@ -16,9 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from curate.engine import make_executor
-from curate.core.export import ExportSpec, export
+from curate.report.export import ExportSpec, export
 from curate.io.shards import iter_samples
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.report.html import write_report
 from tests.conftest import make_config, make_pipeline
 

@@ -130,8 +130,8 @@ def synthetic_site(tmp_path: Path):
 def test_ingest_from_a_metadata_run_downloads_only_its_survivors(synthetic_site: str, tmp_path: Path):
     """Filter before download: a text filter on a metadata pool, then img2dataset fetches only the
     kept samples, with their uids, and an image run over the shards sees exactly those uids."""
-    from curate.core.decisions import decisions
-    from curate.core.pipeline import run_pipeline
+    from curate.report.decisions import decisions
+    from curate.runner.pipeline import run_pipeline
     from tests.conftest import make_config, make_pipeline
 
     texts = [f"a photo of a red car number {i} on the street" if i % 3 else "xx" for i in range(30)]
@@ -170,7 +170,7 @@ def test_ingest_from_a_metadata_run_whose_work_dir_is_on_s3(synthetic_site: str,
     import s3fs
     import yaml
 
-    from curate.core.pipeline import run_pipeline
+    from curate.runner.pipeline import run_pipeline
     from tests.conftest import BUCKET, make_config, make_pipeline
 
     endpoint, _ = s3

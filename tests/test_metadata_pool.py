@@ -9,10 +9,11 @@ import polars as pl
 import pytest
 
 from curate.bench.recipes import datacomp_basic_uids, datacomp_clip_score_uids
-from curate.core.config import ConfigError, load_pipeline
-from curate.core.decisions import decisions
-from curate.core.export import ExportSpec, export
-from curate.core.pipeline import run_pipeline
+from curate.core.config import ConfigError
+from curate.runner.registry import load_pipeline
+from curate.report.decisions import decisions
+from curate.report.export import ExportSpec, export
+from curate.runner.pipeline import run_pipeline
 from curate.engine import make_executor
 from tests.conftest import ROOT, make_config, make_pipeline
 
@@ -228,7 +229,7 @@ def test_datacomp_image_based_matches_datacomp(tmp_path: Path, with_clip_score: 
     inner product with the unnormalised centroids, kept when a reference embedding joins the same
     one; with the CLIP score, intersected with the top 30 % of the whole pool."""
     from curate.models.langid import load_langid
-    from curate.stages.reference import save_reference
+    from curate.stages.reference_filter import save_reference
     from curate.stages.text import fasttext_token_count
 
     rng = np.random.default_rng(7)
@@ -342,7 +343,7 @@ def test_a_shard_whose_captions_are_mostly_missing_fails_the_run_with_the_reason
 def test_recipes_that_need_other_columns_share_one_index(metadata_pool: Path, tmp_path: Path):
     """The columns a recipe requires are checked, not part of the index's fingerprint: a second
     recipe in the same work dir reuses the index the first one wrote."""
-    from curate.core.stats import funnel
+    from curate.report.stats import funnel
 
     pool, work = str(metadata_pool / "pool" / "*.parquet"), tmp_path / "w"
     assert run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"), make_config(pool, work)).ok

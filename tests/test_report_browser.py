@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.report.html import write_comparison, write_report
 from tests.conftest import make_config, make_pipeline
 

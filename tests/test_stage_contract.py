@@ -12,12 +12,12 @@ import torch
 
 from curate.core.config import ConfigError, PipelineConfig, StageSpec
 from curate.models.clip import load_clip
-from curate.core.pipeline import run_pipeline, stage_fingerprints
-from curate.stages.base import RunInfo, ShardContext, UndeclaredRead
-from curate.stages.memory import run_in_memory
-from curate.stages.registry import build_stages
+from curate.runner.pipeline import run_pipeline, stage_fingerprints
+from curate.contract.base import RunInfo, ShardContext, UndeclaredRead
+from curate.runner.memory import run_in_memory
+from curate.runner.registry import build_stages
 from curate.stages.text import TextStage
-from curate.core.stats import format_globals, funnel, global_summaries, load_stats
+from curate.report.stats import format_globals, funnel, global_summaries, load_stats
 from tests.conftest import jpeg_bytes, make_config
 
 

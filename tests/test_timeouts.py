@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from curate.engine.timeouts import SampleTimeout, TimeLimiter
+from curate.core.timeouts import SampleTimeout, TimeLimiter
 
 
 def test_results_errors_and_hangs():

@@ -20,7 +20,7 @@ def captions(n: int, seed: int = 0) -> list[str]:
     words = [f"word{i}" for i in range(5000)]
     templates = [" ".join(rng.choice(words, 8)) + " item {:05d}" for _ in range(200)]
     out = []
-    for i in range(n):
+    for _ in range(n):
         if rng.random() < 0.1:
             out.append(templates[int(rng.integers(len(templates)))].format(int(rng.integers(100_000))))
         else:

@@ -15,8 +15,9 @@ from pathlib import Path
 import polars as pl
 
 from curate.bench.common import BENCH_DIR, ROOT, save, timer
-from curate.core.config import PipelineConfig, RunConfig, StageSpec, load_pipeline
-from curate.core.pipeline import run_pipeline
+from curate.core.config import PipelineConfig, RunConfig, StageSpec
+from curate.runner.registry import load_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.tools.demo import SCORER, ensure_scorer
 from curate.tools.evaluation import zero_shot_tasks
 from curate.tools.synth import SYNTH_VERSION, synthesize

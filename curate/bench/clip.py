@@ -205,7 +205,7 @@ def data_path_rates(model: str, shard: str, rows: list[int], caps: list[str], ba
         stage = ClipScoreStage(ClipScoreStage.Params(model=model, pretrained=None, batch_size=batch,
                                                      loader_workers=loader_workers, **params))
         stage.clip(device, None)
-        out[name] = _best_rate(lambda: sum(len(b[0]) for b in stage.batches(shard, rows, caps, device)),
+        out[name] = _best_rate(lambda stage=stage: sum(len(b[0]) for b in stage.batches(shard, rows, caps, device)),
                                len(rows), device)
     return out
 

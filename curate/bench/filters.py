@@ -23,9 +23,9 @@ from curate.core.config import PipelineConfig, RunConfig, StageSpec
 from curate.engine import make_executor
 from curate.io.shards import expand_input, iter_samples
 from curate.models.langid import load_langid, predict_languages
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.stages.image import ImageStage
-from curate.stages.row_filter import Measured
+from curate.contract.row_filter import Measured
 from curate.stages.text import TextStage
 
 LAION = ROOT.parent / "shared" / "data" / "captions" / "laion400m_sample_10000.parquet"

@@ -21,7 +21,7 @@ import yaml
 
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
 from curate.core.config import PipelineConfig, RunConfig
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 
 
 def _rchar() -> int:

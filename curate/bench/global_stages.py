@@ -81,8 +81,8 @@ def bench_reference() -> dict:
 def bench_export() -> dict:
     from curate.core.config import RunConfig
     from curate.engine import make_executor
-    from curate.core.export import ExportSpec, export
-    from curate.core.pipeline import run_pipeline
+    from curate.report.export import ExportSpec, export
+    from curate.runner.pipeline import run_pipeline
     from curate.core.config import PipelineConfig, StageSpec
 
     pool = bench_pool(4000, 4)

@@ -8,8 +8,8 @@ import tarfile
 from curate.bench.common import BENCH_DIR, bench_pool, save, timer
 from curate.core.config import StageSpec
 from curate.io.shards import expand_input, iter_samples
-from curate.stages.base import RunInfo
-from curate.stages.execute import StageTask, run_shard
+from curate.contract.base import RunInfo
+from curate.runner.execute import StageTask, run_shard
 
 
 def raw_tar_loop(paths: list[str]) -> int:

@@ -130,7 +130,7 @@ def kmeans(n: int) -> dict:
     # our assignment path on what the stage reads: a float16 fixed-size list column
     import pyarrow as pa
 
-    from curate.stages.reference import nearest_centroids
+    from curate.stages.reference_filter import nearest_centroids
 
     col = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), x.shape[1])
     best = {"faiss": float("inf"), "blas": float("inf"), "ours": float("inf")}

@@ -21,9 +21,10 @@ import numpy as np
 import polars as pl
 
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, peak_rss_mb, save, timer
-from curate.core.config import ConfigError, RunConfig, load_pipeline
+from curate.core.config import ConfigError, RunConfig
+from curate.runner.registry import load_pipeline
 from curate.io.shards import expand_input, iter_samples
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 
 NEEDS_WEIGHTS = ("clip_score", "reference_filter")  # recipes with these stages need CLIP weights
 
@@ -60,7 +61,7 @@ def basic_vs_datacomp(pool: Path, n: int) -> dict:
     with timer() as tc:
         s = run_pipeline(load_pipeline(ROOT / "pipelines" / "datacomp_basic.yaml"), _config(pool, work))
     assert s.ok, s.problems()
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
 
     d = decisions(work)
     kept = set(d.filter(pl.col("kept"))["uid"])
@@ -93,7 +94,7 @@ def metadata_pool(pool: Path, rows: int, shards: int = 10) -> Path:
 
 
 def _run_metadata_recipe(folder: Path, recipe: str) -> tuple[float, set[str]]:
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
 
     work = BENCH_DIR / f"recipes-metadata-{recipe}"
     shutil.rmtree(work, ignore_errors=True)

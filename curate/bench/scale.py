@@ -145,8 +145,8 @@ def _hwm_mb() -> float:
 
 def _stage_and_context(stage: str, root: Path, n: int):
     from curate.core.config import StageSpec
-    from curate.stages.base import GlobalContext, RunInfo
-    from curate.stages.registry import build_stage
+    from curate.contract.base import GlobalContext, RunInfo
+    from curate.runner.registry import build_stage
 
     name = "dedup" if stage in ("dedup_partitioned", "semantic") else stage
     params = dict(SEMANTIC if stage == "semantic" else STAGES[name])

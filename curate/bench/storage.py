@@ -23,7 +23,7 @@ import polars as pl
 
 from curate.bench.common import BENCH_DIR, bench_pool, save, timer
 from curate.core.config import PipelineConfig, RunConfig, StageSpec
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.io.parquet import read_frame
 from curate.io.storage import set_storage_options
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 from curate.bench.common import BENCH_DIR, peak_rss_mb, save, timer
 from curate.core.config import RunConfig
-from curate.core.pipeline import run_pipeline
-from curate.core.stats import funnel
+from curate.runner.pipeline import run_pipeline
+from curate.report.stats import funnel
 from curate.io.shards import expand_input, iter_samples
 from curate.tools.synth import DEFAULT_FRACTIONS, synthesize
 

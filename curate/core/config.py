@@ -118,18 +118,15 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         raise ConfigError(_format_validation(path or "<command line>", e)) from None
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def read_pipeline(path: str | Path) -> PipelineConfig:
+    """A recipe's YAML as a PipelineConfig; each stage's params are validated by the runner's
+    ``load_pipeline``, which knows the stages."""
     data = _load_yaml(path)
     data.setdefault("name", Path(path).stem)
     try:
-        pipe = PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(path, e)) from None
-    # Stage params are validated by each stage's own model (stages/registry.py).
-    from curate.stages.registry import build_stages
-
-    build_stages(pipe, source=str(path))
-    return pipe
 
 
 def fingerprint(obj: Any) -> str:

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from curate.core.config import ConfigError, RunConfig, scheduler_address
+from curate.core.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Executor(ABC):
         worker sees every path, as when they share the driver's machine)."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an executor without resources has nothing to close)
         pass
 
     def __enter__(self) -> "Executor":
@@ -53,21 +53,11 @@ class Executor(ABC):
         self.close()
 
 
-_KINDS: dict[str, Callable[[RunConfig], Executor]] = {}
+KINDS: dict[str, Callable[[RunConfig], Executor]] = {}
 
 
 def register_executor(kind: str) -> Callable:
     def deco(factory: Callable[[RunConfig], Executor]) -> Callable[[RunConfig], Executor]:
-        _KINDS[kind] = factory
+        KINDS[kind] = factory
         return factory
     return deco
-
-
-def make_executor(cfg: RunConfig) -> Executor:
-    from curate.engine import dask as _dask  # noqa: F401  (registers its kinds)
-    from curate.engine import local as _local  # noqa: F401
-
-    kind = cfg.executor.kind
-    if kind == "local_cluster" and scheduler_address(cfg):
-        kind = "address"  # DASK_SCHEDULER_ADDRESS wins over the embedded cluster
-    return _KINDS[kind](cfg)

@@ -17,12 +17,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.core.errors import RefusedOutput, WorkDirError  # noqa: F401  (importers take them from here)
 from curate.io import storage
+from curate.io.storage import WorkPath
 
 META_KEY = b"curate"
 
-
-from curate.core.errors import RefusedOutput, WorkDirError  # noqa: F401  (importers take them from here)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,7 +39,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
+def atomic_path(path: str | WorkPath) -> Iterator[str]:
     """A temp name beside ``path`` to write to; on success it is fsynced and renamed onto ``path``.
 
     All or nothing: on any error the temp file is removed and OSErrors become WorkDirError
@@ -84,7 +84,7 @@ def _upload_on_success(url: str) -> Iterator[str]:
         _unlink_quiet(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | WorkPath, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
@@ -96,7 +96,7 @@ def _unlink_quiet(p: str) -> None:
         pass
 
 
-def write_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None = None,
+def write_table(table: pa.Table, path: str | WorkPath, meta: dict[str, Any] | None = None,
                 row_group_size: int | None = None) -> None:
     """Write ``table`` atomically, with ``meta`` (JSON) in the Parquet key-value metadata."""
     if meta is not None:
@@ -125,7 +125,7 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [path for f in schema for path, vector in leaves(f.name, f.type) if not vector]
 
 
-def read_meta(path: str | Path) -> dict[str, Any] | None:
+def read_meta(path: str | WorkPath) -> dict[str, Any] | None:
     """The curate metadata of a Parquet file, or None when missing or unreadable."""
     try:
         schema = read_schema(path)

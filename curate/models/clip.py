@@ -8,62 +8,16 @@ Our tiny architectures live in ``models/configs/`` and are registered with open_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from curate.models.clip_registry import (  # noqa: F401  (importers take them from here too)
+    CONFIG_DIR, ModelError, embed_dim, file_sha256, register_configs, resolve_checkpoint)
 from curate.models.remote_cache import local_model_cache
+from curate.models.weights import cached_weights, hub_offline
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ModelError(RuntimeError):
-    """A model cannot be built or its weights cannot be found locally."""
-
-
-def register_configs() -> None:
-    """Make our architectures (e.g. ``curate-tiny``) known to open_clip's factory."""
-    import open_clip
-
-    if "curate-tiny" not in open_clip.list_models():
-        open_clip.add_model_config(CONFIG_DIR)
-
-
-def embed_dim(model: str) -> int:
-    import open_clip
-
-    register_configs()
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise ModelError(f"unknown open_clip model {model!r}")
-    return int(cfg["embed_dim"])
-
-
-@lru_cache(maxsize=16)
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_checkpoint(pretrained: str | None, model_cache: str | None) -> str | None:
-    """A local path for ``pretrained`` when it names a file; None for a tag or random weights."""
-    if not pretrained:
-        return None
-    local = local_model_cache(model_cache)
-    for cand in (Path(pretrained).expanduser(), Path(local or ".") / pretrained):
-        if cand.is_file():
-            return str(cand.resolve())
-    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise ModelError(f"checkpoint {pretrained!r} not found (model_cache: {model_cache})")
-    return None
 
 
 @dataclass
@@ -82,7 +36,6 @@ def load_clip(model: str, pretrained: str | None, *, device: str = "cpu", precis
     import open_clip
     import torch
 
-    from curate.models.weights import cached_weights, hub_offline
 
     register_configs()
     model_cache = local_model_cache(model_cache)

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from curate.algorithms.text_regions import fill_regions
-from curate.engine.background import in_background
-from curate.engine.timeouts import SampleTimeout, TimeLimiter
+from curate.core.background import in_background
+from curate.core.timeouts import SampleTimeout, TimeLimiter
 from curate.io.images import draft_short_side, open_checked, to_rgb
 from curate.io.shards import iter_indexed_samples
 

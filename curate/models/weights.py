@@ -22,7 +22,7 @@ HUB_HOST = "huggingface.co"
 def pretrained_cfg(model: str, tag: str) -> dict:
     import open_clip
 
-    from curate.models.clip import register_configs
+    from curate.models.clip_registry import register_configs
 
     register_configs()
     cfg = open_clip.get_pretrained_cfg(model, tag)
@@ -118,7 +118,7 @@ def weights_problem(model: str, pretrained: str | None, model_cache: str | None)
     it. A tag missing from every cache is downloaded into the model cache when the hub answers."""
     import open_clip
 
-    from curate.models.clip import ModelError, register_configs, resolve_checkpoint
+    from curate.models.clip_registry import ModelError, register_configs, resolve_checkpoint
 
     register_configs()
     if open_clip.get_model_config(model) is None:

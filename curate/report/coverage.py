@@ -13,7 +13,7 @@ def concept_coverage(workdir: str | Path, stage_id: str = "reference_filter") ->
     those centroids, how many of them the whole pipeline kept, and their share of the kept set.
     None when the stage did not run or the reference had no labels. A centroid near two labels
     counts for both."""
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
     from curate.io.layout import WorkDir
     from curate.io.parquet import read_frame
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.core.decisions import run_record
+from curate.report.decisions import run_record
 from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
 from curate.io.parquet import column_names, read_frame
 from curate.io.shards import iter_samples
-from curate.core.stats import funnel
+from curate.report.stats import funnel
 
 log = logging.getLogger(__name__)
 GALLERY_PER_REASON = 6
@@ -156,7 +156,7 @@ def _classifier_ids(run: dict) -> list[str]:
 def _tile_details(work: WorkDir, run: dict) -> pl.DataFrame:
     """uid, kept, reason, clip_score, dup_of and the predicted classes (where those stages ran)
     for every sample."""
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
 
     d = decisions(work.root, run_id=run["run_id"])
     sources = [("clip_score", "clip_score"), ("dedup", "dup_of")] + [(c, "cls_labels") for c in _classifier_ids(run)[:1]]
@@ -170,7 +170,7 @@ def _tile_details(work: WorkDir, run: dict) -> pl.DataFrame:
 def classifier_tables(work: WorkDir, run: dict, top: int = 20) -> list[str]:
     """Per classifier stage: how many pairs each predicted (top-1) class covers and the share the
     whole pipeline kept, for the most frequent classes."""
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
 
     h: list[str] = []
     kept = decisions(work.root, run_id=run["run_id"]).select("uid", "kept")
@@ -383,7 +383,7 @@ def write_report(workdir: str | Path, run_id: str | None = None, out: Path | Non
 def write_comparison(work_a: str | Path, work_b: str | Path, out: Path | None = None) -> Path:
     """Two runs side by side (``curate report A B``): each funnel, and how their kept sets overlap.
     Written to ``A/report/compare.html`` (or ``out``/compare.html)."""
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
 
     a, b = WorkDir.at(work_a), WorkDir.at(work_b)
     if out is None and a.remote:

@@ -24,8 +24,8 @@ from curate.algorithms.concepts import get_matcher, load_vocabulary
 from curate.algorithms.sampling import uniform_hash
 from curate.core.config import Strict, require_exactly_one
 from curate.io.parquet import read_frame, write_table
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext
-from curate.stages.registry import register_stage
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext
+from curate.contract.registry import register_stage
 
 
 def tail_share(counts: np.ndarray, t: float) -> float:

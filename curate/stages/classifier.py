@@ -23,8 +23,8 @@ from curate.algorithms.class_vocabulary import CaptionConfirmer, ClassVocabulary
 from curate.core.config import ConfigError, Strict, fingerprint
 from curate.io import storage
 from curate.io.embeddings import embeddings
-from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
-from curate.stages.registry import register_stage
+from curate.contract.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
+from curate.contract.registry import register_stage
 
 
 def prompt_templates(choice: str | list[str]) -> list[str]:

@@ -31,8 +31,8 @@ from curate.algorithms.sampling import bucket, uid_keys
 from curate.core.config import Strict
 from curate.io.embeddings import embeddings
 from curate.io.parquet import read_frame, read_table
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage, StageOutput, embedding_source
-from curate.stages.registry import register_stage
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext, Stage, StageOutput, embedding_source
+from curate.contract.registry import register_stage
 
 BLOCK = 4096  # rows of a batch whose similarities are in memory at once
 PART_ROWS = 400_000  # (pair, round) entries per combine task: a part's embeddings then take ~2.5 GB at 768-d
@@ -281,7 +281,7 @@ class ClipLossStage(GlobalStage):
     def target(self, ctx: ShardContext) -> np.ndarray:
         """Unit target embeddings, checked against (or made with) the pool's model; once per process."""
         if self._target is None:
-            from curate.stages.reference import load_reference
+            from curate.stages.reference_filter import load_reference
 
             self._target = load_reference(self.params.target, ctx.describe(self.params.embeddings_from))[0]
         return self._target

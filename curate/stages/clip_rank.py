@@ -20,9 +20,9 @@ from curate.core.config import Strict, require_exactly_one
 from curate.io import storage
 from curate.io.parquet import read_table, write_table
 from curate.io.shards import expand_input
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
-from curate.stages.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
-from curate.stages.registry import register_stage
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext, StageOutput
+from curate.models.clip_calibration import Calibration, choose_threshold, heldout_captions, heldout_scores
+from curate.contract.registry import register_stage
 
 log = logging.getLogger(__name__)
 

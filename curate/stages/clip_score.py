@@ -19,13 +19,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.core.config import Strict
-from curate.engine.background import in_background
+from curate.core.background import in_background
 from curate.io.embeddings import fixed_list
 from curate.io.tar_members import is_local_plain_tar
 from curate.models.clip_forward import ClipForward
 from curate.models.clip_loader import RowTokens, ShardImages, collate, image_size, shard_images_dataset
-from curate.stages.base import MapStage, ShardContext, StageOutput
-from curate.stages.registry import register_stage
+from curate.contract.base import MapStage, ShardContext, StageOutput
+from curate.contract.registry import register_stage
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from curate.core.config import Strict
 from curate.io.embeddings import read_f16_rows, unit
 from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
-from curate.stages import dedup_parts
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext, Stage
-from curate.stages.registry import register_stage
+from curate.algorithms import dedup_parts
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext, Stage
+from curate.contract.registry import register_stage
 from curate.stages.text import normalise
 
 log = logging.getLogger(__name__)

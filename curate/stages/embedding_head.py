@@ -19,8 +19,8 @@ from pydantic import Field
 
 from curate.core.config import Strict
 from curate.io.embeddings import embeddings
-from curate.stages.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
-from curate.stages.registry import register_stage
+from curate.contract.base import MapStage, ShardContext, Stage, StageOutput, embedding_source
+from curate.contract.registry import register_stage
 
 
 class HeadError(ValueError):

@@ -17,10 +17,10 @@ from pydantic import Field
 from curate.core.config import Strict
 from curate.io.images import ImageRejected, header_info, reduced_decode
 from curate.algorithms.phash import crop_color_signatures, crop_phashes, phash
-from curate.stages.base import ShardContext
-from curate.stages.registry import register_stage
-from curate.stages.row_filter import Measured, RowFilter, Rule
-from curate.engine.timeouts import SampleTimeout, TimeLimiter
+from curate.contract.base import ShardContext
+from curate.contract.registry import register_stage
+from curate.contract.row_filter import Measured, RowFilter, Rule
+from curate.core.timeouts import SampleTimeout, TimeLimiter
 
 log = logging.getLogger(__name__)
 

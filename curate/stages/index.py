@@ -22,8 +22,8 @@ from curate.algorithms.whitespace import ONLY_SPACE
 from curate.core.config import ConfigError, Strict
 from curate.io.images import image_header
 from curate.io.shards import is_metadata_shard, make_uid, sample_uid
-from curate.stages.base import MapStage, ShardContext, StageOutput
-from curate.stages.registry import register_stage
+from curate.contract.base import MapStage, ShardContext, StageOutput
+from curate.contract.registry import register_stage
 
 log = logging.getLogger(__name__)
 

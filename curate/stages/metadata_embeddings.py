@@ -17,8 +17,8 @@ from pydantic import Field
 from curate.core.config import Strict
 from curate.io import storage
 from curate.io.embeddings import fixed_list
-from curate.stages.base import MapStage, ShardContext, StageOutput
-from curate.stages.registry import register_stage
+from curate.contract.base import MapStage, ShardContext, StageOutput
+from curate.contract.registry import register_stage
 
 PREFIX = {"ViT-L-14": "l14", "ViT-B-32": "b32"}  # DataComp's array names per model
 

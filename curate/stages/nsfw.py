@@ -16,11 +16,11 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.core.config import Strict
-from curate.engine.timeouts import SampleTimeout, TimeLimiter
+from curate.core.timeouts import SampleTimeout, TimeLimiter
 from curate.io.images import ImageRejected, reduced_decode
-from curate.stages.base import ShardContext
-from curate.stages.registry import register_stage
-from curate.stages.row_filter import Measured, RowFilter, Rule
+from curate.contract.base import ShardContext
+from curate.contract.registry import register_stage
+from curate.contract.row_filter import Measured, RowFilter, Rule
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from curate.core.config import Strict
 from curate.io.parquet import read_frame
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext
-from curate.stages.registry import register_stage
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext
+from curate.contract.registry import register_stage
 
 
 class ScoreInput(Strict):

@@ -22,9 +22,9 @@ from curate.algorithms.wordnet import FirstSenseMatcher
 from curate.core.config import Strict
 from curate.models.caption_language import decide, second_detector
 from curate.models.langid import load_langid, predict_languages
-from curate.stages.base import ShardContext
-from curate.stages.registry import register_stage
-from curate.stages.row_filter import Measured, RowFilter, Rule
+from curate.contract.base import ShardContext
+from curate.contract.registry import register_stage
+from curate.contract.row_filter import Measured, RowFilter, Rule
 
 _IMG_EXT = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|avif)"
 # Junk caption patterns: name -> regex on the normalised, stripped caption. Order is priority.

@@ -12,9 +12,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.core.config import Strict
-from curate.stages.base import ShardContext
-from curate.stages.registry import register_stage
-from curate.stages.row_filter import Measured, RowFilter, Rule
+from curate.contract.base import ShardContext
+from curate.contract.registry import register_stage
+from curate.contract.row_filter import Measured, RowFilter, Rule
 
 
 def url_domain(url: str | None) -> str | None:

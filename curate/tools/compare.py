@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.cli import setup_logging
-from curate.core.config import PipelineConfig, RunConfig, StageSpec, load_pipeline, load_run_config
+from curate.core.logs import setup_logging
+from curate.core.config import PipelineConfig, RunConfig, StageSpec, load_run_config
+from curate.runner.registry import load_pipeline
 from curate.tools.demo import ROOT, ensure_scorer, with_heldout
 from curate.engine import make_executor
-from curate.core.export import ExportSpec, export
-from curate.core.pipeline import run_pipeline
+from curate.report.export import ExportSpec, export
+from curate.runner.pipeline import run_pipeline
 from curate.tools.synth import SYNTH_VERSION, synthesize
 from curate.tools.evaluation import evaluate_clip
 from curate.tools.quality_head import train_quality_head

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.cli import setup_logging
-from curate.core.config import PipelineConfig, load_pipeline, load_run_config
-from curate.core.decisions import decisions, run_record
-from curate.core.pipeline import run_pipeline
+from curate.core.logs import setup_logging
+from curate.core.config import PipelineConfig, load_run_config
+from curate.runner.registry import load_pipeline
+from curate.report.decisions import decisions, run_record
+from curate.runner.pipeline import run_pipeline
 from curate.engine import make_executor
-from curate.core.export import ExportSpec, export
+from curate.report.export import ExportSpec, export
 from curate.report.html import write_report
-from curate.core.stats import format_funnel, format_globals, funnel, global_summaries
+from curate.report.stats import format_funnel, format_globals, funnel, global_summaries
 from curate.tools.synth import SYNTH_VERSION, synthesize
 from curate.tools.training import file_sha256
 

@@ -95,7 +95,7 @@ def ingest_survivors(workdir: str | Path, out: str | Path, spec: IngestSpec = In
     import polars as pl
 
     from curate.core.config import ConfigError
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
     from curate.io.parquet import atomic_write_bytes, read_frame
     from curate.io.storage import work_path
 

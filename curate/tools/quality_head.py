@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from curate.core.config import PipelineConfig, RunConfig, StageSpec
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.io.embeddings import embeddings
 from curate.io.layout import WorkDir
 from curate.io.parquet import read_table

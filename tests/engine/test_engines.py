@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from curate.core.pipeline import run_pipeline
-from curate.core.stats import funnel
+from curate.runner.pipeline import run_pipeline
+from curate.report.stats import funnel
 from tests.conftest import ROOT, make_config, make_pipeline, tables_equal_dir
 
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.stages.image import ImageStage
 from tests.conftest import make_config, make_pipeline, tables_equal_dir
 
@@ -115,10 +115,10 @@ def test_a_stage_failing_on_one_shard_keeps_the_others_and_resumes(pool: Path, t
 def test_groups_split_where_resources_differ(device: str, tiny_ckpt: Path):
     """On a GPU the CLIP stage is its own task (the CPU stages stay on CPU workers); on a CPU machine
     every consecutive map stage is one task; global stages and fuse: false stand alone."""
-    from curate.core.pipeline import _task_groups
-    from curate.stages import execute
-    from curate.stages.base import RunInfo
-    from curate.stages.registry import build_stages, spec_of
+    from curate.runner.pipeline import _task_groups
+    from curate.runner import execute
+    from curate.contract.base import RunInfo
+    from curate.runner.registry import build_stages, spec_of
 
     stages = build_stages(_pipe(tiny_ckpt))
     run = RunInfo(run_id="r", workdir="w", device=device)

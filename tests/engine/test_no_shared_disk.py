@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import ROOT, make_config, make_pipeline
 from tests.engine.test_engines import _free_port
 
@@ -68,7 +68,7 @@ def test_two_workers_without_the_drivers_disk_run_on_an_s3_work_dir(s3, tmp_path
     with an empty tmpfs over the driver's temp folders and its own working and temp dir: no path in
     common with the driver. Input and work dir are on the S3 endpoint; a global stage (dedup) runs
     its combine on one worker and its apply on both. Decisions equal an in-process local run's."""
-    from curate.core.decisions import decisions
+    from curate.report.decisions import decisions
     from tests.conftest import BUCKET
 
     endpoint, pool = s3

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from curate.core import heartbeat
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.engine import make_executor, progress
 from tests.conftest import make_config, make_pipeline
 

@@ -13,7 +13,7 @@ import pytest
 
 from curate.core.config import ConfigError
 from curate.io.lease import LEASE
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import ROOT, make_config, make_pipeline
 
 PIPE = make_pipeline(("text", {}))

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from curate.core.config import ConfigError, RunConfig
-from curate.core.export import ExportSpec, export
-from curate.core.pipeline import run_pipeline
+from curate.report.export import ExportSpec, export
+from curate.runner.pipeline import run_pipeline
 from curate.engine import make_executor
 from curate.io.shards import InputError, expand_input
 from curate.io.storage import set_storage_options
@@ -93,8 +93,8 @@ def test_input_work_dir_and_export_all_on_s3_equal_the_local_run(s3, tmp_path: P
     import s3fs
 
     from curate.cli import main
-    from curate.core.decisions import decisions
-    from curate.core.stats import funnel
+    from curate.report.decisions import decisions
+    from curate.report.stats import funnel
     from curate.io.parquet import read_frame
 
     endpoint, pool = s3
@@ -147,7 +147,7 @@ def test_work_dir_mistakes_on_s3_are_named_before_any_work(s3, tmp_path: Path):
                      .model_copy(update={"storage_options": {"s3": {"endpoint_url": endpoint, "retries": 1}}}))
     set_storage_options({"s3": {"endpoint_url": endpoint}})
     with pytest.raises(ConfigError, match="work dir not found"):
-        from curate.core.decisions import run_record
+        from curate.report.decisions import run_record
 
         run_record(f"s3://{BUCKET}/never-written")
 

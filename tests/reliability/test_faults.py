@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.engine import make_executor
-from curate.core.export import ExportSpec, export
-from curate.core.pipeline import run_pipeline
+from curate.report.export import ExportSpec, export
+from curate.runner.pipeline import run_pipeline
 from curate.tools.synth import synthesize
 from tests.conftest import ROOT, make_config, make_pipeline
 
@@ -180,7 +180,7 @@ def test_disk_full_mid_run_then_rerun(big_pool: Path, reference: Path, tmp_path:
 def test_export_never_destroys_data(big_pool: Path, reference: Path, tmp_path: Path, record, monkeypatch):
     """Export aimed at the input folder or at a user's folder is refused; an --overwrite that fails
     half way leaves the earlier export whole. Inputs and the earlier export stay byte-identical."""
-    import curate.core.export as export_mod
+    import curate.report.export as export_mod
     from curate.io.parquet import WorkDirError
 
     def snapshot(root: Path) -> dict[str, bytes]:

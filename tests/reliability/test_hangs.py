@@ -9,7 +9,7 @@ import time
 import polars as pl
 
 from curate.engine import make_executor
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, write_tar
 
 

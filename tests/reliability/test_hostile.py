@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from curate.io.shards import iter_samples
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, shared_data
 
 PIPE = make_pipeline(("text", {"all_rows": True}), ("image", {"all_rows": True, "max_dominant_share": 0.97}))

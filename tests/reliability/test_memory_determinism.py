@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from curate.io.shards import make_uid
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.tools.synth import synthesize
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, write_tar
 
@@ -34,7 +34,7 @@ def _caption_shards(d: Path, n_shards: int, per: int = 10_000) -> Path:
 _RUN = """
 import sys
 from curate.core.config import PipelineConfig, RunConfig, StageSpec
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 pipe = PipelineConfig(name="mem", stages=[StageSpec(name="text"), StageSpec(name="image", params={"min_side": None})])
 cfg = RunConfig.model_validate({"input": sys.argv[1], "workdir": sys.argv[2], "executor": {"kind": "inprocess"},
                                "device": "cpu"})

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.io.parquet import read_frame
 from curate.io.storage import set_storage_options
 from tests.conftest import BUCKET, make_config, make_pipeline

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 import torch
 
-from curate.core.config import load_pipeline
-from curate.core.pipeline import run_pipeline
+from curate.runner.registry import load_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.models.clip import embed_dim
-from curate.stages.reference import save_reference
+from curate.stages.reference_filter import save_reference
 from curate.tools.synth import synthesize
 from tests.conftest import ROOT, make_config
 

@@ -9,8 +9,8 @@ import pytest
 
 from curate.algorithms.concepts import get_matcher, spacing
 from curate.io.shards import make_uid
-from curate.core.pipeline import run_pipeline
-from curate.core.stats import global_summaries
+from curate.runner.pipeline import run_pipeline
+from curate.report.stats import global_summaries
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, shared_data, write_tar
 
 IMG = jpeg_bytes()

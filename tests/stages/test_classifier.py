@@ -9,12 +9,12 @@ import pytest
 
 from curate.algorithms.class_vocabulary import CaptionConfirmer, VocabularyError, load_classes, plural_forms
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.report.html import write_report
-from curate.stages.base import RunInfo
+from curate.contract.base import RunInfo
 from curate.stages.classifier import ClassifierStage, top_k
 from curate.stages.clip_score import ClipScoreStage
-from curate.stages.memory import MemoryShardContext
+from curate.runner.memory import MemoryShardContext
 from tests.conftest import make_config, make_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from curate.core.config import ConfigError, RunConfig
-from curate.core.pipeline import preflight
+from curate.runner.pipeline import preflight
 from curate.io.layout import WorkDir
 from curate.models import dali_preprocess
 from curate.models.clip import load_clip

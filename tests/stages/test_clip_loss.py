@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.algorithms.sampling import uid_keys
 from curate.stages.clip_loss import neg_clip_loss, norm_sim
-from curate.stages.reference import save_reference
+from curate.stages.reference_filter import save_reference
 from tests.conftest import make_config, make_pipeline
 
 TINY = {"model": "curate-tiny", "pretrained": None}

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.stages.base import GlobalContext, RunInfo
+from curate.contract.base import GlobalContext, RunInfo
 from curate.stages.clip_rank import ClipRankStage, kth_ranked, ranks_in
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from curate.io.shards import iter_samples
 from curate.models.clip import ModelError, load_clip
 from curate.models.dali_preprocess import dali_available
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.io.embeddings import embeddings
 from tests.conftest import (HANG_MAGIC, jpeg_bytes, make_config, make_pipeline, shared_data, tables_equal_dir,
                             write_tar)

@@ -13,7 +13,7 @@ from PIL import Image, ImageEnhance
 from curate.io.parquet import write_table
 from curate.io.shards import iter_samples
 from curate.algorithms.phash import brute_force_pairs, near_pairs
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.tools.synth import synthesize
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
 
@@ -167,7 +167,7 @@ def test_semantic_dedup_on_stored_embeddings(pool: Path, tmp_path: Path):
         write_table(pa.table({"uid": uids, "clip_score": score,
                               "image_emb": pa.FixedSizeListArray.from_arrays(flat, 32)}),
                     work / "clip_score" / f"{shard}.parquet")
-    from curate.stages.base import GlobalContext, RunInfo, ShardContext
+    from curate.contract.base import GlobalContext, RunInfo, ShardContext
     from curate.stages.dedup import DedupStage
 
     st = DedupStage(DedupStage.Params(exact=[], phash_radius=None, semantic_eps=0.01, n_clusters=8,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from curate.algorithms.phash import key_parts, near_pairs, pairs_within_key, search_tables, unique_pairs
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.stages.dedup import DedupStage
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
 from tests.stages.test_dedup import IMAGE, _jpeg

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.models.clip import embed_dim
 from tests.conftest import make_config, make_pipeline
 

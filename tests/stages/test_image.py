@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curate.core.config import load_pipeline
-from curate.core.pipeline import run_pipeline
+from curate.runner.registry import load_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.stages.image import ImageStage
 from tests.conftest import ROOT, make_config, make_pipeline, shared_data
 
@@ -147,7 +147,7 @@ def test_datacomp_basic_decodes_no_image_and_a_blur_rule_does(pool: Path, tmp_pa
 
 
 def test_measures_follow_thresholds_later_stages_and_all():
-    from curate.stages.registry import build_stages
+    from curate.runner.registry import build_stages
 
     def measures(*stages):
         return next(s for s in build_stages(make_pipeline(*stages)) if s.name == "image").params.measures

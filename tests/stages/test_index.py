@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import jpeg_bytes, make_config, make_pipeline, write_tar
 
 

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
-from curate.stages.reference import save_reference
+from curate.runner.pipeline import run_pipeline
+from curate.stages.reference_filter import save_reference
 from tests.conftest import make_config, make_pipeline
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
 
 

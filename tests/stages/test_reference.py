@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from curate.io.parquet import write_table
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from curate.report.coverage import concept_coverage
-from curate.stages.reference import ReferenceError, save_reference
+from curate.stages.reference_filter import ReferenceError, save_reference
 from curate.tools.synth import SHAPES
 from tests.conftest import make_config, make_pipeline
 
@@ -33,7 +33,7 @@ def _fake_clip_tables(pool: Path, work: Path, fp: str, dim: int = 16, noise_by_u
         uids = pl.read_parquet(work / "index" / f"{shard}.parquet")["uid"].to_list()
         rng = np.random.default_rng(int(shard))
 
-        def noise(u: str) -> np.ndarray:
+        def noise(u: str, rng: np.random.Generator = rng) -> np.ndarray:
             if not noise_by_uid:
                 return rng.normal(size=dim)
             return np.random.default_rng(int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(),
@@ -65,8 +65,8 @@ def _reference(tmp: Path, describe: dict, dim: int = 16) -> Path:
 
 def _run(pool: Path, work: Path, ref: Path):
     """Index for real, clip_score faked (done), and the pipeline to run reference_filter on top."""
-    from curate.core.pipeline import stage_fingerprints
-    from curate.stages.registry import build_stages
+    from curate.runner.pipeline import stage_fingerprints
+    from curate.runner.registry import build_stages
 
     pipe = make_pipeline(("clip_score", {"model": "curate-tiny", "pretrained": None}),
                          ("reference_filter", {"reference": str(ref), "n_centroids": 16}))
@@ -131,7 +131,7 @@ def test_reference_from_another_model_is_refused(pool: Path, tmp_path: Path):
 def test_assignment_matches_faiss_and_ignores_chunking():
     import faiss
 
-    from curate.stages.reference import nearest_centroids
+    from curate.stages.reference_filter import nearest_centroids
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5000, 64)).astype(np.float32)
@@ -159,7 +159,7 @@ def test_assignment_matches_faiss_and_ignores_chunking():
 
 
 def test_reference_labels_from_class_folders_and_sidecar(tmp_path: Path):
-    from curate.stages.reference import load_reference
+    from curate.stages.reference_filter import load_reference
     from tests.conftest import jpeg_bytes
 
     tiny = {"model": "curate-tiny", "pretrained": None}
@@ -212,7 +212,7 @@ def test_plain_kmeans_keeps_mean_centroids_and_spherical_unit_ones():
 def test_a_broken_image_in_a_reference_set_is_skipped_and_counted(pool: Path, tmp_path: Path):
     """A truncated JPEG among the reference shards: left out with its label, counted in the stage's
     summary, and the stage and those after it still run."""
-    from curate.stages.reference import load_reference
+    from curate.stages.reference_filter import load_reference
     from tests.conftest import jpeg_bytes, write_tar
 
     good = jpeg_bytes((80, 80), (200, 0, 0))
@@ -239,9 +239,9 @@ def test_a_broken_image_in_a_reference_set_is_skipped_and_counted(pool: Path, tm
 ])
 def test_one_pool_as_1_or_4_shards_gives_the_same_decisions(tmp_path: Path, stage):
     """The k-means sample is drawn by uid: a pool larger than it, resharded, decides alike."""
-    from curate.core.decisions import decisions
-    from curate.core.pipeline import stage_fingerprints
-    from curate.stages.registry import build_stages
+    from curate.report.decisions import decisions
+    from curate.runner.pipeline import stage_fingerprints
+    from curate.runner.registry import build_stages
     from curate.tools.synth import synthesize
 
     name, params = stage

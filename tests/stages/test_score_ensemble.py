@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import rankdata
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import make_config, make_pipeline
 
 TINY = {"model": "curate-tiny", "pretrained": None}

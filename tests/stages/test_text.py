@@ -6,9 +6,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curate.core.config import load_pipeline
-from curate.core.pipeline import run_pipeline
-from curate.stages.row_filter import Measured
+from curate.runner.registry import load_pipeline
+from curate.runner.pipeline import run_pipeline
+from curate.contract.row_filter import Measured
 from curate.stages.text import TextStage, junk_kind, normalise
 from tests.conftest import ROOT, make_config, shared_data
 

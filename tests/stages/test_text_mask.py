@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from curate.algorithms.text_regions import caption_overlap, covered_share, fill_regions, quad_to_box
 from curate.core.config import ConfigError
-from curate.core.pipeline import run_pipeline
+from curate.runner.pipeline import run_pipeline
 from tests.conftest import make_config, make_pipeline, shared_data, write_tar
 
 TINY = {"model": "curate-tiny", "pretrained": None}

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from curate.core.config import ConfigError
-from curate.core.pipeline import preflight
+from curate.runner.pipeline import preflight
 from curate.io.layout import WorkDir
-from curate.stages.memory import run_in_memory
+from curate.runner.memory import run_in_memory
 from curate.stages.url_domain import UrlDomainStage, url_domain
 from curate.core.config import RunConfig
 from tests.conftest import jpeg_bytes

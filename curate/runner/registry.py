@@ -1,26 +1,18 @@
-"""Stage registry: a name in a pipeline YAML maps to a class here (no if/elif on strings)."""
+"""Stages by name: every module of ``curate.stages`` is imported once (each registers its class in
+``curate/contract/registry.py``), then a recipe's specs are validated and built into stages."""
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import re
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from curate.core.config import ConfigError, PipelineConfig, StageSpec
-
-_REGISTRY: dict[str, type] = {}
-
-T = TypeVar("T")
-
-
-def register_stage(cls: T) -> T:
-    name = cls.name  # type: ignore[attr-defined]
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise RuntimeError(f"stage {name!r} registered twice")
-    _REGISTRY[name] = cls  # type: ignore[assignment]
-    return cls
+from curate.contract.registry import REGISTRY as _REGISTRY
+from curate.contract.registry import register_stage  # noqa: F401  (older imports take it from here)
+from curate.core.config import ConfigError, PipelineConfig, StageSpec, read_pipeline
 
 
 def _load_all() -> None:
@@ -37,7 +29,7 @@ def available_stages() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_stage_class(name: str) -> type:
+def get_stage_class(name: str) -> Any:
     _load_all()
     try:
         return _REGISTRY[name]
@@ -123,3 +115,11 @@ def describe_stage(name: str) -> dict[str, Any]:
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, "kind": cls.kind, "summary": doc[0] if doc else "", "filters": cls.filters,
             "params": param_rows(cls.Params)}
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """A recipe read from YAML, every stage's params validated by its own model (errors name the
+    file, the stage and the key)."""
+    pipe = read_pipeline(path)
+    build_stages(pipe, source=str(path))
+    return pipe

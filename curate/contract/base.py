@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 from curate.core.config import Strict
 from curate.core.heartbeat import Sink, Ticker, current_sink
 from curate.io.layout import WorkDir
+from curate.io.storage import WorkPath
 from curate.io.parquet import atomic_write_bytes, read_frame, read_meta, read_table
 from curate.io.shards import RawSample, ShardReadResult, SharedShard, iter_indexed_samples
 
@@ -141,7 +142,7 @@ class ShardContext:
         values = self.read(stage_id, [name]).column(name).to_pylist()
         return values if rows is None else [values[i] for i in rows]
 
-    def scatter(self, values: dict[str, Sequence], rows: list[int],
+    def scatter(self, values: Mapping[str, Sequence[Any]], rows: list[int],
                 reasons: Sequence[str | None] | None = None) -> StageOutput:
         """A ``StageOutput`` from columns computed for ``rows`` only: spread back to full length,
         None in the rows not computed."""
@@ -202,7 +203,7 @@ class ShardContext:
         meta = read_meta(self.work.stage_table(stage_id, self.shard))
         return (meta or {}).get("describe") or {}
 
-    def cache_file(self, name: str) -> Path | None:
+    def cache_file(self, name: str) -> WorkPath | None:
         """Where a stage keeps a value it computes once per run and every shard reuses (class
         embeddings...): WORK/cache/<stage id>/<name>; None where there is no work dir."""
         return self.work.root / "cache" / self.stage_id / name
@@ -213,7 +214,7 @@ class ShardContext:
         _check_read(self.stage_id, stage_id, set(self.reads))
         return _recorded_stage(self.work, self.run.run_id, stage_id)
 
-    def lookup(self, artifact: Path, columns: list[str]) -> dict[str, list]:
+    def lookup(self, artifact: WorkPath, columns: list[str]) -> dict[str, list]:
         """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
         rows not evaluated, or absent from the artifact, get None."""
         art = read_frame(artifact, columns=["uid", *columns])
@@ -236,10 +237,10 @@ class GlobalContext:
     def work(self) -> WorkDir:
         return WorkDir.at(self.run.workdir)
 
-    def partials(self) -> list[Path]:
+    def partials(self) -> list[WorkPath]:
         return [self.work.partial(self.stage_id, s) for s in self.shards]
 
-    def parts(self, n: int) -> list[Path]:
+    def parts(self, n: int) -> list[WorkPath]:
         """Where the ``n`` tasks of a partitioned combine stored their results (``combine_part``)."""
         return [self.work.combine_part(self.stage_id, self.fingerprint, k) for k in range(n)]
 
@@ -271,7 +272,7 @@ class GlobalContext:
 
         return kept_rows(self.read(stage_id, shard, ["uid", column]), column, keep)
 
-    def write_json(self, name: str, obj: Any) -> Path:
+    def write_json(self, name: str, obj: Any) -> WorkPath:
         """An artifact under WORK/global/, written atomically."""
         path = self.work.global_artifact(name, ".json")
         atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
@@ -285,12 +286,14 @@ class GlobalContext:
 
 
 def _recorded_stage(work: WorkDir, run_id: str, stage_id: str) -> "Stage":
-    from curate.core.config import StageSpec
-    from curate.stages.registry import build_stage
+    """A stage rebuilt from the run record's resolved params (the runner has loaded every stage
+    class before any task runs)."""
+    from curate.contract.registry import REGISTRY
 
     run = json.loads((work.run_dir(run_id) / "run.json").read_text())
     spec = next(s for s in run["stages"] if s["id"] == stage_id)
-    return build_stage(StageSpec(name=spec["name"], id=stage_id, params=spec["params"]))
+    cls: Any = REGISTRY[spec["name"]]
+    return cls(cls.Params.model_validate(spec["params"]), stage_id)
 
 
 class Stage:
@@ -439,7 +442,7 @@ class GlobalStage(Stage):
         ``ctx.parts(parts)[part]`` for ``combine`` to read, and skips parts stored before."""
         raise NotImplementedError
 
-    def results_dir(self, work: WorkDir) -> Path:
+    def results_dir(self, work: WorkDir) -> WorkPath:
         return work.global_dir() / self.stage_id
 
     def write_results(self, ctx: GlobalContext, results: "pl.DataFrame") -> None:
@@ -485,11 +488,12 @@ class GlobalStage(Stage):
                 if old.name not in mine:
                     old.unlink()
             return
-        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-        if final.exists():
-            final.rename(old)
-        target.mkdir(parents=True, exist_ok=True)
-        target.rename(final)
+        local, staged = Path(str(final)), Path(str(target))  # a local work dir: plain paths, atomic renames
+        old = local.with_name(f".{local.name}.old-{secrets.token_hex(4)}")
+        if local.exists():
+            local.rename(old)
+        staged.mkdir(parents=True, exist_ok=True)
+        staged.rename(local)
         shutil.rmtree(old, ignore_errors=True)
 
     def apply(self, ctx: ShardContext) -> StageOutput:

@@ -22,7 +22,7 @@ def load_stats(workdir: str | Path) -> pl.DataFrame:
 
 def stage_order(workdir: str | Path, run_id: str | None = None) -> list[str]:
     """Stage ids in the order of the run's pipeline (the latest run by default)."""
-    from curate.core.decisions import run_record
+    from curate.report.decisions import run_record
 
     try:
         return [s["id"] for s in run_record(workdir, run_id)["stages"]]
@@ -34,7 +34,7 @@ def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any
     """Per stage of one run (the latest by default): shards done, in, kept, dropped by reason,
     seconds. Only stats files made with that run's fingerprints count, so a work dir that held
     another pipeline (or other parameters) before shows this run's funnel alone."""
-    from curate.core.decisions import run_record
+    from curate.report.decisions import run_record
     from curate.io.shards import shard_name
 
     run = run_record(workdir, run_id)
@@ -64,7 +64,7 @@ def funnel(workdir: str | Path, run_id: str | None = None) -> list[dict[str, Any
 
 def _combine_seconds(work: WorkDir, stage: dict[str, Any]) -> float:
     """Seconds of a global stage's combine step, from its done marker (0 for a map stage)."""
-    from curate.stages.execute import global_marker
+    from curate.runner.execute import global_marker
 
     if stage.get("kind") != "global":
         return 0.0
@@ -116,8 +116,8 @@ def format_funnel(rows: list[dict[str, Any]], stale: list[str] | None = None) ->
 def global_summaries(workdir: str | Path, run_id: str | None = None) -> dict[str, Any]:
     """What each global stage of the run decided (thresholds, groups, concept head/tail): the
     summary its combine step stored with its done marker, by stage id."""
-    from curate.core.decisions import run_record
-    from curate.stages.execute import global_marker
+    from curate.report.decisions import run_record
+    from curate.runner.execute import global_marker
 
     work = WorkDir.at(workdir)
     out: dict[str, Any] = {}
@@ -136,8 +136,8 @@ def global_summaries(workdir: str | Path, run_id: str | None = None) -> dict[str
 def format_globals(summ: dict[str, Any], workdir: str | Path, run_id: str | None = None) -> str:
     """Each global stage formats its own summary (``Stage.format_summary``)."""
     from curate.core.config import StageSpec
-    from curate.core.decisions import run_record
-    from curate.stages.registry import build_stage
+    from curate.report.decisions import run_record
+    from curate.runner.registry import build_stage
 
     specs = {s["id"]: s for s in run_record(workdir, run_id)["stages"]}
     lines: list[str] = []

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, cast
 
 import pyarrow as pa
 
 from curate.io.shards import RawSample
-from curate.stages.base import MapStage, RunInfo, ShardContext, Stage
+from curate.contract.base import MapStage, RunInfo, ShardContext, Stage
 
 
 def raw_samples(samples: list[dict[str, Any]]) -> list[RawSample]:
@@ -58,10 +58,10 @@ class MemoryShardContext(ShardContext):
         return ((i, self.raw[i]) for i in sorted(rows))
 
 
-def run_in_memory(stage: MapStage, samples: list[dict[str, Any]], earlier: list[Stage] = (),
+def run_in_memory(stage: MapStage, samples: list[dict[str, Any]], earlier: Sequence[Stage] = (),
                   device: str = "cpu", model_cache: str | None = None) -> pa.Table:
     """The table ``stage`` writes for these samples, after the index and ``earlier`` map stages."""
-    from curate.stages.execute import finalize
+    from curate.runner.execute import finalize
     from curate.stages.index import IndexStage
 
     raw = raw_samples(samples)
@@ -74,7 +74,7 @@ def run_in_memory(stage: MapStage, samples: list[dict[str, Any]], earlier: list[
                                  upstream=list(upstream), run=run, evaluate_all=st.evaluate_all,
                                  reads=tuple(st.reads()), raw=raw, tables=tables,
                                  stages={s.stage_id: s for s in stages})
-        table = finalize(st, ctx, st.process(ctx))[0]
+        table = finalize(st, ctx, cast(MapStage, st).process(ctx))[0]
         tables[st.stage_id] = table
         if st.filters:
             upstream.append(st.stage_id)

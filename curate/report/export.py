@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from curate.core.decisions import decision_exprs, run_record
+from curate.report.decisions import decision_exprs, run_record
 from curate.engine import Executor
 from curate.io.layout import WorkDir
 from curate.io.parquet import (RefusedOutput, WorkDirError, atomic_path, atomic_write_bytes, read_meta, read_table,

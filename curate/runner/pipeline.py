@@ -21,9 +21,9 @@ from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes, read_tables_if_present
 from curate.io.shards import expand_input, is_metadata_shard, shard_name
 from curate.io.storage import is_url, redacted, set_storage_options
-from curate.stages import execute
-from curate.stages.base import RunInfo, Stage
-from curate.stages.registry import build_stages, spec_of
+from curate.runner import execute
+from curate.contract.base import RunInfo, Stage
+from curate.runner.registry import build_stages, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
     todo = [p for p in live if not execute.is_partial_done(work, st.stage_id, shard_name(p), fp)]
     part = ex.map(functools.partial(execute.run_summarize, task), todo,
                   label=f"{st.stage_id}:summarize", resources=st.resources(task.run.device))
-    failed = {shard_name(o.item): o.error for o in part if not o.ok}
+    failed = {shard_name(o.item): o.error or "failed" for o in part if not o.ok}
     if failed:
         res.failed.update(failed)
         return set()

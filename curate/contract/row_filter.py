@@ -14,7 +14,7 @@ from typing import Sequence
 import polars as pl
 import pyarrow as pa
 
-from curate.stages.base import MapStage, ShardContext, StageOutput
+from curate.contract.base import MapStage, ShardContext, StageOutput
 
 # (drop when, reason): the reason is a string or an expression (e.g. "lang:" + the language).
 Rule = tuple[pl.Expr, "pl.Expr | str"]
@@ -56,7 +56,7 @@ class RowFilter(MapStage):
 
     def frame(self, m: Measured) -> pl.DataFrame:
         """The measured values typed as the table stores them, with the extra inputs."""
-        schema = {f.name: pl.from_arrow(pa.array([], f.type)).dtype for f in self.value_fields()}
+        schema = {f.name: pl.Series(values=pa.array([], f.type)).dtype for f in self.value_fields()}
         df = pl.DataFrame({k: m.values[k] for k in schema}, schema=schema)
         return df.with_columns(pl.Series(k, v) for k, v in m.inputs.items()) if m.inputs else df
 

@@ -27,8 +27,8 @@ from curate.core.config import Strict
 from curate.io.images import open_checked
 from curate.io.parquet import atomic_write_bytes, num_rows, read_table
 from curate.io.shards import expand_input, iter_samples
-from curate.stages.base import GlobalContext, GlobalStage, ShardContext, StageOutput
-from curate.stages.registry import register_stage
+from curate.contract.base import GlobalContext, GlobalStage, ShardContext, StageOutput
+from curate.contract.registry import register_stage
 from curate.algorithms.sampling import sample_share, uid_sample
 from curate.algorithms.vectors import nearest, train_centroids
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +24,8 @@ from curate.engine.base import describe_exception
 from curate.io.shards import SharedShard, shard_name
 from curate.io.storage import set_storage_options
 from curate.core.schema import STATS_SCHEMA, stage_schema
-from curate.stages.base import GlobalContext, RunInfo, ShardContext, Stage, StageOutput
-from curate.stages.registry import build_stage
+from curate.contract.base import GlobalContext, GlobalStage, RunInfo, ShardContext, Stage, StageOutput
+from curate.runner.registry import build_stage
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _meta(task: StageTask, shard: str) -> dict[str, Any]:
 
 def _has_fp(path, fp: str) -> bool:
     meta = read_meta(path)
-    return bool(meta) and meta.get("fingerprint") == fp
+    return meta is not None and meta.get("fingerprint") == fp
 
 
 def is_done(work: WorkDir, stage_id: str, shard: str, fp: str) -> bool:
@@ -179,14 +179,14 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, share
                                  "bytes_read": ctx.read_result.n_bytes}
     for reason, c in counts.items():
         metrics[f"dropped:{reason}"] = c
-    counters = dict(ctx.counters)
+    counters: dict[str, float] = dict(ctx.counters)
     if phase == "apply":  # the stage's summarize step on this shard counted too
         earlier = read_meta(work.partial(task.stage_id, ctx.shard)) or {}
         metrics["summarize_seconds"] = earlier.get("seconds", 0.0)
-        for name, c in earlier.get("counters", {}).items():
-            counters[name] = counters.get(name, 0) + c
-    for name, c in counters.items():
-        metrics[f"count:{name}"] = c
+        for name, more in earlier.get("counters", {}).items():
+            counters[name] = counters.get(name, 0) + more
+    for name, total in counters.items():
+        metrics[f"count:{name}"] = total
     details = {}
     if ctx.read_result.error:
         metrics["shard_error"] = 1
@@ -232,8 +232,8 @@ def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
     work = ctx.work
     if is_partial_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}
-    cols = stage.summarize(ctx)
-    schema = pa.schema(stage.partial_fields())
+    cols = cast(GlobalStage, stage).summarize(ctx)
+    schema = pa.schema(cast(GlobalStage, stage).partial_fields())
     table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
     meta = _meta(task, ctx.shard) | {"seconds": time.perf_counter() - t0, "counters": ctx.counters}
     write_table(table, work.partial(task.stage_id, ctx.shard), meta=meta)
@@ -249,7 +249,7 @@ def combine_parts(task: StageTask) -> int:
     """How many partitioned-combine tasks the stage asks for (0: none); read from the partials."""
     set_storage_options(task.run.storage_options)
     stage = task.stage()
-    return stage.combine_parts(_global_context(task, stage))
+    return cast(GlobalStage, stage).combine_parts(_global_context(task, stage))
 
 
 def run_combine_part(task: StageTask, part: int, parts: int) -> int:
@@ -261,7 +261,7 @@ def run_combine_part(task: StageTask, part: int, parts: int) -> int:
     path = gctx.parts(parts)[part]
     if path.exists():
         return -1
-    table = stage.combine_part(gctx, part, parts)
+    table = cast(GlobalStage, stage).combine_part(gctx, part, parts)
     write_table(table, path)
     return table.num_rows
 
@@ -276,7 +276,7 @@ def run_combine(task: StageTask) -> dict[str, Any]:
     work = gctx.work
     if is_global_done(work, task.stage_id, task.fingerprint):
         return json.loads(global_marker(work, task.stage_id).read_text())["summary"]
-    summary = stage.combine(gctx)
+    summary = cast(GlobalStage, stage).combine(gctx)
     atomic_write_bytes(global_marker(work, task.stage_id),
                        json.dumps({"fingerprint": task.fingerprint, "summary": summary,
                                    "seconds": time.perf_counter() - t0}, sort_keys=True, default=str).encode())
