@@ -74,6 +74,8 @@ def run() -> dict:
             res[f"lingua_en_precision_unambiguous_{d}"] = _precision(got, truth, clear)[0]
             res[f"lingua_false_english_{d}"] = [f'{r["lang"]}: {r["text"]}' for r, g, t in zip(rows, got, truth)
                                                  if g == "en" and t != "en"][:12]
+            res[f"lingua_non_english_called_english_{d}"] = round(
+                sum(g == "en" and t != "en" for g, t in zip(got, truth)) / max(1, sum(t != "en" for t in truth)), 4)
             res[f"lingua_accuracy_by_language_{d}"] = {
                 lang: round(sum(g == t for g, t in zip(got, truth) if t == lang) / truth.count(lang), 2)
                 for lang in sorted(set(truth))}
@@ -82,6 +84,13 @@ def run() -> dict:
         top1 = TextStage(TextStage.Params(language_decision="top1")).measure_captions(caps)
         sure_en = [c for c, lang, p in zip(caps, top1["lang"], top1["lang_prob"]) if lang == "en" and p >= 0.9]
         res["laion_sure_english"] = len(sure_en)
+        # plain short English alt-texts: 3-8 ASCII words, each an English word
+        short = [c for c in caps if 3 <= len(c.split()) <= 8 and c.isascii() and english_words_only(c)]
+        res["laion_short_english_alt_texts"] = len(short)
+        for d in DECISIONS:
+            got = _decide(short, d)
+            res[f"laion_short_english_recall_{d}"] = round(sum(g == "en" for g in got) / len(short), 4)
+            res[f"laion_short_english_missed_{d}"] = [c for c, g in zip(short, got) if g != "en"][:6]
         for d in ("robust", "robust_lingua"):
             res[f"laion_sure_english_recall_{d}"] = round(sum(g == "en" for g in _decide(sure_en, d)) / len(sure_en), 4)
         for name, params in DECISIONS.items():

@@ -10,7 +10,12 @@ top-1 alone misreads many of them. On top of fastText (kept as the value columns
 3. ``function_words``: when fastText is unsure (top-1 below ``unsure_below``) and English is among
    its candidates, a caption made largely of English function words ("a", "on", "with", "the") is
    English.
-4. ``second_detector``: when fastText is not sure (top-1 below ``sure_above``) or the caption is
+4. ``english_words``: when fastText's top-1 is a language near English in what short text looks
+   like (a Germanic, Romance or other Latin-script European language) with probability at most
+   ``near_at_most``, English is among its candidates, and every word of a caption of two or more
+   words is an English word (a WordNet lemma in any inflection, or a function word), it is English:
+   "image of a door handle" is not Dutch.
+5. ``second_detector``: when fastText is not sure (top-1 below ``sure_above``) or the caption is
    short (``short_words`` words or fewer), a detector made for short text (lingua, whose models ship
    in its wheel) is asked. It knows languages lid.176 lacks (fastText calls Somali or Zulu English
    with a low probability) and tells single words apart better. Its answer wins only when it
@@ -49,6 +54,9 @@ SCRIPT_DEFAULT = {"CYRILLIC": "ru", "ARABIC": "ar", "HEBREW": "he", "GREEK": "el
                   "ORIYA": "or", "TAMIL": "ta", "TELUGU": "te", "KANNADA": "kn", "MALAYALAM": "ml",
                   "SINHALA": "si", "THAI": "th", "LAO": "lo", "TIBETAN": "bo", "MYANMAR": "my", "KHMER": "km",
                   "ETHIOPIC": "am", "THAANA": "dv", "HANGUL": "ko", "CJK": "zh"}
+# Latin-script languages whose short text fastText confuses with short English text.
+NEAR_ENGLISH = frozenset("nl de da sv no nb nn af fy lb is es pt it fr ca gl ro la eo oc hu fi et cy ga sq tl id ms sw "
+                         "sl hr cs pl sk lt lv tr vi".split())
 ENGLISH_FUNCTION_WORDS = frozenset(
     "a an the and or but of in on at to for from with without by as into onto over under near behind "
     "up down out off about above below between through during before after while is are was were be "
@@ -95,6 +103,18 @@ def function_word_share(text: str) -> tuple[int, float]:
     return hits, hits / len(words) if words else 0.0
 
 
+def english_words_only(text: str) -> bool:
+    """Two or more words, each an English word: a function word or a WordNet lemma in any
+    inflection (WordNet 3.0 ships as package data)."""
+    from curate.algorithms.wordnet import first_senses
+
+    words = [w for w in (t.strip(".,;:!?\"'()[]-") for t in text.lower().split()) if w]
+    if len(words) < 2:
+        return False
+    senses = first_senses()
+    return all(w in ENGLISH_FUNCTION_WORDS or senses.first_sense(w) is not None for w in words)
+
+
 class SecondDetector:
     """lingua over all its languages, models loaded as first needed."""
 
@@ -126,6 +146,7 @@ class Thresholds:
     unsure_below: float = 0.5  # function-word rule: fastText's top-1 below this
     sure_above: float = 0.5  # second detector: fastText's top-1 below this...
     short_words: int = 3  # ...or a caption of this many words or fewer
+    near_at_most: float = 0.9  # english-words rule: a near language's top-1 at most this sure
     # fastText's language stands while lingua gives it at least this share of lingua's own top
     # confidence: the second opinion overrides a clear disagreement, not a near tie
     keep_ratio: float = 0.5
@@ -156,6 +177,9 @@ def decide(text: str, preds: list[tuple[str, float]], repredict, second=None,
         hits, share = function_word_share(text)
         if hits >= 2 and share >= 0.3:
             return "en", "function_words"
+    if (top in NEAR_ENGLISH and p <= th.near_at_most and any(c[0] == "en" for c in preds)
+            and english_words_only(text)):
+        return "en", "english_words"
     if second is not None and rule != "script" and (p < th.sure_above or len(text.split()) <= th.short_words):
         other, other_conf, top_conf = second(text, top)
         if other is not None and other != SecondDetector.ALIASES.get(top, top) and top_conf < th.keep_ratio * other_conf:

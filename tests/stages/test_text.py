@@ -167,3 +167,20 @@ def test_first_sense_concepts_count_tokens_as_datacomp_does():
     st = TextStage(TextStage.Params(concept_rule="first_sense", min_concepts=1, normalise=False))
     got = st.measure_captions(["Flowers in a garden", "dog, on the sofa", "GEESE", "", None])["n_concepts"]
     assert got == [2, 1, 1, 0, 0]  # flower, garden; sofa ("dog," keeps its comma); goose
+
+
+def test_short_english_captions_that_fasttext_calls_a_near_language_stay_english():
+    """Plain English alt-texts of a few words that fastText gives to Dutch, French or Italian with
+    English among its candidates are English when every word is an English word; short text that
+    is really Dutch, Spanish or Italian stays so, and top-1 (DataComp's rule) is unchanged."""
+    english = ["Freeze Dried Raw Beef Hearts", "New Moon Movie Poster", "Mini Crop Top", "image of a door handle",
+               "Lioness feeds leopard cub wild Africa wildlife"]
+    other = {"de kat op de bank": "nl", "el perro en la playa": "es", "casa bianca al mare": "it",
+             "ein Foto von einem Hund am Strand": "de"}
+    m = _stage().measure_captions([*english, *other])
+    assert m["lang_final"][:len(english)] == ["en"] * len(english)
+    assert set(m["lang_rule"][:len(english)]) == {"english_words"}
+    assert [la != "en" for la in m["lang"][:len(english)]] == [True] * len(english)  # fastText alone misses them
+    assert m["lang_final"][len(english):] == list(other.values())
+    top1 = _stage(language_decision="top1").measure_captions(english)
+    assert "en" not in top1["lang_final"]
