@@ -11,6 +11,8 @@ import imagesize
 import numpy as np
 from PIL import Image
 
+from curate.core.timeouts import SampleTimeout, TimeLimiter
+
 # We check pixels ourselves from the header (``max_pixels``) before any decode.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -124,3 +126,17 @@ def reduced_decode(data: bytes, ext: str | None, thumb: int, max_pixels: int) ->
     if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
         raise ImageRejected("image:undecodable")
     return arr, info
+
+
+def decode_within(limiter: TimeLimiter, data: bytes | None, ext: str | None, side: int, max_pixels: int,
+                  prefix: str = "image") -> tuple[np.ndarray | None, dict[str, Any] | None, str | None]:
+    """``reduced_decode`` under the stage's time limit: (pixels, header info, None), or (None,
+    None, reason) with the reason in the stage's own words (``<prefix>:undecodable``,
+    ``<prefix>:decode_timeout``, ...). Every stage that decodes pixels goes through here."""
+    try:
+        rgb, info = limiter.call(reduced_decode, data, ext, side, max_pixels)
+    except ImageRejected as r:  # "image:undecodable" -> "<prefix>:undecodable"
+        return None, None, f"{prefix}:{str(r).split(':', 1)[1]}"
+    except SampleTimeout:
+        return None, None, f"{prefix}:decode_timeout"
+    return rgb, info, None

@@ -15,12 +15,12 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.core.config import Strict
-from curate.io.images import ImageRejected, header_info, reduced_decode
+from curate.io.images import ImageRejected, decode_within, header_info
 from curate.algorithms.phash import crop_color_signatures, crop_phashes, phash
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
 from curate.contract.row_filter import Measured, RowFilter, Rule
-from curate.core.timeouts import SampleTimeout, TimeLimiter
+from curate.core.timeouts import TimeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +177,17 @@ class ImageStage(RowFilter):
         if len(data) > p.max_bytes:
             return vals, "image:too_large_bytes"
         wanted = self.pixel_measures
-        try:
-            if wanted:
-                rgb, info = self._limiter.call(reduced_decode, data, ext, p.thumb, p.max_pixels)
-            else:
-                rgb, info = None, header_info(data, ext, p.max_pixels)
-        except ImageRejected as r:
-            return vals, str(r)
-        except SampleTimeout:
-            return vals, "image:decode_timeout"
+        if wanted:
+            rgb, decoded, reason = decode_within(self._limiter, data, ext, p.thumb, p.max_pixels)
+            if decoded is None:
+                return vals, reason
+            info = decoded
+        else:
+            rgb = None
+            try:
+                info = header_info(data, ext, p.max_pixels)
+            except ImageRejected as r:
+                return vals, str(r)
         w, h = info["w"], info["h"]
         if p.use_original_size and orig[0] and orig[1]:
             w, h = orig

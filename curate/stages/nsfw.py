@@ -16,8 +16,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.core.config import Strict
-from curate.core.timeouts import SampleTimeout, TimeLimiter
-from curate.io.images import ImageRejected, reduced_decode
+from curate.core.timeouts import TimeLimiter
+from curate.io.images import decode_within
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
 from curate.contract.row_filter import Measured, RowFilter, Rule
@@ -104,13 +104,9 @@ class NsfwStage(RowFilter):
         empty = {"nsfw_score": None, "nsfw_labels": None}
         got: dict[int, tuple[dict[str, Any], str | None]] = {}
         for i, s in ctx.samples_at(rows):
-            try:
-                rgb, _ = self._limiter.call(reduced_decode, s.image(), s.image_ext(), p.decode_side, p.max_pixels)
-            except ImageRejected as r:  # "image:undecodable" -> "nsfw:undecodable"
-                got[i] = (empty, "nsfw:" + str(r).split(":", 1)[1])
-                continue
-            except SampleTimeout:
-                got[i] = (empty, "nsfw:decode_timeout")
+            rgb, _, reason = decode_within(self._limiter, s.image(), s.image_ext(), p.decode_side, p.max_pixels, "nsfw")
+            if rgb is None:
+                got[i] = (empty, reason)
                 continue
             ctx.count("images_decoded")
             try:

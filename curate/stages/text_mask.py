@@ -23,8 +23,8 @@ from pydantic import Field, model_validator
 
 from curate.algorithms.text_regions import caption_overlap, covered_share
 from curate.core.config import Strict
-from curate.core.timeouts import SampleTimeout, TimeLimiter
-from curate.io.images import ImageRejected, reduced_decode
+from curate.core.timeouts import TimeLimiter
+from curate.io.images import decode_within
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
 from curate.contract.row_filter import Measured, RowFilter, Rule
@@ -122,13 +122,9 @@ class TextMaskStage(RowFilter):
         empty = {"text_boxes": None, "text_area": None, "ocr_text": None, "caption_text_overlap": None}
         got: dict[int, tuple[dict[str, Any], str | None]] = {}
         for i, s in ctx.samples_at(rows):
-            try:
-                rgb, _ = self._limiter.call(reduced_decode, s.image(), s.image_ext(), p.detect_side, p.max_pixels)
-            except ImageRejected as r:  # "image:undecodable" -> "text_mask:undecodable"
-                got[i] = (empty, "text_mask:" + str(r).split(":", 1)[1])
-                continue
-            except SampleTimeout:
-                got[i] = (empty, "text_mask:decode_timeout")
+            rgb, _, reason = decode_within(self._limiter, s.image(), s.image_ext(), p.detect_side, p.max_pixels, "text_mask")
+            if rgb is None:
+                got[i] = (empty, reason)
                 continue
             ctx.count("images_decoded")
             try:
