@@ -13,6 +13,7 @@ BENCHMARKS = {
     "clip": "curate.bench.clip",
     "global": "curate.bench.global_stages",
     "recipes": "curate.bench.recipes",
+    "datacomp": "curate.bench.datacomp",
     "langid": "curate.bench.langid",
     "classifier": "curate.bench.classifier",
     "caption_dedup": "curate.bench.caption_dedup",
