@@ -83,9 +83,15 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         if protocol in ("s3", "s3a"):  # s3fs makes its client lazily: its options are checked here
             fs.connect()
     except TypeError as e:  # an option the filesystem does not take: the user's config
-        from curate.core.config import ConfigError
+        from curate.core.errors import ConfigError
 
         raise ConfigError(f"storage_options.{protocol}: {e}") from None
+    except ImportError as e:  # the protocol's package is an extra (gcsfs) or not a dependency
+        from curate.core.errors import ConfigError
+
+        gcs = " It is the gcs extra: pip install 'curate[gcs]' (make install installs it)."
+        raise ConfigError(f"{protocol}:// cannot be read here ({str(e).rstrip('.')}).{gcs if protocol in ('gs', 'gcs') else ''}"
+                          ) from None
     return fs, path
 
 

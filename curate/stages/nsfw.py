@@ -73,9 +73,9 @@ class NsfwStage(RowFilter):
         return True
 
     def describe(self) -> dict[str, Any]:
-        from importlib.metadata import version
+        from curate.models.versions import installed
 
-        return {"detector": f"nudenet {version('nudenet')} (320n.onnx)", "onnxruntime": version("onnxruntime")}
+        return {"detector": f"nudenet {installed('nudenet')} (320n.onnx)", "onnxruntime": installed("onnxruntime")}
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         try:
@@ -83,8 +83,8 @@ class NsfwStage(RowFilter):
 
             load_nsfw_detector(self.params.threads)
         except Exception as e:  # missing package, or its onnxruntime / OpenCV cannot load
-            return [f"{self.stage_id}: the NSFW detector cannot load ({e}); `make install` installs nudenet "
-                    "with the project"]
+            return [f"{self.stage_id}: the NSFW detector cannot load ({e}); it is the nsfw extra: "
+                    "pip install 'curate[nsfw]' (make install installs it)"]
         return []
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:

@@ -88,17 +88,17 @@ class TextMaskStage(RowFilter):
         return True
 
     def describe(self) -> dict[str, Any]:
-        from importlib.metadata import version
+        from curate.models.versions import installed
 
-        return {"detector": f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} (PP-OCRv4 det/rec)",
-                "onnxruntime": version("onnxruntime")}
+        return {"detector": f"rapidocr-onnxruntime {installed('rapidocr-onnxruntime')} (PP-OCRv4 det/rec)",
+                "onnxruntime": installed("onnxruntime")}
 
     def preflight(self, model_cache: str | None = None) -> list[str]:
         try:
             import rapidocr_onnxruntime  # noqa: F401
         except Exception as e:  # missing, or its onnxruntime / OpenCV cannot load
-            return [f"{self.stage_id}: the text detector cannot load ({e}); `make install` installs "
-                    "rapidocr-onnxruntime with the project"]
+            return [f"{self.stage_id}: the text detector cannot load ({e}); it is the ocr extra: "
+                    "pip install 'curate[ocr]' (make install installs it)"]
         return []
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:

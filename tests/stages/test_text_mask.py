@@ -227,3 +227,35 @@ def test_a_detector_failure_is_a_reason_not_a_failed_shard(text_pool: Path, tmp_
     by = {r["key"]: r for r in t.to_dicts()}
     assert by["plain"]["reason_text_mask"] == "text_mask:detector_failed"
     assert by["spelled"]["keep_text_mask"] and "SUMMER" in by["spelled"]["ocr_text"]
+
+
+def test_a_missing_ocr_extra_is_named_in_preflight(monkeypatch):
+    """Without the ocr extra (rapidocr), the stage refuses before any work and says which extra to
+    install; nsfw and gs:// do the same for theirs."""
+    import builtins
+    import sys
+
+    from curate.core.errors import ConfigError
+    from curate.io.storage import filesystem
+    from curate.stages.nsfw import NsfwStage
+    from curate.stages.text_mask import TextMaskStage
+
+    real = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name.split(".")[0] in ("rapidocr_onnxruntime", "nudenet", "gcsfs"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m.split(".")[0] in ("rapidocr_onnxruntime", "nudenet", "gcsfs")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", without)
+    from curate.models import nsfw_detector
+
+    monkeypatch.setattr(nsfw_detector, "load_nsfw_detector", lambda *a: __import__("nudenet"))
+    problems = TextMaskStage(TextMaskStage.Params()).preflight()
+    assert len(problems) == 1 and "pip install 'curate[ocr]'" in problems[0]
+    problems = NsfwStage(NsfwStage.Params()).preflight()
+    assert len(problems) == 1 and "pip install 'curate[nsfw]'" in problems[0]
+    with pytest.raises(ConfigError, match=r"curate\[gcs\]"):
+        filesystem("gs://bucket/shards")
