@@ -88,7 +88,7 @@ def phash_brute(n: int, radius: int = 4) -> dict:
 def semantic(n: int) -> dict:
     """SemDeDup core as the stage runs it: top-level k-means on a 200k sample, assignment, then
     clusters split to at most 1,000 rows and searched exhaustively."""
-    from curate.stages.dedup import semantic_pairs_in_memory
+    from curate.algorithms.semdedup import semantic_pairs_in_memory
 
     x = _unit(n)
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def semantic(n: int) -> dict:
 
 def semantic_brute(n: int) -> dict:
     """Every pair above the threshold by exhaustive search, and the share the clustered search finds."""
-    from curate.stages.dedup import semantic_pairs_in_memory
+    from curate.algorithms.semdedup import semantic_pairs_in_memory
 
     x = _unit(n)
     t0 = time.perf_counter()

@@ -17,22 +17,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs, unique_pairs
+from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
 from curate.algorithms.components import component_roots
 from curate.algorithms.minhash import signatures, similar_pairs
 from curate.algorithms.sampling import sample_share, uid_sample
-from curate.algorithms.vectors import members, nearest_with_boundary, train_centroids
+from curate.algorithms.semdedup import streamed_pairs, top_level_k
+from curate.algorithms.vectors import train_centroids
 from curate.core.config import Strict
-from curate.io.embeddings import read_f16_rows, unit
 from curate.io.parquet import read_frame
 from curate.io.shards import expand_input, iter_samples
 from curate.algorithms import dedup_parts
@@ -368,38 +367,13 @@ class DedupStage(GlobalStage):
         k = p.n_clusters or top_level_k(df.height)
         cent = train_centroids(train, k, p.seed)
         del train
-        # 2) stream every shard: append each embedding to its cluster's file, as stored (float16:
-        # half the bytes of the unit float32 rows, so the files stay in the page cache longer)
-        tmp = ctx.work.scratch(f"{ctx.stage_id}_clusters")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for k, s in enumerate(shards):
-            rows, stored = self._shard_embeddings(ctx, s, rows_of(k), unit_length=False)
-            if not len(rows):
-                continue
-            first, second = nearest_with_boundary(cent, unit(stored.copy()), p.semantic_boundary)
-            for c, sel in enumerate(members(first, second, len(cent))):
-                if not len(sel):
-                    continue
-                with open(tmp / f"{c}.f16", "ab") as f:
-                    f.write(stored[sel].astype(np.float16).tobytes())
-                with open(tmp / f"{c}.rows", "ab") as f:
-                    f.write(rows[sel].astype(np.int64).tobytes())
-        # 3) one cluster in memory at a time
-        out = [self._cluster_file_pairs(tmp, c, d) for c in range(len(cent)) if (tmp / f"{c}.f16").exists()]
-        shutil.rmtree(tmp, ignore_errors=True)
-        out = [o for o in out if len(o)]
-        return unique_pairs(np.concatenate(out)) if out else np.zeros((0, 2), dtype=np.int64)
+        # 2) stream every shard to its top-level cluster's file; 3) search one cluster at a time
+        def stored() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for k, s in enumerate(shards):
+                yield self._shard_embeddings(ctx, s, rows_of(k), unit_length=False)
 
-    def _cluster_file_pairs(self, tmp: Path, c: int, d: int) -> np.ndarray:
-        """Pairs within top-level cluster ``c``, read from its files (freed on return, before the
-        next cluster is read)."""
-        p = self.params
-        emb = unit(read_f16_rows(tmp / f"{c}.f16", d))
-        rows = np.fromfile(tmp / f"{c}.rows", dtype=np.int64)
-        order = np.argsort(rows, kind="stable")  # uid order, not the order shards were streamed in:
-        emb, rows = emb[order], rows[order]  # a split's k-means then sees the same rows, same order
-        return _cluster_pairs(emb, rows, 1.0 - p.semantic_eps, p.max_cluster_size, p.seed, p.semantic_boundary)
+        return streamed_pairs(cent, stored(), d, ctx.work.scratch(f"{ctx.stage_id}_clusters"),
+                              1.0 - p.semantic_eps, p.max_cluster_size, p.seed, p.semantic_boundary)
 
     def _eval_matches(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params
@@ -461,61 +435,6 @@ def equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
         return np.zeros((0, 2), dtype=np.int64)
     e = g.select("first", "_r").explode("_r").filter(pl.col("_r") != pl.col("first"))
     return np.stack([e["first"].to_numpy(), e["_r"].to_numpy()], axis=1).astype(np.int64)
-
-
-TOP_CLUSTER_ROWS = 200_000  # in-memory size of a top-level cluster: 400 MB of 512-d float32
-MAX_BRANCH = 16  # k of one split below the top level
-
-
-def top_level_k(n: int) -> int:
-    """Top-level clusters for SemDeDup: the pool streams to one file per top cluster, so each must
-    fit in memory; everything below is split in memory."""
-    return max(1, math.ceil(n / TOP_CLUSTER_ROWS))
-
-
-def split_k(size: int, max_size: int) -> int:
-    """k for splitting a cluster of ``size`` rows: plan the fewest levels of at most MAX_BRANCH
-    that bring it to leaves of about max_size / 2, and split evenly across them. Leaves then have
-    about the same size whatever the pool size, so the in-leaf search (the bulk of the work) costs
-    the same per row and the whole search stays near-linear in the pool."""
-    ratio = size / (max_size / 2)
-    levels = max(1, math.ceil(math.log(ratio) / math.log(MAX_BRANCH)))
-    return int(min(MAX_BRANCH, max(2, math.ceil(ratio ** (1 / levels)))))
-
-
-def _cluster_pairs(emb: np.ndarray, rows: np.ndarray, min_cos: float, max_size: int, seed: int,
-                   boundary: float = 0.0) -> np.ndarray:
-    """(row, row) pairs with cosine > ``min_cos`` inside one cluster; a cluster larger than
-    ``max_size`` is split by k-means first, rows within ``boundary`` of a border going to both
-    sides (with 0, pairs across the split are missed, as in SemDeDup)."""
-    if len(rows) < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    if len(rows) > max_size:
-        k = split_k(len(rows), max_size)
-        cent = train_centroids(emb, k, seed, niter=10, points_per_centroid=64)
-        parts = []
-        for sel in members(*nearest_with_boundary(cent, emb, boundary), len(cent)):
-            if 2 <= len(sel) < len(rows):  # a split that moved nothing would recurse forever
-                parts.append(_cluster_pairs(emb[sel], rows[sel], min_cos, max_size, seed + 1, boundary))
-        parts = [x for x in parts if len(x)]
-        return unique_pairs(np.concatenate(parts)) if parts else np.zeros((0, 2), dtype=np.int64)
-    i, j = np.nonzero(emb @ emb.T > min_cos)
-    upper = i < j
-    a, b = rows[i[upper]], rows[j[upper]]
-    return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
-
-
-def semantic_pairs_in_memory(x: np.ndarray, min_cos: float, max_cluster_size: int, seed: int = 0,
-                             kmeans_sample: int = 200_000, boundary: float = 0.02) -> tuple[np.ndarray, int]:
-    """SemDeDup on vectors already in memory (the benchmark's path; the stage streams shards
-    through the same three functions): pairs and the number of top-level clusters."""
-    k = top_level_k(len(x))
-    pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:kmeans_sample])
-    cent = train_centroids(x[pick], k, seed)
-    out = [_cluster_pairs(x[sel], sel, min_cos, max_cluster_size, seed, boundary)
-           for sel in members(*nearest_with_boundary(cent, x, boundary), len(cent))]
-    out = [o for o in out if len(o)]
-    return (unique_pairs(np.concatenate(out)) if out else np.zeros((0, 2), dtype=np.int64)), len(cent)
 
 
 def load_eval_hashes(sources: list[str]) -> tuple[set[str], list[int]]:

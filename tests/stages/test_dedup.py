@@ -397,7 +397,7 @@ def test_semdedup_border_rows_are_searched_in_both_clusters():
     """Close copies that a k-means split puts on either side of a border are found when rows near
     the border join both clusters; SemDeDup's hard assignment (boundary 0) misses some."""
     from curate.algorithms.vectors import members, nearest_with_boundary
-    from curate.stages.dedup import semantic_pairs_in_memory
+    from curate.algorithms.semdedup import semantic_pairs_in_memory
 
     cent = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     x = np.array([[1.0, 0.0], [0.71, 0.70], [0.0, 1.0]], dtype=np.float32)
