@@ -2,7 +2,7 @@
 
 A stage only computes: for one shard it returns a ``StageOutput`` (value columns and, for a
 filter, one reason per row). Counting stats, writing files, resume and scheduling live elsewhere
-(stages/execute.py, engine/), as in datatrove where a filter only says keep/drop and why.
+(runner/execute.py, engine/), as in datatrove where a filter only says keep/drop and why.
 
 Every read of another stage's table goes through the context (``ctx.read(stage_id, ...)``), and
 only stages the reader declares (``Stage.reads()``), its upstream filters and the index are

@@ -1,1 +1,1 @@
-"""Stages: each module registers its stages in the registry (stages/registry.py)."""
+"""Stages, one file each, named as the stage: each registers its class with @register_stage (contract/registry.py)."""
