@@ -114,5 +114,5 @@ class ConceptMatcher:
 @lru_cache(maxsize=4)
 def get_matcher(source: str = "imagenet21k", case_sensitive: bool = True,
                 min_entry_chars: int = 1) -> ConceptMatcher:
-    """One automaton per process and vocabulary (building the 21k-entry one takes ~0.1 s)."""
+    """One automaton per process and vocabulary (building the 21k-entry one is worth doing once)."""
     return ConceptMatcher(load_vocabulary(source), case_sensitive, min_entry_chars)

@@ -1,13 +1,12 @@
 """CLIP's model input from a local tar with NVIDIA DALI: DALI's tar reader and DALI's decoder.
 
-Measured on one H100 with ViT-B/32: torch DataLoader processes that each parse every tar header in
-Python and hand their bytes to the main process top out near 5,700 samples/s, below the forward's
-~19,000 img/s, whatever the decoder. Here DALI's own WebDataset reader (C++ threads, its own index
-of the tar) fetches each sample's image member, and a decode pipeline (``decoders.image`` on the
-GPU's hardware JPEG decoder, exact resize, padding into one batch) turns batches of those bytes into
-pixels: ~10,500 img/s steady on that H100. Building a decode pipeline costs 2-3 s (decoder
-initialisation), so one is built per ``ShardPipeline`` and reused for every shard; a reader costs
-~0.03 s and is built per shard.
+torch DataLoader processes that each parse every tar header in Python and hand their bytes to the
+main process cannot feed a GPU's forward, whatever the decoder (figures on the docs' performance
+page). Here DALI's own WebDataset reader (C++ threads, its own index of the tar) fetches each
+sample's image member, and a decode pipeline (``decoders.image`` on the GPU's hardware JPEG decoder,
+exact resize, padding into one batch) turns batches of those bytes into pixels. Building a decode
+pipeline is slow (decoder initialisation), so one is built per ``ShardPipeline`` and reused for
+every shard; a reader is cheap and is built per shard.
 
 The result is open_clip's transform as ``DaliPreprocess`` reproduces it: each image resized to the
 exact size torchvision's ``Resize(int)`` gives (the long side truncated, computed in the pipeline

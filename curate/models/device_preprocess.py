@@ -1,7 +1,7 @@
 """JPEG decode and CLIP preprocessing on the model's device (nvJPEG + torch on a GPU).
 
-On a GPU the forward pass of ViT-B/32 outruns what a CPU can decode: an H100 scores ~10k
-images/s, a 640x480 JPEG costs ~8 ms to decode and resize on one core. So the loader workers only
+On a GPU the forward pass of a CLIP model outruns what a few CPU cores can decode and resize (the
+docs' performance page has the figures). So the loader workers only
 read the tar and check the header, and the JPEG bytes are decoded in batches by torchvision's
 nvJPEG binding, then resized, cropped and normalised with torch on the device.
 
