@@ -225,19 +225,47 @@ def brute_force_pairs(hashes: np.ndarray, radius: int, block: int = 2048) -> np.
 # lies 6-8 bits from its source's, as far as unrelated images with the same layout. Hashing centre
 # crops brings the two back together (the copy's full frame ~ the source's centre crop).
 CROP_SCALES = (0.98, 0.96, 0.94)
+# Web copies are also cut on one side (a banner, a watermark, a scan's margin) or on two: windows that
+# drop this share of the image at each side, each pair of adjacent sides and each pair of opposite ones.
+SIDE_CUTS = (0.04, 0.08)
+_SIDES = ("t", "b", "l", "r", "tl", "tr", "bl", "br", "tb", "lr")
+
+
+def _centre_box(h: int, w: int, scale: float) -> tuple[int, int, int, int]:
+    ch, cw = max(2, int(round(h * scale))), max(2, int(round(w * scale)))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return x, y, x + cw, y + ch
+
+
+def _side_box(h: int, w: int, sides: str, cut: float) -> tuple[int, int, int, int]:
+    dy, dx = max(1, int(round(h * cut))), max(1, int(round(w * cut)))
+    return ((dx if "l" in sides else 0), (dy if "t" in sides else 0),
+            (w - dx if "r" in sides else w), (h - dy if "b" in sides else h))
+
+
+def crop_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the sub-windows whose hashes a crop of an ``h`` x ``w`` image
+    is matched against: centre crops at each scale, then the side crops at each cut."""
+    return [_centre_box(h, w, s) for s in CROP_SCALES] + [_side_box(h, w, sd, c) for c in SIDE_CUTS for sd in _SIDES]
 
 
 def centre_crop(rgb: np.ndarray, scale: float) -> np.ndarray:
     """The centre of an image keeping ``scale`` of its width and height."""
-    h, w = rgb.shape[:2]
-    ch, cw = max(2, int(round(h * scale))), max(2, int(round(w * scale)))
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return np.ascontiguousarray(rgb[y:y + ch, x:x + cw])
+    x0, y0, x1, y1 = _centre_box(*rgb.shape[:2], scale)
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 
-def crop_phashes(rgb: np.ndarray, scales: tuple[float, ...] = CROP_SCALES) -> list[int]:
-    """pHash of the centre crop at each scale."""
-    return [phash(centre_crop(rgb, s)) for s in scales]
+def crop_phashes(rgb: np.ndarray) -> list[int]:
+    """pHash of each crop window (``crop_boxes``), as ``phash`` computes it on the window: one grey
+    conversion and one batched DCT for all of them."""
+    from scipy.fft import dctn
+
+    grey = Image.fromarray(rgb).convert("L")
+    small = np.stack([np.asarray(grey.crop(b).resize((32, 32), Image.BILINEAR), dtype=np.float64)
+                      for b in crop_boxes(*rgb.shape[:2])])
+    coeffs = dctn(small, axes=(1, 2), norm="ortho")[:, :8, :8].reshape(len(small), -1)
+    bits = coeffs > np.median(coeffs, axis=1, keepdims=True)
+    return [int.from_bytes(np.packbits(row).tobytes(), "big", signed=True) for row in bits]
 
 
 COLOR_CELLS = 4 * 4 * 3
@@ -250,12 +278,13 @@ def color_signature(rgb: np.ndarray, grid: int = 4) -> list[int]:
     return np.asarray(im, dtype=np.uint8).ravel().tolist()
 
 
-def crop_color_signatures(rgb: np.ndarray, scales: tuple[float, ...] = CROP_SCALES) -> list[int]:
-    """The colour signature of the whole image, then of each centre crop (``COLOR_CELLS`` values
-    each): a crop match is confirmed against the crop that matched."""
-    out = color_signature(rgb)
-    for s in scales:
-        out += color_signature(centre_crop(rgb, s))
+def crop_color_signatures(rgb: np.ndarray, grid: int = 4) -> list[int]:
+    """The colour signature of the whole image, then of each crop window (``COLOR_CELLS`` values
+    each): a crop match is confirmed against the window that matched."""
+    im = Image.fromarray(rgb)
+    out = color_signature(rgb, grid)
+    for b in crop_boxes(*rgb.shape[:2]):
+        out += np.asarray(im.crop(b).resize((grid, grid), Image.BOX), dtype=np.uint8).ravel().tolist()
     return out
 
 

@@ -66,14 +66,15 @@ class DedupStage(GlobalStage):
         "dup_group": "uid of the sample kept from this sample's duplicate group (its own uid when it has no duplicate)",
         "dup_of": "uid of the sample this one duplicates (the one kept), null for the kept one",
     }
-    version = "7"
+    version = "8"
 
     class Params(Strict):
         exact: list[Literal["image", "image_caption", "caption", "url"]] = Field(
             ["image"], description="keys that define an exact duplicate (image: sha256 of the bytes)")
         phash_radius: int | None = Field(4, ge=0, le=16, description="Hamming radius; null: off")
         crop_radius: int | None = Field(None, ge=0, le=16, description="crop-tolerant near duplicates: Hamming "
-                                        "radius between one image's pHash and another's centre-crop pHashes; null: off")
+                                        "radius between one image's pHash and another's crop-window pHashes (centre crops, and side crops "
+                                        "of one, two adjacent or two opposite sides); null: off")
         crop_max_color_diff: float = Field(4.0, ge=0, le=255, description="a crop match counts only when the 4x4 "
                                            "colour signatures differ by at most this (mean absolute, 0-255)")
         semantic_eps: float | None = Field(None, gt=0, lt=1, description="SemDeDup: cosine > 1 - eps")

@@ -92,10 +92,13 @@ class ImageStage(RowFilter):
         "dark_share": "share of near-black pixels",
         "bright_share": "share of near-white pixels",
         "phash": "64-bit perceptual hash (DCT of the 32x32 grey image), as a signed integer",
-        "phash_crops": "pHash of the centre crops keeping 98, 96 and 94 % of each side (crop-tolerant near duplicates)",
-        "color_sig": "mean RGB of each cell of a 4x4 grid (48 values) of the image, then of each centre crop: confirms crop matches in colour",
+        "phash_crops": "pHash of each crop window: centre crops keeping 98, 96 and 94 % of each side, then the image "
+                       "without 4 % and 8 % at one side, two adjacent sides or two opposite sides (crop-tolerant near "
+                       "duplicates)",
+        "color_sig": "mean RGB of each cell of a 4x4 grid (48 values) of the image, then of each crop window: confirms "
+                     "crop matches in colour",
     }
-    version = "4"
+    version = "5"
 
     class Params(Strict):
         min_side: int | None = Field(200, ge=1, description="DataComp: min(original w, h) >= 200")

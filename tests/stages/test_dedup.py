@@ -421,3 +421,58 @@ def test_semdedup_border_rows_are_searched_in_both_clusters():
 
     hard, soft = recall(0.0), recall(0.02)
     assert soft == 1.0 and hard < soft
+
+
+@pytest.mark.slow
+def test_copies_cut_on_one_or_two_sides_join_their_original_without_false_merges(tmp_path: Path):
+    """Real photos (COCO val2017) and a copy of each cut by 3-10 % on one or two sides (a banner, a
+    margin), re-encoded: the crop-tolerant kind groups >= 95 % of the copies with their original
+    and merges no two originals."""
+    import io
+    import json as _json
+    import tarfile
+
+    from PIL import Image
+
+    from curate.io.shards import iter_samples
+    from tests.conftest import shared_data
+
+    src = shared_data("shards/coco-val2017-mini-000000.tar")
+    rng = np.random.default_rng(0)
+    members, copy_of = [], {}
+    for s in iter_samples(str(src)):
+        if not s.image():
+            continue
+        im = Image.open(io.BytesIO(s.image())).convert("RGB")
+        w, h = im.size
+        box = [0, 0, w, h]
+        for side in rng.choice(["top", "bottom", "left", "right"], size=int(rng.integers(1, 3)), replace=False):
+            c = rng.uniform(0.03, 0.10)
+            if side == "top":
+                box[1] = int(h * c)
+            elif side == "bottom":
+                box[3] = int(h * (1 - c))
+            elif side == "left":
+                box[0] = int(w * c)
+            else:
+                box[2] = int(w * (1 - c))
+        buf = io.BytesIO()
+        im.crop(tuple(box)).save(buf, format="JPEG", quality=70)
+        orig, copy = f"{len(members):032x}", f"{len(members) + 1:032x}"
+        members += [(orig, s.image()), (copy, buf.getvalue())]
+        copy_of[copy] = orig
+    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+        for uid, data in members:
+            for name, b in ((f"{uid}.jpg", data), (f"{uid}.txt", b"a photo"), (f"{uid}.json", _json.dumps({"uid": uid}).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(b)
+                tf.addfile(ti, io.BytesIO(b))
+    pipe = make_pipeline(("image", {"min_side": None}),
+                         ("dedup", {"exact": ["image"], "phash_radius": 4, "crop_radius": 6, "keep": "smallest_uid"}))
+    assert run_pipeline(pipe, make_config(str(tmp_path / "*.tar"), tmp_path / "w")).ok
+    d = pl.read_parquet(tmp_path / "w" / "dedup" / "*.parquet")
+    group = dict(zip(d["uid"], d["dup_group"]))
+    joined = sum(group[c] is not None and group[c] == group[o] for c, o in copy_of.items())
+    assert joined >= 0.95 * len(copy_of), (joined, len(copy_of))
+    groups = [group[o] for o in copy_of.values() if group[o] is not None]
+    assert len(groups) == len(set(groups))  # no two originals in one group
