@@ -65,6 +65,13 @@ def test_the_site_opens_in_a_browser_with_navigation_and_search(site: Path, tmp_
     assert hi - lo > 100 and len(set(im.resize((60, 45)).getdata())) > 10  # drawn, not a blank page
 
 
+def test_every_file_the_readme_links_to_is_in_the_repository():
+    """The README stands alone: each relative link names a committed file, not a generated page."""
+    text = (ROOT / "README.md").read_text()
+    links = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
+    assert links and [t for t in links if not (ROOT / t).exists()] == []
+
+
 def test_every_command_the_readme_names_accepts_help():
     """Each `curate COMMAND ...` the README shows is a command, and each of its --options one that
     command's --help lists."""
