@@ -92,7 +92,20 @@ def bench_image(pool: Path) -> dict:
             for data, ext in imgs:
                 stage.measure_one(data, ext, (None, None))
         best_stage = max(best_stage, len(imgs) / t["seconds"])
-    return {"images": len(imgs), "source": src.name, "raw_full_pil_decode_images_per_s": round(best_raw),
+    # what dedup's crop kind adds to each image (only when a recipe sets crop_radius), beside plain pHash
+    from curate.algorithms.phash import crop_color_signatures, crop_phashes, phash
+    from curate.io.images import reduced_decode
+
+    thumbs = [reduced_decode(data, ext, thumb, 10**9)[0] for data, ext in imgs]
+    per_image = {}
+    for name, fn in (("phash", phash), ("crop_windows_phash_and_colour",
+                                        lambda x: (crop_phashes(x), crop_color_signatures(x)))):
+        fn(thumbs[0])  # imports (scipy's DCT) outside the timing
+        with timer() as t:
+            for x in thumbs:
+                fn(x)
+        per_image[f"{name}_us_per_image"] = round(t["seconds"] / len(thumbs) * 1e6)
+    return {**per_image, "images": len(imgs), "source": src.name, "raw_full_pil_decode_images_per_s": round(best_raw),
             "raw_reduced_decode_images_per_s": round(best_reduced),
             "image_stage_images_per_s": round(best_stage),
             "ratio_vs_reduced_decode": round(best_stage / best_reduced, 3),

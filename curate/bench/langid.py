@@ -18,9 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
-from curate.algorithms.wordnet import first_senses
 from curate.bench.common import ROOT, peak_rss_mb, save
-from curate.models.caption_language import ENGLISH_FUNCTION_WORDS
+from curate.models import caption_language
 from curate.stages.text import TextStage
 
 DATA = Path(os.environ.get("CURATE_BENCH_DATA", ROOT.parent / "shared" / "data"))
@@ -36,11 +35,9 @@ def _decide(texts: list[str], decision: str) -> list[str | None]:
 
 
 def english_words_only(text: str) -> bool:
-    """Every word of ``text`` is an English word (a WordNet lemma in any inflection, or a function
-    word): a line a reader could not call non-English without its label."""
-    words = [w.strip(".,;:!?\"'()[]").lower() for w in text.split()]
-    senses = first_senses()
-    return bool(words) and all(w in ENGLISH_FUNCTION_WORDS or senses.first_sense(w) is not None for w in words)
+    """Every word of ``text`` is an English word (one word is enough): a line a reader could not
+    call non-English without its label."""
+    return caption_language.english_words_only(text, min_words=1)
 
 
 def _precision(got: list, truth: list, keep: list[bool]) -> tuple[float | None, float]:

@@ -103,13 +103,13 @@ def function_word_share(text: str) -> tuple[int, float]:
     return hits, hits / len(words) if words else 0.0
 
 
-def english_words_only(text: str) -> bool:
-    """Two or more words, each an English word: a function word or a WordNet lemma in any
-    inflection (WordNet 3.0 ships as package data)."""
+def english_words_only(text: str, min_words: int = 2) -> bool:
+    """At least ``min_words`` words, each an English word: a function word or a WordNet lemma in
+    any inflection (WordNet 3.0 ships as package data)."""
     from curate.algorithms.wordnet import first_senses
 
     words = [w for w in (t.strip(".,;:!?\"'()[]-") for t in text.lower().split()) if w]
-    if len(words) < 2:
+    if len(words) < min_words:
         return False
     senses = first_senses()
     return all(w in ENGLISH_FUNCTION_WORDS or senses.first_sense(w) is not None for w in words)
