@@ -165,7 +165,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     else:
         check_output(Path(a.out).resolve(), a.workdir, run["shards"], a.overwrite)
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
-                      hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema)
+                      hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema,
+                      blur_faces=a.blur_faces, redact_pii=a.redact_pii)
     with _executor_for(a.config) as ex:
         m = export(a.workdir, a.out, ex, spec)
     print(f"exported {m['samples_kept']} of {m['samples_in']} samples into {m['output_shards']} shard(s) "
@@ -410,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--schema", choices=["curate", "datacomp"], default="curate",
                    help="column names of metadata/ and pool/: curate's, or DataComp's (text, "
                         "clip_l14_similarity_score / clip_b32_similarity_score, original_width...)")
+    x.add_argument("--blur-faces", action="store_true", help="blur the faces a faces stage found in the shards' "
+                   "images (DataComp's blur; images without faces keep their bytes)")
+    x.add_argument("--redact-pii", action="store_true", help="replace the personal data caption_pii found in "
+                   "captions with <EMAIL>, <PHONE>... (metadata, pool and shards)")
     x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 

@@ -8,6 +8,11 @@
 3. per output shard (map): copy the original member bytes of its samples into ``OUT/shards/j.tar``.
 Then ``uids.npy`` (DataComp's subset format), ``sizes.json`` and ``manifest.json``.
 
+Privacy (``--blur-faces``, ``--redact-pii``): the images of the output shards have the faces of
+``face_bboxes`` blurred (other images keep their bytes), and every caption written (metadata, pool,
+the shards' ``.txt`` and ``.json``) has the spans of ``pii_spans`` replaced by their tag; the
+manifest says which detector, threshold and blur were used.
+
 Shuffling (optional, seeded) permutes the order of input shards and the samples inside each one
 (the shard-level + in-shard shuffle of webdataset loaders): a global shuffle of a 10B-sample pool
 would make every output shard read every input tar.
@@ -58,6 +63,8 @@ class ExportSpec:
     overwrite: bool = False  # replace an earlier export (a folder holding MARKER), atomically
     run_id: str | None = None  # which run of the work dir (default: the latest)
     schema: str = "curate"  # or "datacomp": DataComp's metadata column names (datacomp_names)
+    blur_faces: bool = False  # blur the faces stage's face_bboxes in the output shards' images
+    redact_pii: bool = False  # captions with caption_pii's spans replaced by <EMAIL>, <PHONE>...
 
 
 # DataComp names its CLIP-score columns by the scoring model.
@@ -162,6 +169,9 @@ def export_metadata(workdir: str, out: str, stages: list[dict], spec: ExportSpec
     if stale:
         return {"shard": shard, "stale": stale}
     df, docs = joined_shard(workdir, shard, stages)
+    redacted = 0
+    if spec.redact_pii:
+        df, redacted = redact_captions(df, pii_params(stages))
     if names:
         df = df.rename({k: v for k, v in names.items() if k in df.columns})
     kept = df.filter(pl.col("kept"))
@@ -173,7 +183,58 @@ def export_metadata(workdir: str, out: str, stages: list[dict], spec: ExportSpec
     write_table(described(meta, docs, names), Path(out) / "metadata" / f"{shard}.parquet", row_group_size=ROW_GROUP)
     if spec.write_pool:
         write_table(described(df, docs, names), Path(out) / "pool" / f"{shard}.parquet", row_group_size=ROW_GROUP)
-    return {"shard": shard, "path": shard_path, "kept": kept.height, "rows": df.height}
+    return {"shard": shard, "path": shard_path, "kept": kept.height, "rows": df.height, "redacted": redacted}
+
+
+def pii_params(stages: list[dict]) -> dict[str, Any]:
+    """The run's caption_pii parameters (kinds, phone regions): the stage that wrote ``pii_spans``."""
+    return next(st["params"] for st in stages if "pii_spans" in st.get("columns", []))
+
+
+def redact_captions(df: pl.DataFrame, params: dict[str, Any]) -> tuple[pl.DataFrame, int]:
+    """``df`` with each caption's ``pii_spans`` replaced by their tags; and how many changed. Rows
+    the stage did not look at (dropped before it) are searched here with its parameters, so the
+    pool table, which keeps every row, holds no caption unredacted either."""
+    from curate.algorithms.pii import find_pii, redact
+
+    spans = df["pii_spans"].to_list()
+    captions = df["caption"].to_list()
+    kinds, regions = tuple(params["kinds"]), tuple(params["phone_regions"])
+    out = [c if c is None else redact(c, s if s is not None else find_pii(c, kinds, regions))
+           for c, s in zip(captions, spans)]
+    changed = sum(a != b for a, b in zip(out, captions))
+    return df.with_columns(pl.Series("caption", out, dtype=pl.String)), changed
+
+
+def privacy_columns_problem(run: dict, spec: ExportSpec) -> str | None:
+    """Why the run cannot give what ``spec`` asks for privacy (None: it can)."""
+    columns = {c for st in run["stages"] for c in st.get("columns", [])}
+    if spec.blur_faces and "face_bboxes" not in columns:
+        return ("--blur-faces needs face boxes: run a faces stage first (pipelines/privacy.yaml, or add "
+                "`- faces: {}` to the pipeline)")
+    if spec.blur_faces and any(is_metadata_shard(p) for p in run["shards"]):
+        return ("--blur-faces: a metadata pool has no images to blur; its face_bboxes are in metadata/ for the "
+                "download (img2dataset's bbox_col) or the training loader to blur")
+    if spec.redact_pii and "pii_spans" not in columns:
+        return ("--redact-pii needs the caption_pii stage's spans: run it first (pipelines/privacy.yaml, or add "
+                "`- caption_pii: {}` to the pipeline)")
+    return None
+
+
+def privacy_manifest(workdir: str, run: dict, spec: ExportSpec, blurred: int, redacted: int) -> dict:
+    """What the manifest says about the privacy pass: detector, threshold and blur; redaction."""
+    from curate.algorithms.face_blur import BLUR
+
+    out: dict[str, Any] = {}
+    work = WorkDir.at(workdir)
+    for st in run["stages"]:
+        if spec.blur_faces and "face_bboxes" in st.get("columns", []):
+            meta = read_meta(work.stage_table(st["id"], shard_name(run["shards"][0]))) or {}
+            out["blur_faces"] = {"stage": st["id"], "detector": (meta.get("describe") or {}).get("detector"),
+                                 "threshold": st["params"].get("threshold"), "blur": BLUR, "images_blurred": blurred}
+        if spec.redact_pii and "pii_spans" in st.get("columns", []):
+            out["redact_pii"] = {"stage": st["id"], "kinds": st["params"].get("kinds"), "captions_redacted": redacted}
+    return out
 
 
 def refuse_stale(workdir: str, run: dict, stale: dict[str, list[str]]) -> None:
@@ -204,14 +265,19 @@ def refuse_stale(workdir: str, run: dict, stale: dict[str, list[str]]) -> None:
 
 def _sample_json(row: dict[str, Any]) -> bytes:
     keep = {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if row.get("face_bboxes"):  # DataComp's metadata carries them: loaders that blur read them here
+        keep["face_bboxes"] = row["face_bboxes"]
     return json.dumps(keep, sort_keys=True, default=str).encode()
 
 
-def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
-    """Map step: output shard ``index`` from slices of input shards (original bytes, no re-encode)."""
+def write_output_shard(out: str, job: tuple[int, list[dict]], blur: bool = False) -> dict:
+    """Map step: output shard ``index`` from slices of input shards (original bytes, no re-encode;
+    with ``blur``, images with faces are blurred and re-encoded)."""
+    from curate.algorithms.face_blur import blur_faces
+
     index, plan = job
     path = Path(out) / "shards" / f"{index:05d}.tar"
-    n = nbytes = 0
+    n = nbytes = blurred = 0
     with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
         for part in plan:
             meta = pl.read_parquet(Path(out) / "metadata" / f"{part['shard']}.parquet").slice(
@@ -228,6 +294,9 @@ def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
                                    f"(e.g. key {sorted(lost)[0]}): it changed after the run; rerun it")
             for r in rows:  # metadata order (possibly shuffled), not tar order
                 img, ext = found[r["key"]]
+                if blur and r.get("face_bboxes"):
+                    img, ext = blur_faces(img, ext, r["face_bboxes"])
+                    blurred += 1
                 key = f"{index:05d}{n:05d}"
                 members = [(f"{key}.{ext}", img), (f"{key}.txt", (r.get("caption", r.get("text")) or "").encode()),
                            (f"{key}.json", _sample_json(r))]
@@ -237,7 +306,7 @@ def write_output_shard(out: str, job: tuple[int, list[dict]]) -> dict:
                     tf.addfile(ti, io.BytesIO(data))
                     nbytes += len(data)
                 n += 1
-    return {"shard": path.name, "samples": n, "bytes": nbytes}
+    return {"shard": path.name, "samples": n, "bytes": nbytes, "blurred": blurred}
 
 
 def uids_to_npy(uids: list[str]) -> np.ndarray:
@@ -370,6 +439,9 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     if missing:
         raise RefusedOutput(f"{workdir}: stage {all_ids[-1]} is not done on {len(missing)} shard(s) "
                            f"(e.g. {missing[0]}); finish the run before exporting")
+    problem = privacy_columns_problem(run, spec)
+    if problem:
+        raise RefusedOutput(problem)
     order = list(shards)
     if spec.shuffle_seed is not None:
         order.sort(key=lambda p: _order_key(shard_name(p), spec.shuffle_seed))
@@ -386,7 +458,8 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     counts = [r.value for r in res]  # in `order`: the output numbering follows it
     # a metadata pool has no images to copy: its export is the metadata, the pool table and uids.npy
     plans = [] if any(is_metadata_shard(p) for p in shards) else plan_output(counts, spec.shard_size)
-    outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out), list(enumerate(plans)),
+    outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out, blur=spec.blur_faces),
+                  list(enumerate(plans)),
                   label="export:shards") if plans else []
     failed = [r for r in outs if not r.ok]
     if failed:
@@ -402,6 +475,9 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     manifest = {"workdir": workdir, "run_id": run["run_id"], "versions": run["versions"],
                 "stages": run["stages"], "export": spec.__dict__, "samples_in": total,
                 "samples_kept": len(kept_uids), "output_shards": len(plans), "sizes": sizes}
+    if spec.blur_faces or spec.redact_pii:
+        manifest["privacy"] = privacy_manifest(workdir, run, spec, sum(r.value["blurred"] for r in outs),
+                                               sum(c["redacted"] for c in counts))
     atomic_write_bytes(Path(out) / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
     if spec.hf_parquet:
         _write_hf_parquet(out, plans, ex)
