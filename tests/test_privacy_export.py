@@ -131,3 +131,16 @@ def test_an_export_without_the_stages_is_refused_with_the_fix(privacy_run: tuple
         with pytest.raises(RefusedOutput, match="caption_pii"):
             export(str(work), tmp_path / "o2", ex, ExportSpec(redact_pii=True))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_the_report_shows_faces_blurred_and_captions_redacted(privacy_run: tuple[Path, Path], tmp_path: Path):
+    from curate.report.html import write_report
+
+    _, work = privacy_run
+    page = write_report(work, out=tmp_path / "report").read_text()
+    assert "<h2>Faces</h2>" in page and "<h2>Personal data in captions</h2>" in page
+    assert "in 3 of 5 image(s)" in page and "2 of 5 caption(s)" in page
+    assert "&lt;EMAIL&gt;" in page and "&lt;PHONE&gt;" in page
+    assert "example.com" not in page and "7946" not in page
+    thumbs = sorted((tmp_path / "report" / "gallery").glob("blurred_*.png"))
+    assert len(thumbs) == 3 and all(f"gallery/{t.name}" in page for t in thumbs)

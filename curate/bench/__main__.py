@@ -22,6 +22,7 @@ BENCHMARKS = {
     "text_mask": "curate.bench.text_mask",
     "storage": "curate.bench.storage",
     "nsfw": "curate.bench.nsfw",
+    "privacy": "curate.bench.privacy",
 }
 
 

@@ -17,6 +17,9 @@ from curate.core.config import ConfigError
 from curate.io.layout import WorkDir
 from curate.io.parquet import column_names, read_frame
 from curate.io.shards import iter_samples
+from curate.algorithms.face_blur import blur_faces
+from curate.algorithms.pii import redact
+from curate.report.privacy import masked, privacy_section
 from curate.report.stats import funnel
 
 log = logging.getLogger(__name__)
@@ -210,6 +213,7 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
     paths = {Path(p).name.split(".")[0]: p for p in run["shards"]}
     gdir = out / "gallery"
     gdir.mkdir(exist_ok=True)
+    private = masked(work, run, {r["uid"] for r in want.values()})
     result: dict[str, list[tuple[str, str, str]]] = {}
     for shard in sorted({s for s, _ in want}):
         for s in iter_samples(paths.get(shard, "")):
@@ -217,13 +221,16 @@ def gallery(work: WorkDir, run: dict, out: Path) -> dict[str, list[tuple[str, st
             if row is None:
                 continue
             name = f"{shard}_{s.key.replace('/', '_')}.png"
+            boxes, spans = private.get(row["uid"], (None, None))
             try:
-                with Image.open(io.BytesIO(s.image() or b"")) as im:
+                data = blur_faces(s.image() or b"", s.image_ext() or "jpg", boxes)[0] if boxes else s.image()
+                with Image.open(io.BytesIO(data or b"")) as im:
                     im.thumbnail((128, 128))
                     im.convert("RGB").save(gdir / name)
             except Exception:  # undecodable images are shown as a grey tile: that is their reason
                 Image.new("RGB", (128, 128), (200, 200, 200)).save(gdir / name)
-            cap = (s.caption_bytes() or b"").decode("utf-8", "replace")[:120]
+            cap = (s.caption_bytes() or b"").decode("utf-8", "replace")
+            cap = (redact(cap, spans) if spans else cap)[:120]
             detail = [f"uid {row['uid'][:12]}"]
             if row.get("clip_score") is not None:
                 detail.append(f"CLIP {row['clip_score']:.3f}")
@@ -360,6 +367,7 @@ def write_report(workdir: str | Path, run_id: str | None = None, out: Path | Non
     h += _params_table(run)
     h += coverage_table(work)
     h += classifier_tables(work, run)
+    h += privacy_section(work, run, out)
     for title, name, extra in figs:
         if name:
             h.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(name)}' alt='{html.escape(title)}'>")
