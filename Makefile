@@ -37,7 +37,7 @@ install: $(STAMP) ## create .venv and install curate (again only when pyproject.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,ocr,nsfw,gcs,privacy]'
+	$(BIN)/pip install -q -e '.[dev,ocr,nsfw,gcs,privacy,caption]'
 	touch $(STAMP)
 
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth

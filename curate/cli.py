@@ -166,7 +166,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         check_output(Path(a.out).resolve(), a.workdir, run["shards"], a.overwrite)
     spec = ExportSpec(shard_size=a.shard_size, shuffle_seed=a.shuffle_seed, write_pool=not a.no_pool,
                       hf_parquet=a.hf_parquet, overwrite=a.overwrite, run_id=a.run, schema=a.schema,
-                      blur_faces=a.blur_faces, redact_pii=a.redact_pii)
+                      blur_faces=a.blur_faces, redact_pii=a.redact_pii, caption=a.caption)
     with _executor_for(a.config) as ex:
         m = export(a.workdir, a.out, ex, spec)
     print(f"exported {m['samples_kept']} of {m['samples_in']} samples into {m['output_shards']} shard(s) "
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "images (DataComp's blur; images without faces keep their bytes)")
     x.add_argument("--redact-pii", action="store_true", help="replace the personal data caption_pii found in "
                    "captions with <EMAIL>, <PHONE>... (metadata, pool and shards)")
+    x.add_argument("--caption", choices=["original", "synthetic", "both"], default="original",
+                   help="the shards' .txt: the alt-text, the recaption stage's caption (the alt-text where it "
+                        "wrote none), or the alt-text with the synthetic one as KEY.synthetic.txt")
     x.add_argument("--run", default=None, help="run id (WORK/runs/ID); default: the latest run")
     x.set_defaults(fn=cmd_export)
 

@@ -65,6 +65,7 @@ class ExportSpec:
     schema: str = "curate"  # or "datacomp": DataComp's metadata column names (datacomp_names)
     blur_faces: bool = False  # blur the faces stage's face_bboxes in the output shards' images
     redact_pii: bool = False  # captions with caption_pii's spans replaced by <EMAIL>, <PHONE>...
+    caption: str = "original"  # .txt: the alt-text, the recaption stage's caption, or both (KEY.synthetic.txt)
 
 
 # DataComp names its CLIP-score columns by the scoring model.
@@ -206,7 +207,7 @@ def redact_captions(df: pl.DataFrame, params: dict[str, Any]) -> tuple[pl.DataFr
     return df.with_columns(pl.Series("caption", out, dtype=pl.String)), changed
 
 
-def privacy_columns_problem(run: dict, spec: ExportSpec) -> str | None:
+def export_columns_problem(run: dict, spec: ExportSpec) -> str | None:
     """Why the run cannot give what ``spec`` asks for privacy (None: it can)."""
     columns = {c for st in run["stages"] for c in st.get("columns", [])}
     if spec.blur_faces and "face_bboxes" not in columns:
@@ -215,6 +216,9 @@ def privacy_columns_problem(run: dict, spec: ExportSpec) -> str | None:
     if spec.blur_faces and any(is_metadata_shard(p) for p in run["shards"]):
         return ("--blur-faces: a metadata pool has no images to blur; its face_bboxes are in metadata/ for the "
                 "download (img2dataset's bbox_col) or the training loader to blur")
+    if spec.caption != "original" and "caption_synthetic" not in columns:
+        return (f"--caption {spec.caption} needs synthetic captions: run a recaption stage first "
+                "(pipelines/recaption_all.yaml, or add `- recaption: {...}` to the pipeline)")
     if spec.redact_pii and "pii_spans" not in columns:
         return ("--redact-pii needs the caption_pii stage's spans: run it first (pipelines/privacy.yaml, or add "
                 "`- caption_pii: {}` to the pipeline)")
@@ -270,7 +274,21 @@ def _sample_json(row: dict[str, Any]) -> bytes:
     return json.dumps(keep, sort_keys=True, default=str).encode()
 
 
-def write_output_shard(out: str, job: tuple[int, list[dict]], blur: bool = False) -> dict:
+def caption_members(key: str, row: dict[str, Any], caption: str) -> list[tuple[str, bytes]]:
+    """The caption members of one sample: ``.txt`` the alt-text (``original``), the synthetic
+    caption where the sample has one (``synthetic``), or the alt-text and ``.synthetic.txt``
+    (``both``: a loader can pick either per sample)."""
+    original = row.get("caption", row.get("text")) or ""
+    synthetic = row.get("caption_synthetic")
+    if caption == "synthetic":
+        return [(f"{key}.txt", (synthetic or original).encode())]
+    members = [(f"{key}.txt", original.encode())]
+    if caption == "both" and synthetic:
+        members.append((f"{key}.synthetic.txt", synthetic.encode()))
+    return members
+
+
+def write_output_shard(out: str, job: tuple[int, list[dict]], blur: bool = False, caption: str = "original") -> dict:
     """Map step: output shard ``index`` from slices of input shards (original bytes, no re-encode;
     with ``blur``, images with faces are blurred and re-encoded)."""
     from curate.algorithms.face_blur import blur_faces
@@ -298,8 +316,7 @@ def write_output_shard(out: str, job: tuple[int, list[dict]], blur: bool = False
                     img, ext = blur_faces(img, ext, r["face_bboxes"])
                     blurred += 1
                 key = f"{index:05d}{n:05d}"
-                members = [(f"{key}.{ext}", img), (f"{key}.txt", (r.get("caption", r.get("text")) or "").encode()),
-                           (f"{key}.json", _sample_json(r))]
+                members = [(f"{key}.{ext}", img), *caption_members(key, r, caption), (f"{key}.json", _sample_json(r))]
                 for name, data in members:
                     ti = tarfile.TarInfo(name)
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # mtime 0: byte-identical reruns
@@ -439,7 +456,7 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     if missing:
         raise RefusedOutput(f"{workdir}: stage {all_ids[-1]} is not done on {len(missing)} shard(s) "
                            f"(e.g. {missing[0]}); finish the run before exporting")
-    problem = privacy_columns_problem(run, spec)
+    problem = export_columns_problem(run, spec)
     if problem:
         raise RefusedOutput(problem)
     order = list(shards)
@@ -458,7 +475,8 @@ def _export_into(workdir: str, out: str, run: dict, ex: Executor, spec: ExportSp
     counts = [r.value for r in res]  # in `order`: the output numbering follows it
     # a metadata pool has no images to copy: its export is the metadata, the pool table and uids.npy
     plans = [] if any(is_metadata_shard(p) for p in shards) else plan_output(counts, spec.shard_size)
-    outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out, blur=spec.blur_faces),
+    outs = ex.map(functools.partial(call_with_options, options, write_output_shard, out, blur=spec.blur_faces,
+                                    caption=spec.caption),
                   list(enumerate(plans)),
                   label="export:shards") if plans else []
     failed = [r for r in outs if not r.ok]
