@@ -17,11 +17,36 @@ class ModelError(RuntimeError):
 
 
 def register_configs() -> None:
-    """Make our architectures (e.g. ``curate-tiny``) known to open_clip's factory."""
+    """Make our architectures (e.g. ``curate-tiny``) known to open_clip's factory, and have CoCa's
+    text decoder initialised (``init_coca_decoder``)."""
     import open_clip
 
     if "curate-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+    init_coca_decoder()
+
+
+def init_coca_decoder() -> None:
+    """open_clip's ``MultimodalTransformer`` (CoCa's text decoder) never initialises its
+    ``text_projection`` (its ``init_parameters`` would, but is never called and no longer runs), so
+    the projection stays ``torch.empty``: whatever the memory held (often zeros: every token scores
+    alike), or NaN under ``torch.use_deterministic_algorithms`` (training then diverges at the first
+    step). Here it is drawn as that method draws it (normal, std width^-0.5) once the decoder is
+    built, so a CoCa model made from random weights is the same on every run and trains."""
+    import torch
+    from open_clip import transformer
+
+    cls = transformer.MultimodalTransformer
+    if getattr(cls, "_curate_initialises", False):
+        return
+    built = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        torch.nn.init.normal_(self.text_projection, std=self.width ** -0.5)
+
+    cls.__init__ = __init__
+    cls._curate_initialises = True
 
 
 def embed_dim(model: str) -> int:
