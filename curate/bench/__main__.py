@@ -23,6 +23,7 @@ BENCHMARKS = {
     "storage": "curate.bench.storage",
     "nsfw": "curate.bench.nsfw",
     "privacy": "curate.bench.privacy",
+    "captions": "curate.bench.captions",
 }
 
 

@@ -277,10 +277,11 @@ def _sample_json(row: dict[str, Any]) -> bytes:
 def caption_members(key: str, row: dict[str, Any], caption: str) -> list[tuple[str, bytes]]:
     """The caption members of one sample: ``.txt`` the alt-text (``original``), the synthetic
     caption where the sample has one (``synthetic``), or the alt-text and ``.synthetic.txt``
-    (``both``: a loader can pick either per sample)."""
+    (``both``: a loader can pick either per sample). A pair kept only for its synthetic caption
+    (``rescued``) has that caption as its ``.txt`` whatever the choice: its alt-text failed."""
     original = row.get("caption", row.get("text")) or ""
     synthetic = row.get("caption_synthetic")
-    if caption == "synthetic":
+    if caption == "synthetic" or (row.get("rescued") and synthetic):
         return [(f"{key}.txt", (synthetic or original).encode())]
     members = [(f"{key}.txt", original.encode())]
     if caption == "both" and synthetic:

@@ -34,6 +34,8 @@ class ClipRankStage(GlobalStage):
     name = "clip_rank"
     columns = {
         "clip_rank_threshold": "the pool-wide CLIP-score threshold this run applied",
+        "rescued": "kept although its own score is below the threshold, because the rescue score (its synthetic "
+                   "caption's) reaches it; export writes the synthetic caption as its .txt (rescue_from only)",
     }
     version = "2"
 
@@ -56,6 +58,11 @@ class ClipRankStage(GlobalStage):
         exact_max_rows: int = Field(200_000_000, ge=1, description="beyond: histogram threshold")
         hist_bins: int = Field(65536, ge=16, description="bins over [-1, 1]: the histogram threshold, and the "
                                "exact one's first pass (its second pass holds one bin's rows)")
+        rescue_from: str | None = Field(None, description="id of a stage with a second score per row (a clip_score "
+                                        "stage that scored a recaption stage's captions): a row below the threshold "
+                                        "is kept when that score reaches it (rescued); the threshold itself comes from "
+                                        "scores_from alone")
+        rescue_column: str = Field("clip_score", description="the column of rescue_from to compare")
         all_rows: bool = Field(False, description="compute for every row, not only the survivors of earlier filters (ablations)")
 
         @model_validator(mode="after")
@@ -64,10 +71,11 @@ class ClipRankStage(GlobalStage):
             return self
 
     def value_fields(self) -> list[pa.Field]:
-        return [pa.field("clip_rank_threshold", pa.float32())]
+        rescued = [pa.field("rescued", pa.bool_())] if self.params.rescue_from else []
+        return [pa.field("clip_rank_threshold", pa.float32()), *rescued]
 
     def reads(self) -> tuple[str, ...]:
-        return (self.params.scores_from,)
+        return (self.params.scores_from,) + ((self.params.rescue_from,) if self.params.rescue_from else ())
 
     def index_columns(self) -> set[str]:
         return {self.params.score_column} if self.params.scores_from == "index" else set()
@@ -200,7 +208,15 @@ class ClipRankStage(GlobalStage):
         reasons = [None if not e else "clip:no_score" if s is None or s != s else
                    None if ranks_in(s, u, thr, tie) else "clip:below_threshold"
                    for u, s, e in zip(uids, scores, ev)]
-        return StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
+        out = StageOutput({"clip_rank_threshold": [thr] * len(uids)}, reasons)
+        if self.params.rescue_from:
+            second = ctx.column(self.params.rescue_column, stage_id=self.params.rescue_from)
+            rescued = [e and r is not None and thr is not None and s2 is not None and s2 == s2 and float(s2) >= thr
+                       for e, r, s2 in zip(ev, reasons, second)]
+            out.reasons = [None if res else r for r, res in zip(reasons, rescued)]
+            out.columns["rescued"] = [bool(res) if e else None for res, e in zip(rescued, ev)]
+            ctx.count("rescued", sum(rescued))
+        return out
 
 
 def _score_bins(scores: np.ndarray, bins: int) -> np.ndarray:

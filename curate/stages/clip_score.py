@@ -68,6 +68,8 @@ class ClipScoreStage(MapStage):
                                                 "DALI, the GPU's hardware JPEG decoder; pip install -e '.[gpu]')")
         mask_text_from: str | None = Field(None, description="id of a text_mask stage: its text regions are "
                                            "filled with the colour around them before the image is scored (T-MARS)")
+        caption_from: str | None = Field(None, description="id of a recaption stage: score its synthetic caption "
+                                         "instead of the alt-text (a row without one: clip:no_caption)")
         all_rows: bool = Field(False, description="score every row, not only survivors (ablations)")
 
     def __init__(self, params: Strict, stage_id: str | None = None):
@@ -90,7 +92,7 @@ class ClipScoreStage(MapStage):
         return {"GPU": 1} if device == "cuda" else None
 
     def reads(self) -> tuple[str, ...]:
-        return (self.params.mask_text_from,) if self.params.mask_text_from else ()
+        return tuple(s for s in (self.params.mask_text_from, self.params.caption_from) if s)
 
     def with_earlier(self, earlier: list) -> "ClipScoreStage":
         from curate.core.config import ConfigError
@@ -99,6 +101,10 @@ class ClipScoreStage(MapStage):
         if src is not None and "text_boxes" not in {f.name for f in src.value_fields()}:
             raise ConfigError(f"stage {self.stage_id!r} masks the text regions of {src.stage_id!r}, which finds "
                               "none: mask_text_from names a text_mask stage")
+        cap = next((s for s in earlier if s.stage_id == self.params.caption_from), None)
+        if cap is not None and "caption_synthetic" not in {f.name for f in cap.value_fields()}:
+            raise ConfigError(f"stage {self.stage_id!r} scores the captions of {cap.stage_id!r}, which writes none: "
+                              "caption_from names a recaption stage")
         return self
 
     def needs_pixels(self) -> bool:
@@ -397,8 +403,13 @@ class ClipScoreStage(MapStage):
         return imgs
 
     def process(self, ctx: ShardContext) -> StageOutput:
-        captions = ctx.column("caption")
         rows = ctx.rows()
+        if self.params.caption_from:
+            captions = ctx.column("caption_synthetic", stage_id=self.params.caption_from)
+            missing = {i for i in rows if captions[i] is None}
+            rows = [i for i in rows if i not in missing]
+        else:
+            captions, missing = ctx.column("caption"), set()
         masks = None
         if self.params.mask_text_from:
             boxes = ctx.column("text_boxes", stage_id=self.params.mask_text_from)
@@ -411,6 +422,8 @@ class ClipScoreStage(MapStage):
         tick.close()
         # a row without a result failed to decode, or the tar no longer holds it
         reasons = [None if i in res else failed.get(i, "clip:missing_image") for i in rows]
+        if missing:  # rows the recaption stage wrote no caption for: judged, not skipped
+            rows, reasons = map(list, zip(*sorted([*zip(rows, reasons), *((i, "clip:no_caption") for i in missing)])))
         got = [res.get(i, (None, None, None)) for i in rows]
         out = ctx.scatter({"clip_score": [g[0] for g in got], "image_emb": [g[1] for g in got],
                            "text_emb": [g[2] for g in got]}, rows, reasons)

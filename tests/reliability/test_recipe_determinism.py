@@ -67,7 +67,8 @@ def _offline(recipe: str, files: dict[str, str]) -> object:
         if s.name == "clip_score":
             p |= {"model": "curate-tiny", "pretrained": files["ckpt"], "batch_size": 32}
         if s.name == "recaption":  # random weights: the captions are junk, their determinism is the point
-            p |= {"backend": "open_clip", "model": "curate-tiny-coca", "pretrained": None, "batch_size": 16}
+            p |= {"backend": "open_clip", "model": "curate-tiny-coca", "pretrained": None, "batch_size": 32,
+                  "max_new_tokens": 5}
         if s.name == "reference_filter":
             p |= {"reference": files["meta_ref" if metadata else "ref"], "kmeans_sample": 100, "n_centroids": 12}
         if s.name == "clip_loss":

@@ -75,3 +75,32 @@ def test_kth_ranked_equals_a_full_sort(tmp_path: Path, bins: int):
         s, u = kth_ranked(paths, k, bins)
         want = order[k - 1]
         assert u == uids[want] and (s == scores[want] or (np.isnan(s) and np.isnan(scores[want]))), k
+
+
+def test_a_second_score_rescues_rows_below_the_threshold(tmp_path: Path):
+    """A metadata pool with two scores per row: the threshold comes from the first alone (top 30 %
+    of 10 rows: the 3 best); a row below it is kept, marked rescued, when its second score reaches
+    the threshold; a missing second score rescues nothing."""
+    import polars as pl
+
+    from curate.runner.pipeline import run_pipeline
+    from tests.conftest import make_config, make_pipeline
+
+    first = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    second = [0.1, 0.1, 0.1, 0.75, 0.69, None, 0.71, 0.1, 0.1, float("nan")]
+    pool = tmp_path / "meta"
+    pool.mkdir()
+    pl.DataFrame({"uid": [f"{i:032x}" for i in range(10)], "text": [f"caption {i}" for i in range(10)],
+                  "clip_l14_similarity_score": first, "clip_b32_similarity_score": second}
+                 ).write_parquet(pool / "00000.parquet")
+    params = {"scores_from": "index", "score_column": "clip_l14_similarity_score", "top_fraction": 0.3}
+    rescue = params | {"rescue_from": "index", "rescue_column": "clip_b32_similarity_score"}
+    for name, p in (("plain", params), ("rescue", rescue)):
+        s = run_pipeline(make_pipeline(("clip_rank", p)), make_config(str(pool / "*.parquet"), tmp_path / name))
+        assert s.ok, s.problems()
+    plain = pl.read_parquet(tmp_path / "plain" / "clip_rank" / "*.parquet").sort("uid")
+    res = pl.read_parquet(tmp_path / "rescue" / "clip_rank" / "*.parquet").sort("uid")
+    assert plain["keep_clip_rank"].to_list() == [True] * 3 + [False] * 7 and "rescued" not in plain.columns
+    assert res["keep_clip_rank"].to_list() == [True, True, True, True, False, False, True, False, False, False]
+    assert res["rescued"].to_list() == [False, False, False, True, False, False, True, False, False, False]
+    assert res["reason_clip_rank"].to_list()[4] == "clip:below_threshold"

@@ -145,3 +145,43 @@ def test_mistakes_are_named_in_preflight(tiny_blip: Path, photo_pool: Path, tmp_
     with make_executor(make_config(str(photo_pool / "*.tar"), plain)) as ex, \
             pytest.raises(RefusedOutput, match="run a recaption stage"):
         export(str(plain), tmp_path / "o", ex, ExportSpec(caption="both"))
+
+
+def test_clip_score_scores_the_synthetic_caption(tiny_blip: Path, photo_pool: Path, tmp_path: Path, tiny_ckpt: Path):
+    clip = {"model": "curate-tiny", "pretrained": str(tiny_ckpt), "batch_size": 4, "store_embeddings": False}
+    from curate.core.config import PipelineConfig, StageSpec
+
+    name, blip = _blip(tiny_blip)
+    pipe = PipelineConfig(name="t", stages=[
+        StageSpec(name="image", params={"min_side": 10}), StageSpec(name=name, params=blip),
+        StageSpec(name="clip_score", params=clip),
+        StageSpec(name="clip_score", id="clip_syn", params=clip | {"caption_from": "recaption"})])
+    s = run_pipeline(pipe, make_config(str(photo_pool / "*.tar"), tmp_path / "a"))
+    assert s.ok, s.problems()
+    alt = pl.read_parquet(tmp_path / "a" / "clip_score" / "*.parquet").sort("uid")
+    syn = pl.read_parquet(tmp_path / "a" / "clip_syn" / "*.parquet").sort("uid")
+    scored = syn.filter(pl.col("clip_score").is_not_null())
+    assert scored.height == 5 and alt.filter(pl.col("clip_score").is_not_null()).height == 5
+    assert syn["clip_score"].to_list() != alt["clip_score"].to_list()  # other captions, other scores
+    # captions written only for the image filter's drops: the survivors have none to score
+    pipe = make_pipeline(("image", {"min_side": 100}), _blip(tiny_blip, dropped_by="image"),
+                         ("clip_score", clip | {"caption_from": "recaption"}))
+    s = run_pipeline(pipe, make_config(str(photo_pool / "*.tar"), tmp_path / "b"))
+    assert s.ok, s.problems()
+    none = pl.read_parquet(tmp_path / "b" / "clip_score" / "*.parquet")
+    assert set(none["reason_clip_score"].drop_nulls().to_list()) == {"clip:no_caption"}
+    assert none["reason_clip_score"].drop_nulls().len() == 4
+    with pytest.raises(ConfigError, match="caption_from names a recaption stage"):
+        run_pipeline(make_pipeline(("image", {}), ("clip_score", clip | {"caption_from": "image"})),
+                     make_config(str(photo_pool / "*.tar"), tmp_path / "c"))
+
+
+def test_a_rescued_pair_is_exported_with_its_synthetic_caption():
+    from curate.report.export import caption_members
+
+    row = {"caption": "IMG_0042.jpg", "caption_synthetic": "a red car on a street", "rescued": True}
+    assert caption_members("k", row, "original") == [("k.txt", b"a red car on a street")]
+    assert caption_members("k", row | {"rescued": False}, "original") == [("k.txt", b"IMG_0042.jpg")]
+    assert caption_members("k", row | {"rescued": False}, "both") == [("k.txt", b"IMG_0042.jpg"),
+                                                                     ("k.synthetic.txt", b"a red car on a street")]
+    assert caption_members("k", {"caption": "a dog"}, "synthetic") == [("k.txt", b"a dog")]
