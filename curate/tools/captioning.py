@@ -64,17 +64,66 @@ def caption_accuracy(checkpoint: str | None, eval_dir: Path, max_samples: int = 
                          list(zip(texts, labels["color"], labels["shape"]))[:8]]}
 
 
+def rescue_figures(pool: Path, work: Path, scorer: Path, captioner: Path, heldout: Path) -> dict[str, Any]:
+    """``recaption_rescue``'s rule on a synthetic pool with the demo's scorer and the tiny CoCa: per
+    ground-truth label, the pairs the alt-text kept, the pairs rescued, and the rescued pairs whose
+    synthetic caption names the image's colour and shape."""
+    import polars as pl
+
+    from curate.core.config import PipelineConfig, RunConfig, StageSpec
+    from curate.runner.pipeline import run_pipeline
+
+    clip = {"model": "curate-tiny", "pretrained": str(scorer), "batch_size": 256, "store_embeddings": False}
+    pipe = PipelineConfig(name="recaption_rescue_demo", stages=[
+        StageSpec(name="image", params={"min_side": 200, "max_aspect": 3.0, "max_dominant_share": 0.97,
+                                        "min_blur_var": 20.0}),
+        StageSpec(name="clip_score", params=clip),
+        StageSpec(name="recaption", params={"model": MODEL, "pretrained": str(captioner), "max_new_tokens": 16,
+                                            "batch_size": 64}),
+        StageSpec(name="clip_score", id="clip_score_synthetic", params=clip | {"caption_from": "recaption"}),
+        StageSpec(name="clip_rank", params={"calibrate": {"heldout": str(heldout / "*.tar"), "rule": "balanced"},
+                                            "rescue_from": "clip_score_synthetic"})])
+    cfg = RunConfig.model_validate({"input": str(pool / "*.tar"), "workdir": str(work),
+                                    "executor": {"kind": "inprocess", "retries": 0}, "device": "cpu"})
+    summary = run_pipeline(pipe, cfg)
+    if not summary.ok:
+        raise RuntimeError(f"the rescue run failed: {summary.problems()}")
+    index = pl.read_parquet(work / "index" / "*.parquet", columns=["uid"])
+    rank = pl.read_parquet(work / "clip_rank" / "*.parquet", columns=["uid", "keep_clip_rank", "rescued"])
+    caps = pl.read_parquet(work / "recaption" / "*.parquet", columns=["uid", "caption_synthetic"])
+    truth = pl.read_parquet(pool / "ground_truth.parquet", columns=["uid", "label", "shape", "color"])
+    t = index.join(rank, on="uid", how="left").join(caps, on="uid", how="left").join(truth, on="uid", how="left")
+    right = [bool(c) and bool(_names(col).search(c)) and bool(_names(sh).search(c))
+             for c, col, sh in zip(t["caption_synthetic"].to_list(), t["color"].to_list(), t["shape"].to_list())]
+    t = t.with_columns(pl.Series("right", right))
+    out: dict[str, Any] = {}
+    for label in ("clean", "mismatch", "junk_caption", "non_english"):
+        g = t.filter(pl.col("label") == label)
+        rescued = g.filter(pl.col("rescued").fill_null(False))
+        out[label] = {"pairs": g.height,
+                      "kept_by_alt_text": int((g["keep_clip_rank"].fill_null(False) & ~g["rescued"].fill_null(False)).sum()),
+                      "rescued": rescued.height, "rescued_with_right_caption": int(rescued["right"].sum())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from curate.tools.training import file_sha256
 
     ap = argparse.ArgumentParser(prog="curate.tools.captioning")
     ap.add_argument("--models", default=str(ROOT / "demo" / "models"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rescue-pool", default=None, help="also run recaption_rescue's rule on this synthetic pool "
+                    "(e.g. demo/pool-v2-5000x10-seed0) with the demo's scorer, and print its figures")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     path = ensure_captioner(Path(a.models), a.seed)
     _, heldout = demo_sets(a.seed)
     res = caption_accuracy(str(path), heldout) | {"checkpoint": str(path), "sha256": file_sha256(path)}
+    if a.rescue_pool:
+        from curate.tools.demo import SCORER, ensure_scorer
+
+        scorer = ensure_scorer(ROOT / "demo" / "models", a.seed, name=Path(SCORER).stem)  # the demo's
+        res["rescue"] = rescue_figures(Path(a.rescue_pool), Path(a.models) / "rescue-work", scorer, path, heldout)
     print(json.dumps(res, indent=1))
     return 0
 
