@@ -23,7 +23,7 @@ def test_every_compared_recipe_builds(tmp_path: Path):
     exist, ids unique): a broken recipe fails here, not after an hour of `make compare`."""
     chosen = recipes(tmp_path / "heldout", tmp_path / "models")
     assert {"no_filter", "ensemble_top30", "quality_head", "caption_dedup", "metaclip_en",
-            "metaclip2_multilingual", "tmars_top30", "nsfw", "full"} <= set(chosen)
+            "metaclip2_multilingual", "tmars_top30", "nsfw", "recaption_rescue", "full"} <= set(chosen)
     for name, pipe in chosen.items():
         ids = [s.stage_id for s in build_stages(pipe, name)]
         assert ids[0] == "index", name
@@ -89,6 +89,12 @@ def test_every_compared_recipe_runs_on_real_photos(tmp_path: Path, tiny_ckpt: Pa
     models.mkdir()
     for name in (SCORER, f"{SECOND_SCORER}.pt"):
         shutil.copy(tiny_ckpt, models / name)
+    import torch
+
+    from curate.models.clip import load_clip
+    from curate.tools.captioning import CAPTIONER
+
+    torch.save({"state_dict": load_clip("curate-tiny-coca", None).model.state_dict()}, models / f"{CAPTIONER}.pt")
     heldout = tmp_path / "heldout"
     synthesize(heldout, samples=120, shards=1, seed=2000, fractions={})
     cfg = make_config(str(shard), tmp_path / "unused").model_copy(update={"model_cache": str(models)})

@@ -21,6 +21,7 @@ from curate.tools.demo import ROOT, demo_sets
 
 log = logging.getLogger(__name__)
 MODEL = "curate-tiny-coca"
+CAPTIONER = "curate-tiny-coca-synth"  # its file name (.pt) in the model folder
 
 
 def _spec(seed: int):
@@ -31,7 +32,7 @@ def _spec(seed: int):
     return replace(TrainSpec(epochs=6, batch_size=64, warmup=50), model=MODEL, seed=seed)
 
 
-def ensure_captioner(models: Path, seed: int = 0, name: str = "curate-tiny-coca-synth") -> Path:
+def ensure_captioner(models: Path, seed: int = 0, name: str = CAPTIONER) -> Path:
     """The tiny CoCa, trained on the demo's clean training pairs (reused when trained before with
     the same spec and data)."""
     from curate.tools.training import train_clip

@@ -61,8 +61,29 @@ def recipes(heldout: Path, models: Path) -> dict[str, PipelineConfig]:
             *basic.stages, StageSpec(name="dedup", params={"exact": [], "phash_radius": None,
                                                            "caption_jaccard": 0.85})]),
         **metaclip_recipes(),
+        "recaption_rescue": rescue_recipe(scored, models),
         "full": demo,
     }
+
+
+def rescue_recipe(scored: StageSpec, models: Path) -> PipelineConfig:
+    """clip_score_top30 whose drops are rescued by the tiny CoCa's captions (pipelines/
+    recaption_rescue.yaml on the demo's scorer; the export writes a rescued pair's synthetic
+    caption); the image rules stay out, as in clip_score_top30, so the two rows differ by the
+    rescue alone."""
+    from curate.tools.captioning import CAPTIONER, MODEL
+
+    real = load_pipeline(ROOT / "pipelines" / "recaption_rescue.yaml")
+    stages = []
+    for s in real.stages:
+        if s.name == "clip_score":
+            s = s.model_copy(update={"params": s.params | scored.params | {"store_embeddings": False}})
+        elif s.name == "recaption":
+            s = s.model_copy(update={"params": s.params | {"model": MODEL, "pretrained": str(models / f"{CAPTIONER}.pt"),
+                                                           "max_new_tokens": 16, "batch_size": 64, "all_rows": True}})
+        if s.name != "image":
+            stages.append(s)
+    return real.model_copy(update={"name": "recaption_rescue", "stages": stages})
 
 
 def ensemble_recipe(scorer: dict) -> PipelineConfig:
@@ -106,6 +127,10 @@ def prepare(name: str, models: Path, cfg: RunConfig, scorer: dict) -> None:
         ensure_scorer(models, 0, name=SECOND_SCORER, train_seed=1)
     elif name == "quality_head":
         train_quality_head(models / "quality_head", cfg, scorer)
+    elif name == "recaption_rescue":
+        from curate.tools.captioning import ensure_captioner
+
+        ensure_captioner(models)
 
 
 def with_scorer(pipe: PipelineConfig, scorer: dict) -> PipelineConfig:
