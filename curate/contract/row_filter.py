@@ -8,13 +8,18 @@ values as the table stores them, so re-thresholding the written Parquet gives th
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import polars as pl
 import pyarrow as pa
 
 from curate.contract.base import MapStage, ShardContext, StageOutput
+from curate.core.timeouts import TimeLimiter
+from curate.io.images import decode_within
+
+log = logging.getLogger(__name__)
 
 # (drop when, reason): the reason is a string or an expression (e.g. "lang:" + the language).
 Rule = tuple[pl.Expr, "pl.Expr | str"]
@@ -41,6 +46,29 @@ def first_failing(frame: pl.DataFrame, rules: list[Rule], failed: Sequence[str |
     if not exprs or frame.height == 0:
         return [None] * frame.height if failed is None else list(failed)
     return frame.select(pl.coalesce(exprs).alias("reason"))["reason"].to_list()
+
+
+def measure_images(ctx: ShardContext, rows: list[int], limiter: TimeLimiter, side: int, max_pixels: int,
+                   prefix: str, empty: dict[str, Any], measure: Callable[[int, Any], dict[str, Any]]) -> Measured:
+    """The per-image loop of a detector filter: each row's image decoded to at most ``side`` pixels
+    under the stage's time limit, ``measure(row, rgb)`` gives its values. A row whose image does not
+    decode gets ``empty`` values and the decode's reason (``<prefix>:undecodable``...), one the
+    detector fails on ``<prefix>:detector_failed`` (logged: one odd image never fails a shard), one
+    the tar no longer holds ``<prefix>:missing``."""
+    got: dict[int, tuple[dict[str, Any], str | None]] = {}
+    for i, s in ctx.samples_at(rows):
+        rgb, _, reason = decode_within(limiter, s.image(), s.image_ext(), side, max_pixels, prefix)
+        if rgb is None:
+            got[i] = (empty, reason)
+            continue
+        ctx.count("images_decoded")
+        try:
+            got[i] = (measure(i, rgb), None)
+        except Exception as e:  # a reason for this row, never a failed shard
+            log.warning("%s: detection failed on row %d of %s: %s", ctx.stage_id, i, ctx.shard, e)
+            got[i] = (empty, f"{prefix}:detector_failed")
+    measured = [got.get(i, (empty, f"{prefix}:missing")) for i in rows]
+    return Measured({k: [m[0][k] for m in measured] for k in empty}, [m[1] for m in measured])
 
 
 class RowFilter(MapStage):

@@ -62,12 +62,3 @@ def detect_faces(detector, rgb: np.ndarray, threshold: float) -> list[tuple[list
             found.append(([round(v, 4) for v in box], round(float(score), 5)))
     return sorted(found, key=lambda f: (-f[1], f[0][1], f[0][0]))
 
-
-def covered_share(boxes: list[list[float]]) -> float:
-    """Share of the image that the union of ``boxes`` (fractions) covers, on a 1/1000 grid."""
-    if not boxes:
-        return 0.0
-    grid = np.zeros((1000, 1000), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        grid[int(round(y0 * 1000)):int(round(y1 * 1000)), int(round(x0 * 1000)):int(round(x1 * 1000))] = True
-    return round(float(grid.mean()), 6)

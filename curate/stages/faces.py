@@ -8,7 +8,6 @@ image) so that ``curate export --blur-faces``, DataComp's training code or img2d
 from __future__ import annotations
 
 import io
-import logging
 import posixpath
 from typing import Any, Literal
 
@@ -16,27 +15,25 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
+from curate.algorithms.text_regions import covered_share
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
-from curate.contract.row_filter import Measured, RowFilter, Rule
+from curate.contract.row_filter import Measured, RowFilter, Rule, measure_images
 from curate.core.config import Strict
 from curate.core.timeouts import TimeLimiter
 from curate.io import storage
-from curate.io.images import decode_within
 from curate.io.parquet import parquet_file
 from curate.io.shards import is_metadata_shard
 
-log = logging.getLogger(__name__)
 
 BOXES = "face_bboxes"  # DataComp's metadata column
 
 
 def faces_row(boxes: list[list[float]], scores: list[float] | None) -> dict[str, Any]:
-    """The stage's columns for one image from its boxes (fractions) and their scores."""
-    from curate.models.face_detector import covered_share
-
+    """The stage's columns for one image from its boxes (fractions) and their scores; the area on a
+    1000 x 1000 raster (the text stages' measure, finer for small faces)."""
     return {"face_bboxes": boxes, "face_scores": scores, "face_count": len(boxes),
-            "face_area": covered_share(boxes)}
+            "face_area": covered_share(boxes, grid=1000)}
 
 
 @register_stage
@@ -162,21 +159,8 @@ class FacesStage(RowFilter):
 
         p = self.params
         detector = load_face_detector(p.threads, p.device)
-        empty = self._empty()
-        got: dict[int, tuple[dict[str, Any], str | None]] = {}
-        for i, s in ctx.samples_at(rows):
-            rgb, _, reason = decode_within(self._limiter, s.image(), s.image_ext(), p.decode_side, p.max_pixels,
-                                           "faces")
-            if rgb is None:
-                got[i] = (empty, reason)
-                continue
-            ctx.count("images_decoded")
-            try:
-                found = detect_faces(detector, rgb, p.threshold)
-            except Exception as e:  # one odd image is a reason, never a failed shard
-                log.warning("%s: detection failed on row %d of %s: %s", self.stage_id, i, ctx.shard, e)
-                got[i] = (empty, "faces:detector_failed")
-                continue
-            got[i] = (faces_row([b for b, _ in found], [sc for _, sc in found]), None)
-        measured = [got.get(i, (empty, "faces:missing")) for i in rows]
-        return Measured({k: [m[0][k] for m in measured] for k in empty}, [m[1] for m in measured])
+        def measure(i: int, rgb) -> dict[str, Any]:
+            found = detect_faces(detector, rgb, p.threshold)
+            return faces_row([b for b, _ in found], [sc for _, sc in found])
+
+        return measure_images(ctx, rows, self._limiter, p.decode_side, p.max_pixels, "faces", self._empty(), measure)

@@ -8,7 +8,6 @@ itself looks at 320 px.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import polars as pl
@@ -17,12 +16,10 @@ from pydantic import Field, field_validator
 
 from curate.core.config import Strict
 from curate.core.timeouts import TimeLimiter
-from curate.io.images import decode_within
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
-from curate.contract.row_filter import Measured, RowFilter, Rule
+from curate.contract.row_filter import Measured, RowFilter, Rule, measure_images
 
-log = logging.getLogger(__name__)
 
 
 @register_stage
@@ -101,21 +98,10 @@ class NsfwStage(RowFilter):
         p = self.params
         detector = load_nsfw_detector(p.threads)
         wanted = set(p.classes)
-        empty = {"nsfw_score": None, "nsfw_labels": None}
-        got: dict[int, tuple[dict[str, Any], str | None]] = {}
-        for i, s in ctx.samples_at(rows):
-            rgb, _, reason = decode_within(self._limiter, s.image(), s.image_ext(), p.decode_side, p.max_pixels, "nsfw")
-            if rgb is None:
-                got[i] = (empty, reason)
-                continue
-            ctx.count("images_decoded")
-            try:
-                found = [(c, sc) for c, sc in detect_nsfw(detector, rgb) if c in wanted]
-            except Exception as e:  # one odd image is a reason, never a failed shard
-                log.warning("%s: detection failed on row %d of %s: %s", self.stage_id, i, ctx.shard, e)
-                got[i] = (empty, "nsfw:detector_failed")
-                continue
-            names = list(dict.fromkeys(c for c, _ in found))
-            got[i] = ({"nsfw_score": found[0][1] if found else 0.0, "nsfw_labels": names}, None)
-        measured = [got.get(i, (empty, "nsfw:missing")) for i in rows]
-        return Measured({k: [m[0][k] for m in measured] for k in empty}, [m[1] for m in measured])
+        def measure(i: int, rgb) -> dict[str, Any]:
+            found = [(c, sc) for c, sc in detect_nsfw(detector, rgb) if c in wanted]
+            return {"nsfw_score": found[0][1] if found else 0.0,
+                    "nsfw_labels": list(dict.fromkeys(c for c, _ in found))}
+
+        return measure_images(ctx, rows, self._limiter, p.decode_side, p.max_pixels, "nsfw",
+                              {"nsfw_score": None, "nsfw_labels": None}, measure)

@@ -13,7 +13,6 @@ images are decoded reduced to ``detect_side`` on their longer side and never enl
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -24,13 +23,11 @@ from pydantic import Field, model_validator
 from curate.algorithms.text_regions import caption_overlap, covered_share
 from curate.core.config import Strict
 from curate.core.timeouts import TimeLimiter
-from curate.io.images import decode_within
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
-from curate.contract.row_filter import Measured, RowFilter, Rule
+from curate.contract.row_filter import Measured, RowFilter, Rule, measure_images
 
 
-log = logging.getLogger(__name__)
 _ALNUM = re.compile(r"[^\W_]")
 
 
@@ -120,19 +117,9 @@ class TextMaskStage(RowFilter):
         engine = load_text_detector(p.detect_side, p.threads)
         captions = ctx.column("caption")
         empty = {"text_boxes": None, "text_area": None, "ocr_text": None, "caption_text_overlap": None}
-        got: dict[int, tuple[dict[str, Any], str | None]] = {}
-        for i, s in ctx.samples_at(rows):
-            rgb, _, reason = decode_within(self._limiter, s.image(), s.image_ext(), p.detect_side, p.max_pixels, "text_mask")
-            if rgb is None:
-                got[i] = (empty, reason)
-                continue
-            ctx.count("images_decoded")
-            try:
-                regions = detect_text(engine, rgb, p.recognise)
-            except Exception as e:  # one odd image is a reason, never a failed shard
-                log.warning("%s: text detection failed on row %d of %s: %s", self.stage_id, i, ctx.shard, e)
-                got[i] = (empty, "text_mask:detector_failed")
-                continue
+
+        def measure(i: int, rgb) -> dict[str, Any]:
+            regions = detect_text(engine, rgb, p.recognise)
             if p.recognise:
                 regions = [r for r in regions if r.confidence >= p.min_text_confidence
                            and len(_ALNUM.findall(r.text)) >= p.min_text_chars]
@@ -143,7 +130,6 @@ class TextMaskStage(RowFilter):
                 text = " ".join(r.text for r in regions)
                 vals["ocr_text"] = text
                 vals["caption_text_overlap"] = caption_overlap(captions[i] or "", text)
-            got[i] = (vals, None)
-        measured = [got.get(i, (empty, "text_mask:missing")) for i in rows]
-        values = {k: [m[0][k] for m in measured] for k in empty}
-        return Measured(values, [m[1] for m in measured])
+            return vals
+
+        return measure_images(ctx, rows, self._limiter, p.detect_side, p.max_pixels, "text_mask", empty, measure)
