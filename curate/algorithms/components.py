@@ -18,3 +18,18 @@ def component_roots(n: int, pairs: np.ndarray) -> np.ndarray:
     smallest = np.full(labels.max() + 1, n, dtype=np.int64)
     np.minimum.at(smallest, labels, rows)
     return smallest[labels]
+
+
+def representatives(roots: np.ndarray, score: np.ndarray | None) -> np.ndarray:
+    """The kept row of each group, indexed by root: highest ``score`` (None: all equal), ties by
+    the smallest row id (rows sorted by uid: the smallest uid)."""
+    n = len(roots)
+    score = np.zeros(n) if score is None else score
+    rep = np.arange(n, dtype=np.int64)  # a row alone is its own root and representative
+    grouped = np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1)
+    order = grouped[np.lexsort((grouped, -score[grouped], roots[grouped]))]
+    if len(order):
+        r = roots[order]
+        first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # first row of each root in that order
+        rep[r[first]] = order[first]
+    return rep

@@ -163,3 +163,41 @@ def group_results(rows: pl.DataFrame, kind_names: dict[int, str]) -> pl.DataFram
         "uid", "shard", pl.col("_kept").alias("dup_group"), pl.when(copy).then("_kept").alias("dup_of"),
         pl.when(copy).then(pl.col("kind").replace_strict(kind_names, default=None, return_dtype=pl.String))
         .alias("reason")).sort("uid")
+
+
+def groups_from_parts(partials: list, shards: list[str], part_paths: list, kind_rank: dict[str, int],
+                      scored: bool) -> tuple[pl.DataFrame, dict]:
+    """The dedup results (uid, shard, dup_group, dup_of, reason) of the grouped samples from the
+    parts' edge lists, and the combine's summary (samples, edges per kind, groups, dropped)."""
+    edges, kind = read_edges(part_paths, kind_rank["phash"])
+    counts = {k: int((kind == rank).sum()) for k, rank in kind_rank.items()}
+    out = pl.DataFrame(schema={"uid": pl.String, "shard": pl.Enum(shards), "dup_group": pl.String,
+                               "dup_of": pl.String, "reason": pl.String})
+    groups = 0
+    if len(edges):
+        rows = grouped_rows(partials, shards, edges, kind, scored=scored)
+        groups = rows["root"].n_unique()
+        out = group_results(rows, {r: f"dedup:{k}" for k, r in kind_rank.items()})
+    dropped = out.filter(pl.col("reason").is_not_null())
+    return out, {"samples": pool_rows(partials), "edges": counts, "groups": groups,
+                 "dropped": dict(dropped.group_by("reason").len().iter_rows())}
+
+
+def group_table(uid: pl.Series, shard: pl.Series, roots: np.ndarray, keep_row: np.ndarray, kind: np.ndarray,
+                eval_hit: np.ndarray, kinds: list[str]) -> pl.DataFrame:
+    """The one-task combine's results for every row: the uid its group keeps (``dup_group``, rows
+    in a group), the one it copies (``dup_of``, the other rows of a group) and the reason:
+    ``dedup:<kind>`` of the best edge kind that touched the row (``kind``: its index in ``kinds``),
+    ``dedup:eval`` for an evaluation-set copy, which is dropped whether or not it is grouped."""
+    n = len(roots)
+    in_group = np.bincount(roots, minlength=n)[roots] > 1
+    is_copy = in_group & (keep_row != np.arange(n)) & ~eval_hit
+    # reasons as codes: an edge kind's rank, the eval label after them, -1 for none
+    labels = dict(enumerate([f"dedup:{k}" for k in kinds] + ["dedup:eval"]))
+    code = np.where(eval_hit, len(kinds), np.where(is_copy & (kind < len(kinds)), kind, -1))
+    # built in polars from numpy masks: no Python object per row
+    return pl.DataFrame({"uid": uid, "shard": shard, "_kept": uid.gather(keep_row), "_in": in_group,
+                         "_copy": is_copy,
+                         "reason": pl.Series(code).replace_strict(labels, default=None, return_dtype=pl.String)}
+                        ).select("uid", "shard", pl.when("_in").then("_kept").alias("dup_group"),
+                                 pl.when("_copy").then("_kept").alias("dup_of"), "reason")

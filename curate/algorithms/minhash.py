@@ -28,6 +28,15 @@ def signatures(texts: list[str], k: int, num_perm: int) -> list[list[int]]:
     return [m.hashvalues.astype(np.uint32).tolist() for m in mh]
 
 
+def signatures_or_none(texts: list[str | None], k: int, num_perm: int) -> list[list[int] | None]:
+    """``signatures`` of the texts that are not None or empty, None for the others."""
+    keyed = [j for j, t in enumerate(texts) if t]
+    out: list[list[int] | None] = [None] * len(texts)
+    for j, sig in zip(keyed, signatures([texts[j] for j in keyed], k, num_perm)):  # type: ignore[misc]
+        out[j] = sig
+    return out
+
+
 def band_shape(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) minimising false positives and negatives equally at ``threshold``."""
     from datasketch.lsh import _optimal_param
@@ -64,3 +73,13 @@ def similar_pairs(sig: np.ndarray, threshold: float) -> np.ndarray:
     pairs = np.unique(np.sort(pairs, axis=1), axis=0)
     sim = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
     return pairs[sim >= threshold]
+
+
+def caption_pairs(df: pl.DataFrame, threshold: float) -> np.ndarray:
+    """(row, row) pairs of the dedup combine table whose caption signatures (``caption_mh``) reach
+    ``threshold`` estimated Jaccard similarity."""
+    ok = ~df["caption_mh"].is_null().to_numpy()
+    rows = np.flatnonzero(ok)
+    sig = np.array(df["caption_mh"].filter(ok).to_list(), dtype=np.uint32).reshape(len(rows), -1)
+    pairs = similar_pairs(sig, threshold)
+    return rows[pairs] if len(pairs) else pairs

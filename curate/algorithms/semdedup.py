@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
+import polars as pl
 
 from curate.algorithms.phash import unique_pairs
+from curate.algorithms.sampling import sample_share, uid_sample
 from curate.algorithms.vectors import members, nearest_with_boundary, train_centroids
 from curate.io.embeddings import read_f16_rows, unit
 
@@ -107,3 +109,30 @@ def _cluster_file_pairs(scratch: Path, c: int, d: int, min_cos: float, max_size:
     rows = np.fromfile(scratch / f"{c}.rows", dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     return _cluster_pairs(emb[order], rows[order], min_cos, max_size, seed, boundary)
+
+
+def pool_pairs(uids: pl.Series, shard_embeddings: Callable[[int, bool], tuple[np.ndarray, np.ndarray]],
+               n_shards: int, scratch: Path, *, min_cos: float, max_cluster_size: int, seed: int,
+               boundary: float, n_clusters: int | None, kmeans_sample: int) -> np.ndarray:
+    """SemDeDup over a pool read shard by shard: ``shard_embeddings(k, unit_length)`` gives the
+    k-th shard's (rows, image embeddings); ``uids`` are the rows' uids. The top-level k-means
+    trains on a sample drawn by uid, ordered by uid (the same rows in the same order whatever the
+    sharding); every shard then streams to its cluster's file (``streamed_pairs``)."""
+    share = sample_share(kmeans_sample, len(uids))
+    sample, sampled = [], []
+    for k in range(n_shards):
+        rows, emb = shard_embeddings(k, True)
+        if len(rows):
+            shard_uids = uids.gather(rows).to_list()
+            pick = uid_sample(shard_uids, seed, share)
+            sample.append(emb[pick])
+            sampled += [u for u, keep in zip(shard_uids, pick) if keep]
+    if not sampled:
+        return np.zeros((0, 2), dtype=np.int64)
+    train = np.concatenate(sample)[np.argsort(sampled, kind="stable")]
+    del sample, sampled
+    d = train.shape[1]
+    cent = train_centroids(train, n_clusters or top_level_k(len(uids)), seed)
+    del train
+    stored = (shard_embeddings(k, False) for k in range(n_shards))
+    return streamed_pairs(cent, stored, d, scratch, min_cos, max_cluster_size, seed, boundary)

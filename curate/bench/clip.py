@@ -31,6 +31,7 @@ from PIL import Image
 from curate.bench.common import BENCH_DIR, ROOT, bench_pool, save, timer
 from curate.io.shards import expand_input, iter_samples
 from curate.models.dali_preprocess import dali_available
+from curate.models.clip_batches import loader_processes
 from curate.stages.clip_score import ClipScoreStage
 from curate.tools.demo import ensure_scorer
 
@@ -151,7 +152,7 @@ def bench_model(model: str, shard: str, n: int, batch: int, device: str, loader_
     fast.forward(*[t[:max(1, batch // 3)] for t in (x, toks.cpu())])
     res: dict = {"model": model, "weights": Path(pretrained).name if pretrained else "random", "device": device,
                  "batch_size": batch, "images": len(x),
-                 "loader_workers": eager.loader_processes(device),
+                 "loader_workers": loader_processes(eager.params.loader_workers, device),
                  "optimised": {"precision": fast.params.precision, "compile": True,
                                "text_prefix": fast.forward.trims_text, "decode": fast.describe()["decode"]}}
     res["eager_forward_images_per_s"] = _best_rate(

@@ -30,7 +30,7 @@ def _unit(n: int, d: int = 512, seed: int = 0) -> np.ndarray:
 def exact(n: int) -> dict:
     import polars as pl
 
-    from curate.stages.dedup import equal_key_pairs
+    from curate.algorithms.exact_keys import equal_key_pairs
 
     rng = np.random.default_rng(0)
     keys = rng.integers(0, int(n * 0.9), n)  # ~10 % duplicates

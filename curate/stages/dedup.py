@@ -14,27 +14,23 @@ size at any pool size, so the search stays near-linear in the pool (see ``split_
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.algorithms.phash import COLOR_CELLS, color_distance, near_pairs
-from curate.algorithms.components import component_roots
-from curate.algorithms.minhash import signatures, similar_pairs
-from curate.algorithms.sampling import sample_share, uid_sample
-from curate.algorithms.semdedup import streamed_pairs, top_level_k
-from curate.algorithms.vectors import train_centroids
+from curate.algorithms import dedup_parts, semdedup
+from curate.algorithms.components import component_roots, representatives
+from curate.algorithms.eval_sets import eval_matches, source_files
+from curate.algorithms.exact_keys import exact_pairs, key_hash
+from curate.algorithms.minhash import caption_pairs, signatures_or_none
+from curate.algorithms.near_copies import crop_pairs, phash_pairs
 from curate.core.config import Strict
 from curate.io.parquet import read_frame
-from curate.io.shards import expand_input, iter_samples
-from curate.algorithms import dedup_parts
 from curate.contract.base import GlobalContext, GlobalStage, ShardContext, Stage
 from curate.contract.registry import register_stage
 from curate.stages.text import normalise
@@ -42,12 +38,6 @@ from curate.stages.text import normalise
 log = logging.getLogger(__name__)
 KIND_RANK = {"exact": 0, "phash": 1, "crop": 2, "semantic": 3, "caption_near": 4}
 PART_ROWS = 4_000_000  # samples per combine part by default: a part's keys then take ~1 GB
-
-
-def key_hash(text: str | None) -> int | None:
-    if text is None:
-        return None
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def caption_key(caption: str | None) -> str | None:
@@ -162,14 +152,8 @@ class DedupStage(GlobalStage):
                 pa.field("caption_mh", pa.list_(pa.uint32()))]
 
     def fingerprint_extra(self, model_cache: str | None = None) -> dict[str, Any]:
-        files = []
-        for src in self.params.eval_sets + ([self.params.eval_embeddings] if self.params.eval_embeddings else []):
-            p = Path(src)
-            for f in (sorted(p.rglob("*")) if p.is_dir() else [p]):
-                if f.is_file():
-                    st = f.stat()
-                    files.append((str(f), st.st_size, int(st.st_mtime)))
-        return {"eval_files": files}
+        sources = self.params.eval_sets + ([self.params.eval_embeddings] if self.params.eval_embeddings else [])
+        return {"eval_files": source_files(sources)}
 
     def summarize(self, ctx: ShardContext) -> dict[str, Any]:
         idx = ctx.index(["uid", "sha256", "caption", "url"])
@@ -185,11 +169,8 @@ class DedupStage(GlobalStage):
         col = {k: idx.column(k).to_pylist() for k in ("uid", "sha256", "caption", "url")}
         mh: list = [None] * len(rows)
         if self.params.caption_jaccard is not None:
-            keyed = [(j, caption_key(col["caption"][i])) for j, i in enumerate(rows)]
-            keyed = [(j, k) for j, k in keyed if k]
-            for (j, _), hv in zip(keyed, signatures([k for _, k in keyed], self.params.caption_shingle,
-                                                    self.params.caption_num_perm)):
-                mh[j] = hv
+            mh = signatures_or_none([caption_key(col["caption"][i]) for i in rows], self.params.caption_shingle,
+                                    self.params.caption_num_perm)
         return {"uid": [col["uid"][i] for i in rows], "sha256": [col["sha256"][i] for i in rows],
                 "caption_h": [key_hash(caption_key(col["caption"][i])) for i in rows],
                 "url_h": [key_hash(col["url"][i]) for i in rows], "phash": [ph[i] for i in rows],
@@ -212,25 +193,12 @@ class DedupStage(GlobalStage):
     def _combine_from_parts(self, ctx: GlobalContext, parts: int) -> dict[str, Any]:
         """The groups from the parts' edge lists (see dedup_parts): same results as ``combine``'s
         one-task path, written for the grouped samples only (apply gives the others nulls)."""
-        edges, kind = dedup_parts.read_edges(ctx.parts(parts), KIND_RANK["phash"])
-        counts = dict.fromkeys(KIND_RANK, 0)
-        for k, rank in KIND_RANK.items():
-            counts[k] = int((kind == rank).sum())
-        out = pl.DataFrame(schema={"uid": pl.String, "shard": pl.Enum(ctx.shards), "dup_group": pl.String,
-                                   "dup_of": pl.String, "reason": pl.String})
-        groups = 0
-        if len(edges):
-            rows = dedup_parts.grouped_rows(ctx.partials(), ctx.shards, edges, kind,
-                                            scored=self.params.keep == "clip_score")
-            groups = rows["root"].n_unique()
-            out = dedup_parts.group_results(rows, {r: f"dedup:{k}" for k, r in KIND_RANK.items()})
+        out, summary = dedup_parts.groups_from_parts(ctx.partials(), ctx.shards, ctx.parts(parts), KIND_RANK,
+                                                     scored=self.params.keep == "clip_score")
         self.write_results(ctx, out)
-        dropped = out.filter(pl.col("reason").is_not_null())
-        return {"samples": dedup_parts.pool_rows(ctx.partials()), "edges": counts, "groups": groups,
-                "dropped": dict(dropped.group_by("reason").len().iter_rows()), "partitions": parts}
+        return summary | {"partitions": parts}
 
     def combine(self, ctx: GlobalContext) -> dict[str, Any]:
-        p = self.params
         parts = self.combine_parts(ctx)
         if parts:
             return self._combine_from_parts(ctx, parts)
@@ -245,47 +213,21 @@ class DedupStage(GlobalStage):
         kind = np.full(n, 99, dtype=np.int64)  # best edge kind that touched each row
         counts = dict.fromkeys(KIND_RANK, 0)
         edges: list[np.ndarray] = []
-
-        def add_edges(pairs: np.ndarray, k: str) -> None:
+        for k, find in self._pair_finders(ctx).items():
+            pairs = find(df) if n else np.zeros((0, 2), dtype=np.int64)
             counts[k] += len(pairs)
             if len(pairs):
                 edges.append(pairs)
                 for c in (pairs[:, 0], pairs[:, 1]):
                     np.minimum.at(kind, c, KIND_RANK[k])
-
-        for key in p.exact:
-            cols = {"image": ["sha256"], "image_caption": ["sha256", "caption_h"], "caption": ["caption_h"],
-                    "url": ["url_h"]}[key]
-            add_edges(equal_key_pairs(df, cols), "exact")
-        if p.phash_radius is not None and n:
-            ph = df["phash"].to_numpy()
-            valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
-            pairs = near_pairs(ph[valid], p.phash_radius)
-            add_edges(valid[pairs] if len(pairs) else pairs, "phash")
-        if p.crop_radius is not None and n:
-            add_edges(self._crop_pairs(df), "crop")
-        if p.semantic_eps is not None and n:
-            add_edges(self._semantic_pairs(ctx, df), "semantic")
-        if p.caption_jaccard is not None and n:
-            ok = ~df["caption_mh"].is_null().to_numpy()
-            rows = np.flatnonzero(ok)
-            sig = np.array(df["caption_mh"].filter(ok).to_list(), dtype=np.uint32).reshape(len(rows), -1)
-            pairs = similar_pairs(sig, p.caption_jaccard)
-            add_edges(rows[pairs] if len(pairs) else pairs, "caption_near")
-        eval_hit = self._eval_matches(ctx, df)
+        p = self.params
+        eval_hit = eval_matches(df, p.eval_sets, p.phash_radius, p.eval_embeddings, p.eval_min_cosine,
+                                self._embeddings_by_shard(ctx, df) if self._embedding_source() else None)
         roots = component_roots(n, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
-        keep_row = self._representatives(df, roots)[roots]  # the row each row's group keeps
+        score = df["clip_score"].fill_null(-np.inf).to_numpy() if p.keep == "clip_score" else None
+        keep_row = representatives(roots, score)[roots]  # the row each row's group keeps
         in_group = np.bincount(roots, minlength=n)[roots] > 1
-        is_copy = in_group & (keep_row != np.arange(n)) & ~eval_hit
-        # reasons as codes: an edge kind's rank, the eval label after them, -1 for none
-        labels = dict(enumerate([f"dedup:{k}" for k in KIND_RANK] + ["dedup:eval"]))
-        code = np.where(eval_hit, len(KIND_RANK), np.where(is_copy & (kind < len(KIND_RANK)), kind, -1))
-        # built in polars from numpy masks: no Python object per row
-        out = pl.DataFrame({"uid": df["uid"], "shard": df["shard"], "_kept": df["uid"].gather(keep_row),
-                            "_in": in_group, "_copy": is_copy,
-                            "reason": pl.Series(code).replace_strict(labels, default=None, return_dtype=pl.String)}
-                           ).select("uid", "shard", pl.when("_in").then("_kept").alias("dup_group"),
-                                    pl.when("_copy").then("_kept").alias("dup_of"), "reason")
+        out = dedup_parts.group_table(df["uid"], df["shard"], roots, keep_row, kind, eval_hit, list(KIND_RANK))
         del df
         self.write_results(ctx, out)
         dropped = out.filter(pl.col("reason").is_not_null())
@@ -305,41 +247,21 @@ class DedupStage(GlobalStage):
         cols |= {"caption_mh"} if p.caption_jaccard is not None else set()
         return [f.name for f in self.partial_fields() if f.name in cols]
 
-    def _representatives(self, df: pl.DataFrame, roots: np.ndarray) -> np.ndarray:
-        """The kept row of each group, indexed by root: highest CLIP score (when configured and
-        present), ties by smallest uid (rows are sorted by uid)."""
-        score = df["clip_score"].fill_null(-np.inf).to_numpy() if self.params.keep == "clip_score" \
-            else np.zeros(df.height)
-        rep = np.arange(df.height, dtype=np.int64)  # a row alone is its own root and representative
-        grouped = np.flatnonzero(np.bincount(roots, minlength=df.height)[roots] > 1)
-        order = grouped[np.lexsort((grouped, -score[grouped], roots[grouped]))]
-        if len(order):
-            r = roots[order]
-            first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # first row of each root in that order
-            rep[r[first]] = order[first]
-        return rep
-
-    def _crop_pairs(self, df: pl.DataFrame) -> np.ndarray:
-        """(row, row) pairs where one image's pHash is within ``crop_radius`` of a centre-crop pHash
-        of the other, confirmed by their colour signatures."""
+    def _pair_finders(self, ctx: GlobalContext) -> dict[str, Callable[[pl.DataFrame], np.ndarray]]:
+        """Each enabled kind's pair search over the combine table (rows sorted by uid), by kind."""
         p = self.params
-        ok = ~(df["phash"].is_null() | df["phash_crops"].is_null() | df["color_sig"].is_null()).to_numpy()
-        rows = np.flatnonzero(ok)
-        if len(rows) < 2:
-            return np.zeros((0, 2), dtype=np.int64)
-        full = df["phash"].to_numpy()[rows]
-        crops = np.array(df["phash_crops"].filter(ok).to_list(), dtype=np.int64)
-        # colour signatures: the whole image, then each centre crop
-        sig = np.array(df["color_sig"].filter(ok).to_list(), dtype=np.uint8).reshape(len(rows), -1, COLOR_CELLS)
-        found = []
-        for k in range(crops.shape[1]):
-            pr = near_pairs(full, p.crop_radius, other=crops[:, k])
-            pr = pr[pr[:, 0] != pr[:, 1]]
-            found.append(pr[color_distance(sig[pr[:, 0], 0], sig[pr[:, 1], k + 1]) <= p.crop_max_color_diff])
-        pairs = rows[np.concatenate(found)] if found else np.zeros((0, 2), dtype=np.int64)
-        if not len(pairs):
-            return np.zeros((0, 2), dtype=np.int64)
-        return np.unique(np.sort(pairs, axis=1), axis=0).astype(np.int64)
+        found: dict[str, Callable[[pl.DataFrame], np.ndarray]] = {}
+        if p.exact:
+            found["exact"] = lambda df: exact_pairs(df, list(p.exact))
+        if p.phash_radius is not None:
+            found["phash"] = lambda df: phash_pairs(df, p.phash_radius)
+        if p.crop_radius is not None:
+            found["crop"] = lambda df: crop_pairs(df, p.crop_radius, p.crop_max_color_diff)
+        if p.semantic_eps is not None:
+            found["semantic"] = lambda df: self._semantic_pairs(ctx, df)
+        if p.caption_jaccard is not None:
+            found["caption_near"] = lambda df: caption_pairs(df, p.caption_jaccard)
+        return found
 
     def _semantic_pairs(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
         p = self.params
@@ -347,62 +269,19 @@ class DedupStage(GlobalStage):
             log.warning("%s: semantic dedup needs image embeddings (a clip_score stage before it); skipped",
                         self.stage_id)
             return np.zeros((0, 2), dtype=np.int64)
-        shards = ctx.shards
-        rows_of = shard_rows(df, shards)
-        # 1) train spherical k-means on a sample drawn by uid, ordered by uid: the same rows in the
-        # same order whatever the sharding
-        sample, sampled = [], []
-        share = sample_share(p.kmeans_sample, df.height)
-        for k, s in enumerate(shards):
-            rows, emb = self._shard_embeddings(ctx, s, rows_of(k))
-            if len(rows):
-                uids = df["uid"].gather(rows).to_list()
-                pick = uid_sample(uids, p.seed, share)
-                sample.append(emb[pick])
-                sampled += [u for u, keep in zip(uids, pick) if keep]
-        if not sampled:
-            return np.zeros((0, 2), dtype=np.int64)
-        train = np.concatenate(sample)[np.argsort(sampled, kind="stable")]
-        del sample, sampled
-        d = train.shape[1]
-        k = p.n_clusters or top_level_k(df.height)
-        cent = train_centroids(train, k, p.seed)
-        del train
-        # 2) stream every shard to its top-level cluster's file; 3) search one cluster at a time
-        def stored() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for k, s in enumerate(shards):
-                yield self._shard_embeddings(ctx, s, rows_of(k), unit_length=False)
+        rows_of = shard_rows(df, ctx.shards)
 
-        return streamed_pairs(cent, stored(), d, ctx.work.scratch(f"{ctx.stage_id}_clusters"),
-                              1.0 - p.semantic_eps, p.max_cluster_size, p.seed, p.semantic_boundary)
+        def shard_embeddings(k: int, unit_length: bool) -> tuple[np.ndarray, np.ndarray]:
+            return self._shard_embeddings(ctx, ctx.shards[k], rows_of(k), unit_length)
 
-    def _eval_matches(self, ctx: GlobalContext, df: pl.DataFrame) -> np.ndarray:
-        p = self.params
-        hit = np.zeros(df.height, dtype=bool)
-        if not p.eval_sets and not p.eval_embeddings:
-            return hit
-        shas, hashes = load_eval_hashes(p.eval_sets)
-        if p.eval_sets:
-            hit |= df["sha256"].is_in(list(shas)).fill_null(False).to_numpy()
-        if p.phash_radius is not None and len(hashes):
-            ph = df["phash"].to_numpy()
-            valid = np.flatnonzero(~df["phash"].is_null().to_numpy())
-            pairs = near_pairs(ph[valid], p.phash_radius, other=np.array(hashes, dtype=np.int64))
-            hit[valid[pairs[:, 0]]] = True if len(pairs) else hit[valid[pairs[:, 0]]]
-        if p.eval_embeddings:
-            import faiss
+        return semdedup.pool_pairs(df["uid"], shard_embeddings, len(ctx.shards),
+                                   ctx.work.scratch(f"{ctx.stage_id}_clusters"), min_cos=1.0 - p.semantic_eps,
+                                   max_cluster_size=p.max_cluster_size, seed=p.seed, boundary=p.semantic_boundary,
+                                   n_clusters=p.n_clusters, kmeans_sample=p.kmeans_sample)
 
-            ref = np.load(p.eval_embeddings).astype(np.float32)
-            ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-            index = faiss.IndexFlatIP(ref.shape[1])
-            index.add(ref)
-            rows_of = shard_rows(df, ctx.shards)
-            for k, s in enumerate(ctx.shards if self._embedding_source() else []):
-                rows, emb = self._shard_embeddings(ctx, s, rows_of(k))
-                if len(rows):
-                    sim, _ = index.search(emb, 1)
-                    hit[rows[sim[:, 0] >= p.eval_min_cosine]] = True
-        return hit
+    def _embeddings_by_shard(self, ctx: GlobalContext, df: pl.DataFrame):
+        rows_of = shard_rows(df, ctx.shards)
+        return lambda: (self._shard_embeddings(ctx, s, rows_of(k)) for k, s in enumerate(ctx.shards))
 
     def _shard_embeddings(self, ctx: GlobalContext, shard: str, row_of: dict[str, int], unit_length: bool = True
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -424,45 +303,3 @@ def shard_rows(df: pl.DataFrame, shards: list[str]) -> Callable[[int], dict[str,
         return dict(zip(df["uid"].gather(rows).to_list(), rows.tolist()))
 
     return rows_of
-
-
-def equal_key_pairs(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
-    """Chain every group of rows with equal (non-null) keys: (first, other) pairs."""
-    d = df.select(cols).with_row_index("_r").drop_nulls(cols)  # the key columns only: no copy of the rest
-    if d.is_empty():
-        return np.zeros((0, 2), dtype=np.int64)
-    g = d.group_by(cols).agg(pl.col("_r").min().alias("first"), pl.col("_r")).filter(pl.col("_r").list.len() > 1)
-    if g.is_empty():
-        return np.zeros((0, 2), dtype=np.int64)
-    e = g.select("first", "_r").explode("_r").filter(pl.col("_r") != pl.col("first"))
-    return np.stack([e["first"].to_numpy(), e["_r"].to_numpy()], axis=1).astype(np.int64)
-
-
-def load_eval_hashes(sources: list[str]) -> tuple[set[str], list[int]]:
-    """sha256 and pHash of every evaluation image (a folder of images, or WebDataset shards)."""
-    from curate.algorithms.phash import phash
-    from curate.io.images import reduced_decode
-
-    shas: set[str] = set()
-    hashes: list[int] = []
-
-    def add(data: bytes, ext: str | None) -> None:
-        shas.add(hashlib.sha256(data).hexdigest())
-        try:
-            rgb, _ = reduced_decode(data, ext, 128, 100_000_000)
-            hashes.append(phash(rgb))
-        except Exception:  # an undecodable eval image still matches by sha256
-            pass
-
-    for src in sources:
-        p = Path(src)
-        if p.is_dir() and not any(p.glob("*.tar")):
-            for f in sorted(p.rglob("*")):
-                if f.suffix.lower().lstrip(".") in ("jpg", "jpeg", "png", "webp", "bmp", "gif"):
-                    add(f.read_bytes(), f.suffix.lower().lstrip("."))
-        else:
-            for shard in expand_input(str(p)):
-                for s in iter_samples(shard):
-                    if s.image():
-                        add(s.image(), s.image_ext())
-    return shas, hashes

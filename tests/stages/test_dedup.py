@@ -269,9 +269,8 @@ def test_crop_tolerant_near_duplicates_on_real_photos(tmp_path: Path):
 
 
 def test_a_crop_match_needs_the_colours_to_agree():
-    from curate.stages.dedup import DedupStage
+    from curate.algorithms.near_copies import crop_pairs
 
-    st = DedupStage(DedupStage.Params(crop_radius=2, crop_max_color_diff=4.0))
     red, green = [200, 30, 30] * 16 * 4, [30, 200, 30] * 16 * 4  # whole image, then 3 crops
     near_red = [v + 3 for v in red]
     F = 0x0F0F0F0F0F0F0F0  # far from every full hash below
@@ -282,7 +281,7 @@ def test_a_crop_match_needs_the_colours_to_agree():
                       schema={"phash": pl.Int64, "phash_crops": pl.List(pl.Int64), "color_sig": pl.List(pl.UInt8)})
     # row 1's full hash (7) is 1 bit from row 0's crop (5)... and row 0's full hash (5) equals rows 1-2's
     # crops; only row 1 agrees in colour. Row 3 is far, row 4 has no pHash.
-    assert st._crop_pairs(df).tolist() == [[0, 1]]
+    assert crop_pairs(df, radius=2, max_color_diff=4.0).tolist() == [[0, 1]]
 
 
 def test_crop_kind_lifts_near_duplicate_recall_on_the_synthetic_pool(pool: Path, tmp_path: Path):
