@@ -7,7 +7,7 @@ import tarfile
 
 from curate.bench.common import BENCH_DIR, bench_pool, save, timer
 from curate.core.config import StageSpec
-from curate.io.shards import expand_input, iter_samples
+from curate.io.shards import Shard, expand_input, iter_samples
 from curate.contract.base import RunInfo
 from curate.runner.execute import StageTask, run_shard
 
@@ -47,7 +47,7 @@ def run(samples: int = 4000) -> dict:
                          run=RunInfo(run_id="bench", workdir=str(work)))
         with timer() as t:
             for p in paths:
-                run_shard(task, p)
+                run_shard(task, Shard.at(p))
         best["index"] = max(best["index"], samples / t["seconds"])
     res = {"samples": samples, "tar_members": members, "raw_tarfile_samples_per_s": round(best["raw"]),
            "curate_reader_samples_per_s": round(best["reader"]),

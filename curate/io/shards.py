@@ -84,6 +84,31 @@ def _expand_url(spec: str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One input shard, built once from the input spec and carried through a run as a value: its
+    name (the output files' name, ``shard_name``), where it lies (a path or URL) and its size in
+    bytes (None for a URL: listing a bucket does not stat every object)."""
+
+    name: str
+    path: str
+    size: int | None = None
+
+    @classmethod
+    def at(cls, path: str) -> "Shard":
+        from curate.io import storage
+
+        return cls(shard_name(path), path, None if storage.is_url(path) else os.path.getsize(path))
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def list_shards(spec: str | list[str]) -> list[Shard]:
+    """The input's shards in run order (``expand_input``), each a ``Shard``."""
+    return [Shard.at(p) for p in expand_input(spec)]
+
+
 def expand_input(spec: str | list[str], base: Path | None = None) -> list[str]:
     """Resolve a path or URL, glob, brace pattern, list file (``.txt``/``.list``) or list of those.
 

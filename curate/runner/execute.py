@@ -21,7 +21,7 @@ from curate.core.config import StageSpec, fingerprint
 from curate.io.layout import WorkDir
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.engine.base import describe_exception
-from curate.io.shards import SharedShard, shard_name
+from curate.io.shards import Shard, SharedShard
 from curate.io.storage import set_storage_options
 from curate.core.schema import STATS_SCHEMA, stage_schema
 from curate.contract.base import GlobalContext, GlobalStage, RunInfo, ShardContext, Stage, StageOutput
@@ -79,6 +79,14 @@ def is_partial_done(work: WorkDir, stage_id: str, shard: str, fp: str) -> bool:
     return _has_fp(work.partial(stage_id, shard), fp)
 
 
+def done_shards(work: WorkDir, stage_id: str, fp: str, shards: list[Shard], phase: str = "process") -> set[str]:
+    """The names of ``shards`` whose outputs of this stage (``process``/``apply``: table and stats;
+    ``summarize``: the partial) exist with fingerprint ``fp``: the work dir asked once per stage."""
+    if phase == "summarize":
+        return {s.name for s in shards if is_partial_done(work, stage_id, s.name, fp)}
+    return {s.name for s in shards if is_done(work, stage_id, s.name, fp)}
+
+
 def global_marker(work: WorkDir, stage_id: str):
     return work.global_dir() / f"{stage_id}.done.json"
 
@@ -91,11 +99,11 @@ def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
         return False
 
 
-def _context(task: StageTask, shard_path: str, shared: SharedShard | None = None,
+def _context(task: StageTask, shard: Shard, shared: SharedShard | None = None,
              keep: tuple[str, ...] = (), written: dict[str, pa.Table] | None = None) -> ShardContext:
     set_storage_options(task.run.storage_options)
     st = task.stage(keep)
-    return ShardContext(shard_path=shard_path, shard=shard_name(shard_path), stage_id=task.stage_id,
+    return ShardContext(shard_path=shard.path, shard=shard.name, stage_id=task.stage_id,
                         upstream=list(task.upstream), run=task.run, evaluate_all=st.evaluate_all,
                         reads=tuple(st.reads()), shared=shared, written=written if written is not None else {})
 
@@ -157,7 +165,7 @@ def _stats_table(task: StageTask, shard: str, metrics: dict[str, float],
     }, schema=STATS_SCHEMA)
 
 
-def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, shared: SharedShard | None = None,
+def run_shard(task: StageTask, shard: Shard, phase: str = "process", *, shared: SharedShard | None = None,
               keep: tuple[str, ...] = (), written: dict[str, pa.Table] | None = None) -> dict[str, Any]:
     """Run a map stage (``process``) or a global stage's ``apply`` on one shard; write outputs.
     ``shared``: the tar read of a fused task; ``keep``: the cache keys of that task's stages;
@@ -165,7 +173,7 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, share
     from the work dir, which may be a bucket), and this stage's table is added to it."""
     t0 = time.perf_counter()
     stage = task.stage(keep)
-    ctx = _context(task, shard_path, shared, keep, written)
+    ctx = _context(task, shard, shared, keep, written)
     work = ctx.work
     if is_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}
@@ -198,7 +206,7 @@ def run_shard(task: StageTask, shard_path: str, phase: str = "process", *, share
             "error": ctx.read_result.error}
 
 
-def run_fused(tasks: tuple[StageTask, ...], shard_path: str) -> dict[str, Any]:
+def run_fused(tasks: tuple[StageTask, ...], shard: Shard) -> dict[str, Any]:
     """Consecutive map stages on one shard in one task, in order, the tar read once: each stage
     writes its own table and stats exactly as ``run_shard`` does alone, so a stage done before is
     skipped, and a failure (raised for the engine to retry or report) leaves the outputs of the
@@ -206,29 +214,29 @@ def run_fused(tasks: tuple[StageTask, ...], shard_path: str) -> dict[str, Any]:
     keep = tuple(t.cache_key for t in tasks)
     stages = [t.stage(keep) for t in tasks]
     last_reader = max((k for k, st in enumerate(stages) if k > 0 and st.needs_pixels()), default=-1)
-    shared = SharedShard(shard_path) if last_reader > 0 else None
+    shared = SharedShard(shard.path) if last_reader > 0 else None
     done: dict[str, Any] = {}
     written: dict[str, pa.Table] = {}
     for k, task in enumerate(tasks):
         try:
-            done[task.stage_id] = run_shard(task, shard_path, shared=shared, keep=keep, written=written)
+            done[task.stage_id] = run_shard(task, shard, shared=shared, keep=keep, written=written)
         except Exception as e:
             raise FusedStageError(f"stage {task.stage_id}: {describe_exception(e)}") from e
         if shared is not None and k >= last_reader:
             shared.release()
-    return {"shard": shard_name(shard_path), "stages": done}
+    return {"shard": shard.name, "stages": done}
 
 
 class FusedStageError(RuntimeError):
     """A stage of a fused task failed; the message names the stage."""
 
 
-def run_summarize(task: StageTask, shard_path: str) -> dict[str, Any]:
+def run_summarize(task: StageTask, shard: Shard) -> dict[str, Any]:
     """A global stage's summarize step on one shard: the partial, with the step's seconds and
     counters in its metadata (apply adds them to the shard's stats)."""
     t0 = time.perf_counter()
     stage = task.stage()
-    ctx = _context(task, shard_path)
+    ctx = _context(task, shard)
     work = ctx.work
     if is_partial_done(work, task.stage_id, ctx.shard, task.fingerprint):
         return {"shard": ctx.shard, "skipped": True}

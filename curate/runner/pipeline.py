@@ -19,7 +19,7 @@ from curate.engine import Executor, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes, read_tables_if_present
-from curate.io.shards import expand_input, is_metadata_shard, shard_name
+from curate.io.shards import Shard, is_metadata_shard, list_shards
 from curate.io.storage import is_url, redacted, set_storage_options
 from curate.runner import execute
 from curate.contract.base import RunInfo, Stage
@@ -125,7 +125,7 @@ def _collect(res: StageResult, outcomes) -> set[str]:
     """Record outcomes; return the shards that produced output."""
     ok = set()
     for o in outcomes:
-        name = shard_name(o.item)
+        name = o.item.name
         if not o.ok:
             res.failed[name] = o.error or "unknown error"
             continue
@@ -154,8 +154,7 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     if cfg.input is None:
         raise ConfigError("no input shards: set `input` in the config or pass --input")
     set_storage_options(cfg.storage_options)
-    shard_paths = expand_input(cfg.input)
-    shards = [shard_name(p) for p in shard_paths]
+    shards = list_shards(cfg.input)
     work = WorkDir.at(cfg.workdir)
     pipe = with_columns(pipe, cfg.columns)
     stages = build_stages(pipe)
@@ -168,9 +167,9 @@ def run_pipeline(pipe: PipelineConfig, cfg: RunConfig, *, only: list[str] | None
     make_work_dir(work)
     # the lease first: a second run on the same work dir is refused at once, not after preflight
     with run_lease(work.root, run_id):
-        preflight([st for st in stages if not only or st.stage_id in only], cfg, shard_paths, work)
-        fps = stage_fingerprints(stages, shards, cfg.model_cache)
-        return _run(pipe, cfg, stages, fps, run_id, work, shard_paths, shards, only, executor)
+        preflight([st for st in stages if not only or st.stage_id in only], cfg, [s.path for s in shards], work)
+        fps = stage_fingerprints(stages, [s.name for s in shards], cfg.model_cache)
+        return _run(pipe, cfg, stages, fps, run_id, work, shards, only, executor)
 
 
 def with_columns(pipe: PipelineConfig, columns: dict[str, str]) -> PipelineConfig:
@@ -199,8 +198,8 @@ def make_work_dir(work: WorkDir) -> None:
 
 
 def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[str], run_id: str,
-         work: WorkDir, shard_paths: list[str], shards: list[str], only: list[str] | None,
-         executor: Executor | None) -> RunSummary:
+         work: WorkDir, shards: list[Shard], only: list[str] | None, executor: Executor | None) -> RunSummary:
+    shard_paths, names = [s.path for s in shards], [s.name for s in shards]
     _save_run_record(work, run_id, pipe, cfg, stages, fps, shard_paths)
     info = RunInfo(run_id=run_id, workdir=str(work.root), device=_resolve_device(cfg),
                    model_cache=cfg.model_cache, storage_options=cfg.storage_options)
@@ -216,13 +215,13 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
             ex.close()
         raise
     results: list[StageResult] = []
-    live = list(shard_paths)  # shards that still have every upstream table
+    live = list(shards)  # shards that still have every upstream table
     tasks = []
     for i, (st, fp) in enumerate(zip(stages, fps)):
         if not only or st.stage_id in only:
             upstream = tuple(s.stage_id for s in stages[:i] if s.filters)
             tasks.append((st, execute.StageTask(spec=spec_of(st), stage_id=st.stage_id, upstream=upstream,
-                                                fingerprint=fp, run=info, shards=tuple(shards))))
+                                                fingerprint=fp, run=info, shards=tuple(names))))
     try:
         for group in _task_groups(tasks, cfg.executor.fuse):
             st, task = group[0]
@@ -230,22 +229,23 @@ def _run(pipe: PipelineConfig, cfg: RunConfig, stages: list[Stage], fps: list[st
                 fused = _run_fused(ex, group, work, live)
                 results += fused
                 failed = set().union(*(r.failed for r in fused))
-                live = [p for p in live if shard_name(p) not in failed]
+                live = [s for s in live if s.name not in failed]
                 continue
             res = StageResult(st.stage_id)
-            res.blocked = sorted(set(shards) - {shard_name(p) for p in live})
+            res.blocked = sorted(set(names) - {s.name for s in live})
             results.append(res)
             if st.kind == "map":
-                todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), task.fingerprint)]
+                done = execute.done_shards(work, st.stage_id, task.fingerprint, live)
+                todo = [s for s in live if s.name not in done]
                 res.skipped = len(live) - len(todo)
                 log.info("stage %s: %d shard(s) to do, %d done before", st.stage_id, len(todo), res.skipped)
                 ok = _collect(res, ex.map(functools.partial(execute.run_shard, task), todo,
                                           label=st.stage_id, resources=st.resources(task.run.device)))
-                ok |= {shard_name(p) for p in live if p not in todo}
+                ok |= done
             else:
-                ok = _run_global(ex, st, task, work, live, shards, res)
-            live = [p for p in live if shard_name(p) in ok]
-            res.bad_shards = _bad_shards_from_stats(work, st.stage_id, [shard_name(p) for p in live])
+                ok = _run_global(ex, st, task, work, live, names, res)
+            live = [s for s in live if s.name in ok]
+            res.bad_shards = _bad_shards_from_stats(work, st.stage_id, [s.name for s in live])
     finally:
         if own:
             ex.close()
@@ -273,29 +273,30 @@ def _task_groups(tasks: list[tuple[Stage, execute.StageTask]], fuse: bool
 
 
 def _run_fused(ex: Executor, group: list[tuple[Stage, execute.StageTask]], work: WorkDir,
-               live: list[str]) -> list[StageResult]:
+               live: list[Shard]) -> list[StageResult]:
     """Consecutive map stages as one task per shard (``execute.run_fused``), reported per stage as
     if each had run alone: a shard whose task failed has failed at its first stage without output
     and is blocked at the later ones."""
     ids = [task.stage_id for _, task in group]
-    done_before = {task.stage_id: {shard_name(p) for p in live if execute.is_done(work, task.stage_id, shard_name(p),
-                                                                                   task.fingerprint)}
+    done_before = {task.stage_id: execute.done_shards(work, task.stage_id, task.fingerprint, live)
                    for _, task in group}
-    todo = [p for p in live if any(shard_name(p) not in done_before[i] for i in ids)]
+    todo = [s for s in live if any(s.name not in done_before[i] for i in ids)]
     log.info("stages %s fused: %d shard(s) to do, %d done before", "+".join(ids), len(todo), len(live) - len(todo))
     st, task = group[0]  # every stage of the group asks for the same resources
     outcomes = ex.map(functools.partial(execute.run_fused, tuple(task for _, task in group)), todo,
                       label="+".join(ids), resources=st.resources(task.run.device))
-    errors = {shard_name(o.item): o.error or "unknown error" for o in outcomes if not o.ok}
+    errors = {o.item.name: o.error or "unknown error" for o in outcomes if not o.ok}
     all_shards = group[0][1].shards
-    results, alive = [], [shard_name(p) for p in live]
+    results, alive = [], [s.name for s in live]
+    errored = [s for s in live if s.name in errors]
     for _, task in group:
         res = StageResult(task.stage_id)
+        finished = execute.done_shards(work, task.stage_id, task.fingerprint, errored)  # before the failure
         res.blocked = sorted(set(all_shards) - set(alive))
         for s in alive:
             if s in done_before[task.stage_id]:
                 res.skipped += 1
-            elif s in errors and not execute.is_done(work, task.stage_id, s, task.fingerprint):
+            elif s in errors and s not in finished:
                 res.failed[s] = errors[s]
             else:
                 res.done += 1
@@ -324,7 +325,7 @@ def preflight(stages: list[Stage], cfg: RunConfig, shard_paths: list[str], work:
         problems += st.preflight(cfg.model_cache)
         if metadata and st.needs_pixels():
             problems.append(f"stage {st.stage_id} needs image pixels, but the input is a metadata pool without "
-                            f"images ({shard_name(metadata[0])}.parquet...): download the images first "
+                            f"images ({os.path.basename(metadata[0])}...): download the images first "
                             "(curate ingest) or remove the stage")
     if problems:
         raise ConfigError(f"preflight: {len(problems)} problem(s), nothing was run:\n"
@@ -355,19 +356,19 @@ def check_shared_paths(ex: Executor, work: WorkDir, shard_paths: list[str]) -> N
 
 
 def _check_upstream_done(work: WorkDir, stages: list[Stage], fps: list[str], only: list[str],
-                         shards: list[str]) -> None:
+                         shards: list[Shard]) -> None:
     """--stages may skip a stage only when its outputs, made with today's config, already exist."""
     for st, fp in zip(stages, fps):
         if st.stage_id in only:
             continue
         later = [s.stage_id for s in stages[stages.index(st) + 1:] if s.stage_id in only]
-        if later and not all(execute.is_done(work, st.stage_id, s, fp) for s in shards):
+        if later and len(execute.done_shards(work, st.stage_id, fp, shards)) < len(shards):
             raise ConfigError(f"stage(s) {later} need the outputs of {st.stage_id!r}, which are missing or "
                              f"were made with another config; add {st.stage_id} to --stages")
 
 
 def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
-                live: list[str], shards: list[str], res: StageResult) -> set[str]:
+                live: list[Shard], shards: list[str], res: StageResult) -> set[str]:
     """summarize (map) -> combine (parts in parallel when the stage partitions it, then one
     task) -> apply (map); needs every shard of the pool."""
     if len(live) != len(shards):
@@ -376,10 +377,11 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
         res.blocked = sorted(set(shards))
         return set()
     fp = task.fingerprint
-    todo = [p for p in live if not execute.is_partial_done(work, st.stage_id, shard_name(p), fp)]
+    summarized = execute.done_shards(work, st.stage_id, fp, live, phase="summarize")
+    todo = [s for s in live if s.name not in summarized]
     part = ex.map(functools.partial(execute.run_summarize, task), todo,
                   label=f"{st.stage_id}:summarize", resources=st.resources(task.run.device))
-    failed = {shard_name(o.item): o.error or "failed" for o in part if not o.ok}
+    failed = {o.item.name: o.error or "failed" for o in part if not o.ok}
     if failed:
         res.failed.update(failed)
         return set()
@@ -397,8 +399,9 @@ def _run_global(ex: Executor, st: Stage, task: execute.StageTask, work: WorkDir,
             res.failed["<combine>"] = out.error or "combine failed"
             return set()
         log.info("stage %s combined: %s", st.stage_id, out.value)
-    todo = [p for p in live if not execute.is_done(work, st.stage_id, shard_name(p), fp)]
+    done = execute.done_shards(work, st.stage_id, fp, live, phase="apply")
+    todo = [s for s in live if s.name not in done]
     res.skipped = len(live) - len(todo)
     ok = _collect(res, ex.map(functools.partial(execute.run_shard, task, phase="apply"), todo,
                               label=f"{st.stage_id}:apply", resources=st.resources(task.run.device)))
-    return ok | {shard_name(p) for p in live if p not in todo}
+    return ok | done
