@@ -116,7 +116,7 @@ class ShardContext:
 
     @property
     def n_rows(self) -> int:
-        return self.index(["uid"]).num_rows
+        return int(self.index(["uid"]).num_rows)
 
     def survivors(self) -> np.ndarray:
         """Rows kept by every earlier filter stage (a null decision counts as dropped)."""
@@ -137,7 +137,7 @@ class ShardContext:
         """Positions (in index order) of the rows this stage computes."""
         return np.flatnonzero(self.evaluate).tolist()
 
-    def column(self, name: str, rows: list[int] | None = None, stage_id: str = "index") -> list:
+    def column(self, name: str, rows: list[int] | None = None, stage_id: str = "index") -> list[Any]:
         """One column of an earlier stage's table as a list, for ``rows`` (default: every row)."""
         values = self.read(stage_id, [name]).column(name).to_pylist()
         return values if rows is None else [values[i] for i in rows]
@@ -151,7 +151,7 @@ class ShardContext:
             return StageOutput({k: list(v) for k, v in values.items()}, None if reasons is None else list(reasons))
         at = np.asarray(rows, dtype=np.int64)
 
-        def spread(vals: Sequence) -> list:
+        def spread(vals: Sequence[Any]) -> list[Any]:
             # object arrays copy references in C; fromiter keeps a list value (an embedding) one object
             full = np.full(n, None, dtype=object)
             full[at] = np.fromiter(vals, dtype=object, count=len(at))
@@ -214,7 +214,7 @@ class ShardContext:
         _check_read(self.stage_id, stage_id, set(self.reads))
         return _recorded_stage(self.work, self.run.run_id, stage_id)
 
-    def lookup(self, artifact: WorkPath, columns: list[str]) -> dict[str, list]:
+    def lookup(self, artifact: WorkPath, columns: list[str]) -> dict[str, list[Any]]:
         """Columns of a per-shard global artifact (keyed by uid), aligned with the index rows;
         rows not evaluated, or absent from the artifact, get None."""
         art = read_frame(artifact, columns=["uid", *columns])
@@ -255,17 +255,17 @@ class GlobalContext:
         for s in self.shards:
             meta = read_meta(self.work.stage_table(stage_id, s))
             if meta and meta.get("describe"):
-                return meta["describe"]
+                return dict(meta["describe"])
         return {}
 
-    def unit_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict
+    def unit_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict[str, int]
                         ) -> tuple[list[str], np.ndarray]:
         """(uids, L2-normalised embeddings) of one shard's rows in ``keep`` that have an embedding."""
         from curate.io.embeddings import unit_rows
 
         return unit_rows(self.read(stage_id, shard, ["uid", column]), column, keep)
 
-    def stored_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict
+    def stored_embeddings(self, stage_id: str, column: str, shard: str, keep: set[str] | dict[str, int]
                           ) -> tuple[list[str], np.ndarray]:
         """(uids, embeddings as stored, in float32) of one shard's rows in ``keep`` that have one."""
         from curate.io.embeddings import kept_rows
@@ -293,7 +293,8 @@ def _recorded_stage(work: WorkDir, run_id: str, stage_id: str) -> "Stage":
     run = json.loads((work.run_dir(run_id) / "run.json").read_text())
     spec = next(s for s in run["stages"] if s["id"] == stage_id)
     cls: Any = REGISTRY[spec["name"]]
-    return cls(cls.Params.model_validate(spec["params"]), stage_id)
+    stage: Stage = cls(cls.Params.model_validate(spec["params"]), stage_id)
+    return stage
 
 
 class Stage:
@@ -395,7 +396,7 @@ class Stage:
 def embedding_source(reader: str, earlier: list[Stage], source_id: str) -> Stage | None:
     """The earlier stage ``source_id`` a stage reads embeddings from, checked to store them (None
     when the pipeline lacks it: the pipeline check names a missing read)."""
-    from curate.core.config import ConfigError
+    from curate.core.errors import ConfigError
 
     src = next((s for s in earlier if s.stage_id == source_id), None)
     if src is not None and not src.provides_embeddings():
@@ -468,7 +469,7 @@ class GlobalStage(Stage):
 
         final = self.results_dir(ctx.work)
         target = final if ctx.work.remote else final.with_name(f".{final.name}.partial-{secrets.token_hex(4)}")
-        schema: list = []
+        schema: list[pa.Field] = []
 
         def put(shard: str, frame: "pl.DataFrame") -> None:
             table = frame.to_arrow()

@@ -15,5 +15,5 @@ def register_stage(cls: T) -> T:
     name = cls.name  # type: ignore[attr-defined]
     if name in REGISTRY and REGISTRY[name] is not cls:
         raise RuntimeError(f"stage {name!r} registered twice")
-    REGISTRY[name] = cls  # type: ignore[assignment]
+    REGISTRY[name] = cls
     return cls

@@ -31,9 +31,9 @@ class Measured:
     failed before any rule could apply (None: measured), and extra per-row inputs the rules read
     that the table does not keep (e.g. the byte size of an image)."""
 
-    values: dict[str, list]
+    values: dict[str, list[Any]]
     failed: Sequence[str | None] | None = None
-    inputs: dict[str, list] = field(default_factory=dict)
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def first_failing(frame: pl.DataFrame, rules: list[Rule], failed: Sequence[str | None] | None = None

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from curate.core.config import StageSpec, fingerprint
 from curate.io.layout import WorkDir
+from curate.io.storage import WorkPath
 from curate.io.parquet import atomic_write_bytes, read_meta, write_table
 from curate.engine.base import describe_exception
 from curate.io.shards import Shard, SharedShard
@@ -66,7 +67,7 @@ def _meta(task: StageTask, shard: str) -> dict[str, Any]:
     return {"stage": task.stage_id, "shard": shard, "fingerprint": task.fingerprint}
 
 
-def _has_fp(path, fp: str) -> bool:
+def _has_fp(path: WorkPath, fp: str) -> bool:
     meta = read_meta(path)
     return meta is not None and meta.get("fingerprint") == fp
 
@@ -87,14 +88,14 @@ def done_shards(work: WorkDir, stage_id: str, fp: str, shards: list[Shard], phas
     return {s.name for s in shards if is_done(work, stage_id, s.name, fp)}
 
 
-def global_marker(work: WorkDir, stage_id: str):
+def global_marker(work: WorkDir, stage_id: str) -> WorkPath:
     return work.global_dir() / f"{stage_id}.done.json"
 
 
 def is_global_done(work: WorkDir, stage_id: str, fp: str) -> bool:
     p = global_marker(work, stage_id)
     try:
-        return json.loads(p.read_text()).get("fingerprint") == fp
+        return bool(json.loads(p.read_text()).get("fingerprint") == fp)
     except (OSError, ValueError):
         return False
 
@@ -108,7 +109,7 @@ def _context(task: StageTask, shard: Shard, shared: SharedShard | None = None,
                         reads=tuple(st.reads()), shared=shared, written=written if written is not None else {})
 
 
-def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Table, Counter, int, int]:
+def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Table, Counter[str], int, int]:
     """The stage's table (declared schema, decision columns from its reasons) and its counts:
     reasons, rows evaluated, rows kept. A stage that returns ``uid`` made the rows (the index):
     every row is its own; any other stage's rows are the index's, evaluated as ``ctx.evaluate``."""
@@ -121,7 +122,7 @@ def finalize(stage: Stage, ctx: ShardContext, out: StageOutput) -> tuple[pa.Tabl
         evaluated = ctx.evaluate
     n = len(cols["uid"])
     schema = stage_schema(stage.stage_id, stage.value_fields(), stage.filters, stage.columns)
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     if stage.filters:
         if reasons is None or len(reasons) != n:
             raise RuntimeError(f"stage {stage.stage_id} returned {0 if reasons is None else len(reasons)} "
@@ -271,7 +272,7 @@ def run_combine_part(task: StageTask, part: int, parts: int) -> int:
         return -1
     table = cast(GlobalStage, stage).combine_part(gctx, part, parts)
     write_table(table, path)
-    return table.num_rows
+    return int(table.num_rows)
 
 
 def run_combine(task: StageTask) -> dict[str, Any]:
@@ -283,7 +284,7 @@ def run_combine(task: StageTask) -> dict[str, Any]:
     gctx = _global_context(task, stage)
     work = gctx.work
     if is_global_done(work, task.stage_id, task.fingerprint):
-        return json.loads(global_marker(work, task.stage_id).read_text())["summary"]
+        return dict(json.loads(global_marker(work, task.stage_id).read_text())["summary"])
     summary = cast(GlobalStage, stage).combine(gctx)
     atomic_write_bytes(global_marker(work, task.stage_id),
                        json.dumps({"fingerprint": task.fingerprint, "summary": summary,

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from curate.core.config import ConfigError, PipelineConfig, RunConfig, StageSpec, fingerprint
-from curate.engine import Executor, make_executor
+from curate.core.config import PipelineConfig, RunConfig, StageSpec, fingerprint
+from curate.core.errors import ConfigError
+from curate.engine import Executor, Outcome, make_executor
 from curate.io.layout import WorkDir
 from curate.io.lease import run_lease
 from curate.io.parquet import atomic_write_bytes, read_tables_if_present
@@ -121,7 +122,7 @@ def _resolve_device(cfg: RunConfig) -> str:
         return "cpu"
 
 
-def _collect(res: StageResult, outcomes) -> set[str]:
+def _collect(res: StageResult, outcomes: list[Outcome]) -> set[str]:
     """Record outcomes; return the shards that produced output."""
     ok = set()
     for o in outcomes:

@@ -10,9 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from curate.contract.base import Stage
 from curate.contract.registry import REGISTRY as _REGISTRY
 from curate.contract.registry import register_stage  # noqa: F401  (older imports take it from here)
-from curate.core.config import ConfigError, PipelineConfig, StageSpec, read_pipeline
+from curate.core.config import PipelineConfig, StageSpec, read_pipeline
+from curate.core.errors import ConfigError
 
 
 def _load_all() -> None:
@@ -37,7 +39,7 @@ def get_stage_class(name: str) -> Any:
         raise ConfigError(f"unknown stage {name!r} (allowed: {', '.join(available_stages())})") from None
 
 
-def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0):
+def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0) -> Stage:
     cls = get_stage_class(spec.name)
     try:
         params = cls.Params.model_validate(spec.params)
@@ -51,15 +53,16 @@ def build_stage(spec: StageSpec, source: str = "<pipeline>", position: int = 0):
                 msg += f" (allowed: {allowed})"
             lines.append(f"  params.{loc}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    return cls(params, spec.id)
+    stage: Stage = cls(params, spec.id)
+    return stage
 
 
-def spec_of(stage) -> StageSpec:
+def spec_of(stage: Stage) -> StageSpec:
     """The validated spec a stage was built from (params resolved): what workers rebuild it from."""
     return StageSpec(name=stage.name, id=stage.stage_id, params=stage.params.model_dump(mode="json"))
 
 
-def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list:
+def build_stages(pipe: PipelineConfig, source: str = "<pipeline>") -> list[Stage]:
     """Instantiate a pipeline's stages; the index stage is always first (added when absent)."""
     specs = list(pipe.stages)
     if not specs or specs[0].name != "index":
