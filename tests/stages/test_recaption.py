@@ -124,6 +124,16 @@ def test_export_writes_either_caption_or_both(tiny_blip: Path, photo_pool: Path,
     rows = list(wds.WebDataset(str(tmp_path / "both" / "shards" / "00000.tar"), shardshuffle=False)
                 .to_tuple("txt", "synthetic.txt"))
     assert len(rows) == 5 and all(a != b for a, b in rows)
+    # open_clip's own training loader reads the export: every sample once, its .txt as the text
+    from types import SimpleNamespace
+
+    from open_clip_train.data import get_wds_dataset
+
+    args = SimpleNamespace(val_data=str(tmp_path / "both" / "shards" / "00000.tar"), val_num_samples=5, batch_size=2,
+                           workers=0, world_size=1, seed=0, train_data_upsampling_factors=None)
+    data = get_wds_dataset(args, lambda im: im.size[0], is_train=False, tokenizer=lambda t: [t])
+    texts = [t for _, batch in data.dataloader for t in batch]
+    assert sorted(texts) == sorted(a.decode() for a, _ in rows)
     with tarfile.open(tmp_path / "syn" / "shards" / "00000.tar") as tf:
         texts = {m.name: tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")}
     assert not any(n.endswith(".synthetic.txt") for n in texts) and sorted(texts.values()) == sorted(
