@@ -11,6 +11,7 @@ WORKDIR ?=
 DEMO_SAMPLES ?= 5000
 DEMO_SHARDS  ?= 10
 ARGS    ?=
+TEST_WORKERS ?= 2
 # One target per stage: a stage is one file in curate/stages/ named as the stage (a test checks it).
 STAGES  := $(filter-out __init__,$(basename $(notdir $(wildcard curate/stages/*.py))))
 
@@ -29,7 +30,7 @@ help: ## list the targets and the variables they read
 	@echo
 	@echo "variables: PIPELINE=$(PIPELINE) CONFIG=$(CONFIG) INPUT=<shards> WORKDIR=<dir> ARGS=<more curate args>"
 	@echo "           OUT=<export folder> SOURCE=<url list or image folder> DEMO_SAMPLES=$(DEMO_SAMPLES) DEMO_SHARDS=$(DEMO_SHARDS)"
-	@echo "           N=<pool sizes for bench-scale>"
+	@echo "           N=<pool sizes for bench-scale> TEST_WORKERS=$(TEST_WORKERS) (pytest-xdist processes; 0: one process)"
 
 install: $(STAMP) ## create .venv and install curate (again only when pyproject.toml changes)
 
@@ -43,11 +44,11 @@ $(STAMP): pyproject.toml
 demo: install ## synthesize a pool, train the tiny scorer, run the demo pipeline, check it against the ground truth
 	$(BIN)/python -m curate.tools.demo --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS) $(ARGS)
 
-test: install browser lint ## run the whole test suite (offline; what CI runs), after make lint
-	$(BIN)/python -m pytest -q $(ARGS)
+test: install browser lint ## run the whole test suite (offline; what CI runs), after make lint, on TEST_WORKERS processes
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: install browser ## the everyday loop: the suite without the tests marked slow (a few minutes)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 GPU_STAMP := $(VENV)/.installed-gpu
 $(GPU_STAMP): $(STAMP)

@@ -80,6 +80,10 @@ def _offline(recipe: str, files: dict[str, str]) -> object:
             p |= {"checkpoint": files["head"], "min_score": -0.135}  # about the median of this seeded head
         if s.name == "clip_rank" and "calibrate" in p:
             p["calibrate"] = dict(p["calibrate"]) | {"heldout": files["heldout"]}
+        if s.name in ("faces", "nsfw"):  # the detectors at a small input: their cost, not their decisions, shrinks
+            p |= {"decode_side": 160}
+        if s.name == "text_mask":
+            p |= {"detect_side": 256}
         if s.name == "balance":
             p = {k: v for k, v in p.items() if k not in ("t", "target_size")} | {"t": 4}
         stages.append(s.model_copy(update={"params": p}))
