@@ -47,6 +47,28 @@ def predict_languages(model, texts: list[str], k: int = 2) -> list[list[tuple[st
     return out
 
 
+def top1_languages(model, texts: list[str]) -> tuple[list[str | None], list[float | None]]:
+    """The top-1 language and its probability per text (None for a text fastText gives no
+    label): ``predict_languages(..., k=1)`` as two columns, without a list per row."""
+    predict = model.f.predict
+    code = _LABELS
+    langs: list[str | None] = []
+    probs: list[float | None] = []
+    add_lang, add_prob = langs.append, probs.append
+    for t in texts:
+        if "\n" in t or "\r" in t:
+            t = t.replace("\n", " ").replace("\r", " ")
+        got = predict(t + "\n", 1, 0.0, "replace")
+        if got:
+            prob, lab = got[0]
+            add_lang(code.get(lab) or _label(lab))
+            add_prob(prob)
+        else:
+            add_lang(None)
+            add_prob(None)
+    return langs, probs
+
+
 def _label(lab: str) -> str:
     c = _LABELS[lab] = lab[9:] if lab.startswith("__label__") else lab
     return c

@@ -21,7 +21,7 @@ from curate.algorithms.whitespace import split_count
 from curate.algorithms.wordnet import FirstSenseMatcher
 from curate.core.config import Strict
 from curate.models.caption_language import decide, second_detector
-from curate.models.langid import load_langid, predict_languages
+from curate.models.langid import load_langid, predict_languages, top1_languages
 from curate.contract.base import ShardContext
 from curate.contract.registry import register_stage
 from curate.contract.row_filter import Measured, RowFilter, Rule
@@ -209,24 +209,29 @@ class TextStage(RowFilter):
         # the robust decision reads five candidates (the script rule looks past a top-3 that fastText
         # fills with Latin languages); top-1 needs the runner-up only when its column is asked for
         wanted = self.optional_measures()
-        preds = predict_languages(model, norms, k=5 if p.language_decision == "robust" else
-                                  2 if "lang2" in wanted else 1)
-        if p.language_decision == "robust":
-            second = second_detector() if p.second_detector else None
-            decided = [decide(n, pr, lambda t: predict_languages(model, [t], k=5)[0], second)
-                       for n, pr in zip(norms, preds)]
-        else:
-            decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
         n = len(captions)
+        k = 5 if p.language_decision == "robust" else 2 if "lang2" in wanted else 1
+        if k == 1:  # DataComp's rule: the top-1 label decides, two columns straight from fastText
+            lang, lang_prob = top1_languages(model, norms)
+            lang2 = lang2_prob = [None] * n
+            lang_final, lang_rule = lang, ["fasttext"] * n
+        else:
+            preds = predict_languages(model, norms, k=k)
+            lang, lang_prob = [pr[0][0] if pr else None for pr in preds], [pr[0][1] if pr else None for pr in preds]
+            lang2 = [pr[1][0] if len(pr) > 1 else None for pr in preds]
+            lang2_prob = [pr[1][1] if len(pr) > 1 else None for pr in preds]
+            if p.language_decision == "robust":
+                second = second_detector() if p.second_detector else None
+                decided = [decide(x, pr, lambda t: predict_languages(model, [t], k=5)[0], second)
+                           for x, pr in zip(norms, preds)]
+            else:
+                decided = [(pr[0][0] if pr else None, "fasttext") for pr in preds]
+            lang_final, lang_rule = [d[0] for d in decided], [d[1] for d in decided]
         lowers = [x.lower() for x in norms] if wanted & {"junk", "unique_word_ratio", "max_repeat_run"} else []
         words = [lo.split() for lo in lowers] if wanted & {"unique_word_ratio", "max_repeat_run"} else []
         vals = {
-            "lang": [pr[0][0] if pr else None for pr in preds],
-            "lang_prob": [pr[0][1] if pr else None for pr in preds],
-            "lang2": [pr[1][0] if len(pr) > 1 else None for pr in preds],
-            "lang2_prob": [pr[1][1] if len(pr) > 1 else None for pr in preds],
-            "lang_final": [d[0] for d in decided],
-            "lang_rule": [d[1] for d in decided],
+            "lang": lang, "lang_prob": lang_prob, "lang2": lang2, "lang2_prob": lang2_prob,
+            "lang_final": lang_final, "lang_rule": lang_rule,
             "n_chars": [len(x) for x in norms],
             "n_words": (split_count(norms) if p.word_count == "split"
                         # parity counts the raw caption: its newlines are tokens to fastText
