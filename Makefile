@@ -83,7 +83,7 @@ bench-scale: install ## global stages on synthetic partials of N samples (N=1280
 	$(BIN)/python -m curate.bench.scale $(or $(N),1280000) $(ARGS)
 
 synth: install ## write the demo's synthetic pool (DEMO_SAMPLES, DEMO_SHARDS)
-	$(BIN)/curate synth --out demo/pool-v2-$(DEMO_SAMPLES)x$(DEMO_SHARDS)-seed0 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
+	$(BIN)/curate synth --out demo/pool-v3-$(DEMO_SAMPLES)x$(DEMO_SHARDS)-seed0 --samples $(DEMO_SAMPLES) --shards $(DEMO_SHARDS)
 
 run: install ## run PIPELINE with CONFIG (INPUT, WORKDIR override the config)
 	$(BIN)/curate run $(PIPELINE) --config $(CONFIG) $(RUN_ARGS)

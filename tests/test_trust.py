@@ -242,12 +242,12 @@ def test_progress_lines_without_a_terminal(caplog):
 def test_make_clean_keeps_models_and_pools(tmp_path: Path):
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    for d in ("demo/models", "demo/pool-v2-5000x10-seed0", "demo/work", "demo/out", "work"):
+    for d in ("demo/models", "demo/pool-v3-5000x10-seed0", "demo/work", "demo/out", "work"):
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "f").write_text("x")
     r = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "clean"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo/models/f").exists() and (tmp_path / "demo/pool-v2-5000x10-seed0/f").exists()
+    assert (tmp_path / "demo/models/f").exists() and (tmp_path / "demo/pool-v3-5000x10-seed0/f").exists()
     assert not (tmp_path / "demo/work").exists() and not (tmp_path / "work").exists()
 
 

@@ -20,14 +20,14 @@ from curate.runner.registry import load_pipeline
 from curate.runner.pipeline import run_pipeline
 from curate.tools.demo import SCORER, ensure_scorer
 from curate.tools.evaluation import zero_shot_tasks
-from curate.tools.synth import SYNTH_VERSION, synthesize
+from curate.tools.synth import POOL_VERSION, synthesize
 
 log = logging.getLogger("curate.bench.classifier")
 VOCAB = ROOT / "pipelines" / "vocab"
 
 
 def _pool() -> Path:
-    pool = ROOT / "demo" / f"pool-v{SYNTH_VERSION}-5000x10-seed0"
+    pool = ROOT / "demo" / f"pool-v{POOL_VERSION}-5000x10-seed0"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=5000, shards=10, seed=0)
     return pool

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from curate.tools.synth import synthesize
+from curate.tools.synth import POOL_VERSION, synthesize
 
 log = logging.getLogger("curate.bench")
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ BENCH_DIR = ROOT / "work" / "bench"
 
 
 def bench_pool(samples: int = 4000, shards: int = 4, seed: int = 1) -> Path:
-    out = BENCH_DIR / f"pool-{samples}-{shards}-{seed}"
+    out = BENCH_DIR / f"pool-v{POOL_VERSION}-{samples}-{shards}-{seed}"
     if not (out / "ground_truth.parquet").exists():
         synthesize(out, samples=samples, shards=shards, seed=seed)
     return out

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=str(ROOT / "demo" / "models"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rescue-pool", default=None, help="also run recaption_rescue's rule on this synthetic pool "
-                    "(e.g. demo/pool-v2-5000x10-seed0) with the demo's scorer, and print its figures")
+                    "(e.g. demo/pool-v3-5000x10-seed0) with the demo's scorer, and print its figures")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     path = ensure_captioner(Path(a.models), a.seed)

@@ -21,7 +21,7 @@ from curate.tools.demo import ROOT, ensure_scorer, with_heldout
 from curate.engine import make_executor
 from curate.report.export import ExportSpec, export
 from curate.runner.pipeline import run_pipeline
-from curate.tools.synth import SYNTH_VERSION, synthesize
+from curate.tools.synth import POOL_VERSION, SYNTH_VERSION, synthesize
 from curate.tools.evaluation import evaluate_clip
 from curate.tools.quality_head import train_quality_head
 from curate.tools.training import TrainSpec, train_clip
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ROOT / "demo" / "models"
     ensure_scorer(models, 0)
     scorer = next(s for s in load_pipeline(ROOT / "pipelines" / "demo.yaml").stages if s.name == "clip_score").params
-    pool = ROOT / "demo" / f"pool-v{SYNTH_VERSION}-5000x10-seed0"
+    pool = ROOT / "demo" / f"pool-v{POOL_VERSION}-5000x10-seed0"
     heldout = ROOT / "demo" / f"heldout-v{SYNTH_VERSION}"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=5000, shards=10, seed=0)

@@ -19,7 +19,7 @@ from curate.engine import make_executor
 from curate.report.export import ExportSpec, export
 from curate.report.html import write_report
 from curate.report.stats import format_funnel, format_globals, funnel, global_summaries
-from curate.tools.synth import SYNTH_VERSION, synthesize
+from curate.tools.synth import POOL_VERSION, SYNTH_VERSION, synthesize
 from curate.tools.training import file_sha256
 
 log = logging.getLogger("curate.tools.demo")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(False)
     cfg = load_run_config(a.config)
     root = Path(a.dir).resolve()
-    pool = root / f"pool-v{SYNTH_VERSION}-{a.samples}x{a.shards}-seed{a.seed}"
+    pool = root / f"pool-v{POOL_VERSION}-{a.samples}x{a.shards}-seed{a.seed}"
     if not (pool / "ground_truth.parquet").exists():
         synthesize(pool, samples=a.samples, shards=a.shards, seed=a.seed)
     models = Path(a.models).resolve()

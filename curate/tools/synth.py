@@ -21,7 +21,10 @@ from PIL import Image, ImageDraw, ImageFilter
 log = logging.getLogger(__name__)
 
 # Bumped when the generator's output changes: caches of pools and models trained on them key on it.
+# SYNTH_VERSION: the clean sets (the demo scorer's training and held-out pairs); POOL_VERSION: pools
+# with defects (3: half the near duplicates cut at one or two sides).
 SYNTH_VERSION = 2
+POOL_VERSION = 3
 
 # A long-tailed concept distribution: Zipf-like weights over shapes (circle dominates).
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon"]
@@ -243,6 +246,9 @@ def _clean_size(rng: np.random.Generator) -> tuple[int, int]:
     return int(rng.integers(224, 321)), int(rng.integers(224, 321))
 
 
+# The sides a one-sided near duplicate loses: one side, or two adjacent ones.
+SIDE_CUTS = ("l", "t", "r", "b", "lt", "tr", "rb", "bl")
+
 # Duplicates copy one of the last N clean samples: bounded memory for large pools.
 SOURCE_WINDOW = 2000
 
@@ -300,17 +306,24 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
                            dup_of=src.uid)
     elif label == "near_duplicate":
         src = sources[int(rng.integers(len(sources)))]
+        c, scale, quality = rng.uniform(0.005, 0.02), rng.uniform(0.8, 0.95), int(rng.integers(70, 85))
+        # half the copies are cut at one side or two adjacent ones (a banner or a scan's edge
+        # trimmed) instead of all round: drawn after the values above, so a centred copy is as before
+        sides = SIDE_CUTS[int(rng.integers(len(SIDE_CUTS)))] if rng.random() < 0.5 else "ltrb"
+        cut = rng.uniform(0.02, 0.08) if sides != "ltrb" else c
         with Image.open(io.BytesIO(src.image)) as im0:
             im0 = im0.convert("RGB")
             w0, h0 = im0.size
-            c = rng.uniform(0.005, 0.02)
-            im0 = im0.crop((int(w0 * c), int(h0 * c), w0 - int(w0 * c), h0 - int(h0 * c)))
+            dx, dy = int(w0 * cut), int(h0 * cut)
+            im0 = im0.crop((dx if "l" in sides else 0, dy if "t" in sides else 0,
+                            w0 - dx if "r" in sides else w0, h0 - dy if "b" in sides else h0))
             # Stay above DataComp's 200 px rule: a near duplicate should be caught as a duplicate.
-            s = max(rng.uniform(0.8, 0.95), 205 / min(im0.size))
+            s = max(scale, 205 / min(im0.size))
             im0 = im0.resize((max(1, int(im0.width * s)), max(1, int(im0.height * s))), Image.BICUBIC)
-            data = encode_jpeg(im0, quality=int(rng.integers(70, 85)))
+            data = encode_jpeg(im0, quality=quality)
             size = im0.size
-        return SynthSample(uid, src.caption, data, size[0], size[1], label, src.scene, dup_of=src.uid)
+        return SynthSample(uid, src.caption, data, size[0], size[1], label, src.scene, dup_of=src.uid,
+                           extra={"cut": sides})
     return SynthSample(uid, caption, data, size[0], size[1], label, scene, language=lang)
 
 
@@ -331,7 +344,7 @@ def synthesize(out: str | Path, samples: int = 5000, shards: int = 10, seed: int
     per = -(-samples // shards) if samples else 0
     sources: list[SynthSample] = []
     truth: dict[str, list] = {k: [] for k in ("uid", "shard", "key", "label", "dup_of", "shape", "color",
-                                              "count", "position", "language", "caption")}
+                                              "count", "position", "language", "caption", "cut")}
     paths = []
     for k in range(shards):
         path = out / f"{k:05d}.tar"
@@ -352,12 +365,12 @@ def synthesize(out: str | Path, samples: int = 5000, shards: int = 10, seed: int
                 for col, val in (("uid", s.uid), ("shard", path.stem), ("key", key), ("label", s.label),
                                  ("dup_of", s.dup_of), ("shape", s.scene.shape), ("color", s.scene.color),
                                  ("count", s.scene.count), ("position", s.scene.position),
-                                 ("language", s.language), ("caption", s.caption)):
+                                 ("language", s.language), ("caption", s.caption), ("cut", s.extra.get("cut"))):
                     truth[col].append(val)
     schema = pa.schema([("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()),
                         ("label", pa.string()), ("dup_of", pa.string()), ("shape", pa.string()),
                         ("color", pa.string()), ("count", pa.int8()), ("position", pa.string()),
-                        ("language", pa.string()), ("caption", pa.string())])
+                        ("language", pa.string()), ("caption", pa.string()), ("cut", pa.string())])
     pq.write_table(pa.table(truth, schema=schema), out / "ground_truth.parquet")
     log.info("synthesized %d samples in %d shard(s) under %s", samples, len(paths), out)
     return paths
