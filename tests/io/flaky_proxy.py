@@ -55,6 +55,9 @@ class FlakyProxy:
                     dst.sendall(data[:limit - sent])
                     self.cuts += 1
                     dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    # wake the thread reading requests from this socket: until it lets go, closing
+                    # here sends nothing and the client waits out its read timeout instead
+                    dst.shutdown(socket.SHUT_RD)
                     break
                 dst.sendall(data)
                 sent += len(data)
