@@ -21,7 +21,6 @@ from curate.contract.registry import register_stage
 from curate.contract.row_filter import Measured, RowFilter, Rule, measure_images
 
 
-
 @register_stage
 class NsfwStage(RowFilter):
     """Explicit content per image (NudeNet's detector): a score and the classes found."""

@@ -247,7 +247,7 @@ def _clean_size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 # The sides a one-sided near duplicate loses: one side, or two adjacent ones.
-SIDE_CUTS = ("l", "t", "r", "b", "lt", "tr", "rb", "bl")
+COPY_CUT_SIDES = ("l", "t", "r", "b", "lt", "tr", "rb", "bl")
 
 # Duplicates copy one of the last N clean samples: bounded memory for large pools.
 SOURCE_WINDOW = 2000
@@ -309,7 +309,7 @@ def make_sample(seed: int, i: int, fractions: dict[str, float], sources: list[Sy
         c, scale, quality = rng.uniform(0.005, 0.02), rng.uniform(0.8, 0.95), int(rng.integers(70, 85))
         # half the copies are cut at one side or two adjacent ones (a banner or a scan's edge
         # trimmed) instead of all round: drawn after the values above, so a centred copy is as before
-        sides = SIDE_CUTS[int(rng.integers(len(SIDE_CUTS)))] if rng.random() < 0.5 else "ltrb"
+        sides = COPY_CUT_SIDES[int(rng.integers(len(COPY_CUT_SIDES)))] if rng.random() < 0.5 else "ltrb"
         cut = rng.uniform(0.02, 0.08) if sides != "ltrb" else c
         with Image.open(io.BytesIO(src.image)) as im0:
             im0 = im0.convert("RGB")
